@@ -1,0 +1,88 @@
+"""The ops protocol (kvrt/ops.py) for mx.arrays, on Metal or the CPU."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from kvrt.errors import KvrtError
+
+
+def causal_mask(t: int, s: int, causal_offset: int) -> mx.array:
+    """Boolean [T, S]: query t may read key j iff j <= causal_offset + t."""
+    return mx.arange(s)[None, :] <= mx.arange(t)[:, None] + causal_offset
+
+
+def check_qkv(q: mx.array, k: mx.array, v: mx.array) -> None:
+    """Reject shapes partial_attention cannot pair up, with one line saying which."""
+    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
+        raise KvrtError(f"attention wants q [B,Hq,T,D] and k = v [B,Hkv,S,D], got {q.shape}, {k.shape}, {v.shape}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[1] % k.shape[1]:
+        raise KvrtError(f"q {q.shape} does not fit k {k.shape}: batch and head dim must match, Hq a multiple of Hkv")
+
+
+class MLXOps:
+    name = "mlx"
+
+    def alloc_seq(self, like, capacity):
+        return mx.zeros((*like.shape[:-2], capacity, like.shape[-1]), dtype=like.dtype)
+
+    def write_seq(self, buf, start, x):
+        if start + x.shape[-2] > buf.shape[-2]:
+            raise KvrtError(f"write of {x.shape[-2]} rows at {start} overflows a buffer of {buf.shape[-2]}")
+        # mlx slice assignment rebinds `buf` to the updated array (a donated, in-place update when unshared)
+        buf[..., start : start + x.shape[-2], :] = x
+        return buf
+
+    def concat(self, xs: Sequence[mx.array], axis: int):
+        return mx.concatenate(list(xs), axis=axis)
+
+    def nbytes(self, x):
+        return x.nbytes
+
+    def partial_attention(self, q, k, v, scale, causal_offset=None, with_lse=True):
+        """q [B, Hq, T, D], k/v [B, Hkv, S, D] → (out [B, Hq, T, D] in q's dtype, lse [B, Hq, T] float32 or None)."""
+        check_qkv(q, k, v)
+        b, hq, t, d = q.shape
+        hkv, s = k.shape[1], k.shape[2]
+        if not with_lse:  # no merge follows: the fused kernel (GQA-aware, float32 softmax) needs no lse
+            if causal_offset is None:
+                mask = None
+            elif causal_offset + t == s:  # the last query sees the last key: mlx's own bottom-right causal mask
+                mask = "causal"
+            else:
+                mask = causal_mask(t, s, causal_offset)
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask), None
+        g = hq // hkv
+        # GQA without repeat_kv: fold each KV head's G query heads into the query axis
+        qg = q.reshape(b, hkv, g * t, d).astype(mx.float32)
+        # scores in float32 so the lse of one tier is as exact as the merge needs
+        scores = (qg @ k.astype(mx.float32).swapaxes(-1, -2)) * scale
+        if causal_offset is not None:
+            visible = causal_mask(t, s, causal_offset)
+            scores = mx.where(visible, scores.reshape(b, hkv, g, t, s), -mx.inf).reshape(b, hkv, g * t, s)
+        lse = mx.logsumexp(scores, axis=-1, keepdims=True)
+        probs = mx.exp(scores - lse).astype(v.dtype)
+        out = (probs @ v).reshape(b, hq, t, d).astype(q.dtype)
+        return out, lse.reshape(b, hq, t)
+
+    def exp(self, x):
+        return mx.exp(x)
+
+    def logsumexp(self, xs):
+        return mx.logsumexp(mx.stack(list(xs)), axis=0)
+
+    def expand_last(self, x):
+        return mx.expand_dims(x, -1)
+
+    def cast_like(self, x, like):
+        return x.astype(like.dtype)
+
+    def argmax_last(self, logits):
+        return int(mx.argmax(logits.reshape(-1)).item())
+
+    def to_numpy(self, x):
+        # numpy has no bfloat16: cast on the device, then copy
+        return np.array(x.astype(mx.float32))

@@ -1,0 +1,135 @@
+"""The MLX backend: an mlx-lm model (HF folder, MLX community 4-bit included) over a kvrt cache."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+
+from kvrt.backends.mlx.cache_adapter import MLXLayerCache, install_attention
+from kvrt.backends.mlx.ops import MLXOps
+from kvrt.cache import KVCache
+from kvrt.errors import KvrtError
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+DEVICES = {"cpu": mx.cpu, "gpu": mx.gpu, "metal": mx.gpu}
+# mlx-lm modules whose Model.__call__ is exactly `head(self.model(...))`, so prefill can skip
+# the [T, V] logits and project only the last row
+PLAIN_HEAD_MODULES = {"mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3"}
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise KvrtError(f"{folder} has no config.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise KvrtError(f"{path} is not valid JSON ({exc})") from None
+
+
+def rope_overrides(cfg: dict) -> dict:
+    """transformers >= 5 nests rope settings in `rope_parameters`, which mlx-lm 0.32's llama/qwen2 ignore."""
+    params = cfg.get("rope_parameters") or {}
+    if not params or cfg.get("rope_theta") is not None:
+        return {}
+    out = {"rope_theta": params["rope_theta"]} if "rope_theta" in params else {}
+    if params.get("rope_type", "default") != "default" and not cfg.get("rope_scaling"):
+        out["rope_scaling"] = params
+    return out
+
+
+def default_dtype(cfg: dict, device) -> str:
+    """float32 on the CPU; on Metal the checkpoint's 16-bit type (bfloat16 unless it says float16)."""
+    if device == mx.cpu:
+        return "float32"
+    return "float16" if (cfg.get("dtype") or cfg.get("torch_dtype")) == "float16" else "bfloat16"
+
+
+def load_mlx_model(folder: Path, cfg: dict):
+    """mlx-lm's own loader (quantized checkpoints included); its errors become one KvrtError line."""
+    from mlx_lm.utils import load_model
+
+    try:
+        model, _ = load_model(folder, model_config=rope_overrides(cfg))
+    except FileNotFoundError as exc:
+        raise KvrtError(f"cannot load {folder}: {str(exc).splitlines()[0]}") from None
+    except (ValueError, KeyError, TypeError, RuntimeError, OSError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise KvrtError(f"mlx-lm cannot load {folder} (model_type '{cfg.get('model_type')}'): {detail}") from None
+    return model
+
+
+class MLXRuntime:
+    """A loaded model on MLX: `forward` runs token ids through mlx-lm's model and a kvrt cache."""
+
+    backend = "mlx"
+
+    def __init__(self, folder: Path, dtype: str | None = None, device: str | None = None):
+        self.folder = Path(folder)
+        if device is not None and device not in DEVICES:
+            raise KvrtError(f"unknown MLX device '{device}'; use one of {', '.join(DEVICES)}")
+        self.device = mx.default_device() if device is None else mx.Device(DEVICES[device])
+        cfg = read_config(self.folder)
+        dtype = dtype or default_dtype(cfg, self.device)
+        if dtype not in DTYPES:
+            raise KvrtError(f"unknown dtype '{dtype}'; use one of {', '.join(DTYPES)}")
+        self.dtype = DTYPES[dtype]
+        self.model = load_mlx_model(self.folder, cfg)
+        self.model.set_dtype(self.dtype)  # floating parameters only: packed 4-bit weights stay packed
+        self.vocab_size = cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size")
+        self.num_layers = len(self.model.layers)
+        self.ops = MLXOps()
+        # the wrapper must sit in the modules of the model just loaded (imported by the loader)
+        install_attention({type(m).__module__ for m in self.model.modules()})
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.ops, self.num_layers)
+
+    def adapters(self, cache: KVCache) -> list[MLXLayerCache]:
+        """mlx-lm's per-layer view of a kvrt cache, built once and kept on it as `cache.mlx_layers`."""
+        if not isinstance(cache, KVCache) or len(cache) != self.num_layers:
+            raise KvrtError(f"forward needs a KVCache with {self.num_layers} layers (use runtime.new_cache())")
+        if getattr(cache, "mlx_layers", None) is None:
+            cache.mlx_layers = [MLXLayerCache(layer) for layer in cache.layers]
+        for adapter in cache.mlx_layers:
+            adapter.pending = None  # drop a stash left by a forward that failed midway
+        return cache.mlx_layers
+
+    def forward(self, ids: list[int], cache: KVCache, all_logits: bool = False) -> mx.array:
+        """Feed token ids after what the cache holds; float32 logits [T, V] (all_logits) or [1, V], evaluated."""
+        if not ids:
+            raise KvrtError("forward needs at least one token id")
+        if self.vocab_size and not all(0 <= i < self.vocab_size for i in ids):
+            raise KvrtError(f"token ids must lie in [0, {self.vocab_size}); got {min(ids)}..{max(ids)}")
+        layers = self.adapters(cache)
+        tokens = mx.array([ids], dtype=mx.int32)
+        with mx.stream(self.device):
+            logits = self._logits(tokens, layers, all_logits)
+            if any(layer.pending is not None for layer in layers):
+                raise KvrtError(f"{type(self.model).__module__}: attention bypassed kvrt's cache; model not supported")
+            logits = logits.astype(mx.float32)
+            mx.eval(logits)
+        return logits
+
+    def _logits(self, tokens: mx.array, layers: list[MLXLayerCache], all_logits: bool) -> mx.array:
+        """[T, V] or [1, V] in the model dtype (lazy)."""
+        model = self.model
+        if all_logits or type(model).__module__ not in PLAIN_HEAD_MODULES:
+            logits = model(tokens, cache=layers)[0]
+            return logits if all_logits else logits[-1:]
+        hidden = model.model(tokens, cache=layers)[:, -1:]  # only the last row goes through the head
+        head = model.model.embed_tokens.as_linear if model.args.tie_word_embeddings else model.lm_head
+        return head(hidden)[0]
+
+    def synchronize(self) -> None:
+        mx.synchronize()
+
+    def peak_memory_bytes(self) -> int:
+        """The larger of MLX's peak allocation and the process's peak resident memory."""
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss = peak if sys.platform == "darwin" else peak * 1024
+        return max(mx.get_peak_memory(), rss)

@@ -1,0 +1,100 @@
+"""The torch backend: load an HF-format folder into kvrt's decoder and run it over a kvrt cache."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from kvrt.backends.torch.model import Transformer
+from kvrt.backends.torch.ops import TorchOps
+from kvrt.cache import KVCache
+from kvrt.errors import KvrtError
+from kvrt.model_config import ModelArgs, rope_inv_freq
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: the shards its index names, or every *.safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / name for name in shards]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise KvrtError(f"{folder} has no *.safetensors weights")
+    return files
+
+
+def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    state = {}
+    for path in weight_files(folder):
+        try:
+            state.update(load_file(str(path)))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise KvrtError(f"cannot read {path}: {str(exc).splitlines()[0]} (truncated or corrupt?)") from None
+    return state
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class TorchRuntime:
+    """A loaded model on torch: `forward` runs token ids through the decoder and the cache."""
+
+    backend = "torch"
+
+    def __init__(self, folder: Path, dtype: str | None = None, device: str | None = None):
+        self.folder = Path(folder)
+        self.device = torch.device(device or default_device())
+        dtype = dtype or ("bfloat16" if self.device.type == "cuda" else "float32")
+        self.dtype = DTYPES[dtype]
+        self.args = ModelArgs.from_folder(self.folder)
+        self.ops = TorchOps()
+        self.model = self._build()
+
+    def _build(self) -> Transformer:
+        state = load_state_dict(self.folder)
+        state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+        if self.args.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        with torch.device("meta"):
+            model = Transformer(self.args)
+        expected = {k for k in model.state_dict() if not (self.args.tie_word_embeddings and k == "lm_head.weight")}
+        missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+        if missing or unexpected:
+            detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+            raise KvrtError(f"weights in {self.folder} do not fit a {self.args.model_type} decoder: {detail}")
+        state = {k: v.to(device=self.device, dtype=self.dtype) for k, v in state.items()}
+        model.load_state_dict(state, strict=False, assign=True)
+        # buffers built on the meta device hold no data: compute the rope table for real
+        model.inv_freq = torch.from_numpy(rope_inv_freq(self.args)).to(self.device)
+        model.tie_weights()
+        return model.eval()
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.ops, self.args.num_layers)
+
+    @torch.inference_mode()
+    def forward(self, ids: list[int], cache: KVCache, all_logits: bool = False) -> torch.Tensor:
+        """Feed token ids after what the cache holds; logits [T, V] (all_logits) or [1, V]."""
+        tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
+        return self.model(tokens, cache, all_logits=all_logits)[0]
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def peak_memory_bytes(self) -> int:
+        """Peak device memory on CUDA; the process's peak resident memory on CPU."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024

@@ -1,0 +1,30 @@
+"""The one idea of kvrt: attention over a cache is a log-sum-exp merge of per-tier partials.
+
+Each tier (kept, quantized, outliers, residual, calibration ...) returns the attention of
+the queries over its own keys as (out_i, lse_i). Because the tiers hold disjoint key sets,
+the exact softmax over their union is
+
+    lse = log Σ_i exp(lse_i),    out = Σ_i exp(lse_i − lse) · out_i
+
+so full attention, eviction, calibration and quantized attention differ only in which
+tiers take part; a kernel is just a faster partial for one tier.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from kvrt.ops import Array, Ops
+
+
+def merge_partials(ops: Ops, parts: Sequence[tuple[Array, Array]]) -> tuple[Array, Array]:
+    """Merge (out [B, Hq, T, D], lse [B, Hq, T]) partials over disjoint key sets into one."""
+    if len(parts) == 1:
+        return parts[0]
+    lse = ops.logsumexp([p_lse for _, p_lse in parts])
+    out = None
+    for p_out, p_lse in parts:
+        weight = ops.expand_last(ops.exp(p_lse - lse))
+        term = weight * p_out
+        out = term if out is None else out + term
+    return ops.cast_like(out, parts[0][0]), lse

@@ -1,0 +1,210 @@
+"""The `kvrt` command line: generate, chat, pull, models.
+
+Every failure a user can cause ends as one `error: ...` line on stderr and a non-zero
+exit, never a traceback (set KVRT_DEBUG=1 to see one for a real bug).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from kvrt import __version__
+from kvrt.errors import KvrtError
+from kvrt.sampling import SamplingParams
+
+
+def log(message: str) -> None:
+    click.echo(f"kvrt: {message}", err=True)
+
+
+class OneLineErrors(click.Group):
+    """A click group whose usage errors, kvrt errors and Ctrl-C all end as one line."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as exc:
+            fail(exc.format_message(), exc.exit_code)
+        except KvrtError as exc:
+            fail(str(exc), 1)
+        except (KeyboardInterrupt, click.Abort):
+            fail("interrupted", 130)
+        except Exception as exc:  # a bug, not bad input: still one line unless debugging
+            if os.environ.get("KVRT_DEBUG"):
+                raise
+            fail(f"internal error: {type(exc).__name__}: {exc} (KVRT_DEBUG=1 shows the traceback)", 1)
+        sys.exit(0)
+
+
+def fail(message: str, code: int):
+    click.echo(f"error: {message.splitlines()[0] if message else 'failed'}", err=True)
+    sys.exit(code)
+
+
+@click.group(cls=OneLineErrors)
+@click.version_option(__version__, prog_name="kvrt")
+def cli():
+    """kvrt: a KV-cache runtime for LLM inference."""
+
+
+def model_options(f):
+    f = click.option("--model", "-m", default="default", show_default=True,
+                     help="Model folder, .gguf file, 'default' (SmolLM2-135M-Instruct) or hub id.")(f)
+    f = click.option("--backend", type=click.Choice(["auto", "torch", "mlx"]), default="auto", show_default=True)(f)
+    f = click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+                     help="Compute dtype (default: float32 on CPU, bfloat16 on GPU).")(f)
+    return f
+
+
+def sampling_options(f):
+    options = [
+        click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=256, show_default=True),
+        click.option("--temp", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 = greedy."),
+        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True),
+        click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off."),
+        click.option("--min-p", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True),
+        click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0,
+                     show_default=True),
+        click.option("--seed", type=int, default=None),
+        click.option("--stop", multiple=True, help="Stop string (repeatable)."),
+        click.option("--cache", "cache_spec", default="full", show_default=True,
+                     help="Cache spec METHOD[:key=value,...][+MODIFIER...]."),
+        click.option("--verbose", "-v", is_flag=True, help="Print a stats line to stderr."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def sampling_params(temp, top_p, top_k, min_p, repetition_penalty, seed) -> SamplingParams:
+    return SamplingParams(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+                          repetition_penalty=repetition_penalty, seed=seed)
+
+
+def load_model(model, backend, dtype):
+    from kvrt.api import load
+
+    return load(model, backend=backend, dtype=dtype, log=log)
+
+
+@cli.command()
+@model_options
+@click.option("--prompt", "-p", required=True, help="The prompt; '-' reads it from stdin.")
+@click.option("--system-prompt", default=None)
+@click.option("--ignore-chat-template", is_flag=True, help="Feed the prompt as raw text.")
+@click.option("--truncate", is_flag=True, help="Cut the middle of a prompt that exceeds the context.")
+@sampling_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the text and stats.")
+def generate(model, backend, dtype, prompt, system_prompt, ignore_chat_template, truncate, max_tokens, temp, top_p,
+             top_k, min_p, repetition_penalty, seed, stop, cache_spec, verbose, as_json):
+    """Generate a completion for one prompt, streaming it to stdout."""
+    from kvrt.spec import CacheSpec
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    CacheSpec.parse(cache_spec)
+    params = sampling_params(temp, top_p, top_k, min_p, repetition_penalty, seed)
+    m = load_model(model, backend, dtype)
+    pieces = m.stream(prompt, max_tokens=max_tokens, system_prompt=system_prompt,
+                      chat_template=not ignore_chat_template, cache=cache_spec, stop=stop, truncate=truncate,
+                      params=params)
+    text, interrupted = emit(pieces, echo=not as_json)
+    stats = m.last_stats
+    if interrupted:
+        stats.finish_reason = "interrupted"
+    if as_json:
+        click.echo(json.dumps({"text": text, **stats.as_dict(), "backend": m.backend, "cache": cache_spec}))
+    elif verbose:
+        click.echo(stats.line(), err=True)
+    if interrupted:
+        sys.exit(130)
+
+
+def emit(pieces, echo: bool) -> tuple[str, bool]:
+    """Stream text pieces to stdout (if echo); Ctrl-C stops cleanly, keeping the text so far."""
+    text = []
+    try:
+        for piece in pieces:
+            text.append(piece)
+            if echo:
+                click.echo(piece, nl=False)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        if echo:
+            click.echo("")
+        return "".join(text), True
+    if echo:
+        click.echo("")
+    return "".join(text), False
+
+
+@cli.command()
+@model_options
+@click.option("--system-prompt", default=None)
+@sampling_options
+def chat(model, backend, dtype, system_prompt, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed,
+         stop, cache_spec, verbose):
+    """Chat in a REPL that keeps the KV cache across turns. /reset clears it, /quit leaves."""
+    from kvrt.spec import CacheSpec
+
+    CacheSpec.parse(cache_spec)
+    params = sampling_params(temp, top_p, top_k, min_p, repetition_penalty, seed)
+    m = load_model(model, backend, dtype)
+    session = m.chat_session(system_prompt)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        click.echo("kvrt chat: /reset clears the conversation, /quit leaves.", err=True)
+    while True:
+        if interactive:
+            click.echo(">> ", nl=False, err=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if line in ("/quit", "/exit", "/q"):
+            break
+        if line == "/reset":
+            session.reset()
+            click.echo("kvrt: conversation reset", err=True)
+            continue
+        if not line:
+            continue
+        _, interrupted = emit(session.send(line, params, max_tokens, stop), echo=True)
+        if verbose:
+            click.echo(session.last_stats.line(), err=True)
+        if interrupted and not interactive:
+            sys.exit(130)
+
+
+@cli.command()
+@click.argument("name")
+def pull(name):
+    """Fetch (and convert) a model into kvrt's model cache."""
+    from kvrt.model_store import pull as pull_model
+
+    folder = pull_model(name, log=log)
+    click.echo(str(folder))
+
+
+@cli.command()
+def models():
+    """List the models in kvrt's model cache, with their sizes."""
+    from kvrt.model_store import kvrt_home, list_models
+
+    entries = list_models()
+    if not entries:
+        click.echo(f"no models cached under {kvrt_home()} (try: kvrt pull default)")
+    for entry in entries:
+        click.echo(f"{entry['name']:<40} {entry['bytes'] / 2**20:>9.1f} MiB  {entry['path']}")
+
+
+def main():
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,348 @@
+"""Convert a GGUF file (llama.cpp's format) into an HF-format model folder.
+
+The folder holds ``config.json``, ``model.safetensors``, ``tokenizer.json`` and
+``tokenizer_config.json`` so that every backend (torch, mlx-lm, transformers)
+can load it the same way. Weights are dequantized with the ``gguf`` package.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize
+from safetensors.numpy import save_file
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+from kvrt.errors import KvrtError
+
+# GGUF architecture -> (HF architecture class, HF model_type)
+SUPPORTED_ARCHS = {
+    "llama": ("LlamaForCausalLM", "llama"),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+}
+
+SUPPORTED_TYPES = {
+    GGMLQuantizationType[n]
+    for n in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+}
+
+# Per-layer GGUF tensor name suffix -> HF name suffix.
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def read_gguf(gguf_path: Path) -> GGUFReader:
+    """Open a GGUF file, turning any parse failure into a one-line KvrtError."""
+    gguf_path = Path(gguf_path)
+    if not gguf_path.is_file():
+        raise KvrtError(f"no such GGUF file: {gguf_path}")
+    try:
+        reader = GGUFReader(gguf_path)
+    except Exception as e:  # GGUFReader raises ValueError/IndexError/etc. on bad bytes
+        raise KvrtError(f"{gguf_path.name} is not a readable GGUF file ({_one_line(e)})") from None
+    size = gguf_path.stat().st_size
+    for t in reader.tensors:
+        # numpy memmap silently returns short slices on truncated files; check explicitly.
+        if t.data_offset + int(t.n_bytes) > size or t.data.nbytes != int(t.n_bytes):
+            raise KvrtError(f"{gguf_path.name} is truncated: tensor {t.name} extends past end of file")
+    return reader
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def field(reader: GGUFReader, key: str, default=None):
+    """Return a metadata value (str/int/float/bool/list) or ``default``."""
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    try:
+        return f.contents()
+    except Exception as e:
+        raise KvrtError(f"corrupt GGUF metadata field {key} ({_one_line(e)})") from None
+
+
+def gguf_config(reader: GGUFReader, n_vocab: int) -> dict:
+    """Build an HF ``config.json`` dict from GGUF metadata."""
+    arch = field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise KvrtError(
+            f"unsupported GGUF architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}"
+        )
+    hf_arch, model_type = SUPPORTED_ARCHS[arch]
+
+    def need(key):
+        v = field(reader, f"{arch}.{key}")
+        if v is None:
+            raise KvrtError(f"GGUF metadata lacks {arch}.{key}")
+        return v
+
+    hidden = int(need("embedding_length"))
+    n_head = int(need("attention.head_count"))
+    n_kv = int(field(reader, f"{arch}.attention.head_count_kv", n_head))
+    # key_length is only written when head_dim != hidden / n_head (e.g. Qwen3).
+    head_dim = int(field(reader, f"{arch}.attention.key_length", hidden // n_head))
+    names = {t.name for t in reader.tensors}
+    bos = field(reader, "tokenizer.ggml.bos_token_id")
+    eos = field(reader, "tokenizer.ggml.eos_token_id")
+    cfg = {
+        "architectures": [hf_arch],
+        "model_type": model_type,
+        "hidden_size": hidden,
+        "intermediate_size": int(need("feed_forward_length")),
+        "num_hidden_layers": int(need("block_count")),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": n_kv,
+        "head_dim": head_dim,
+        "rms_norm_eps": float(field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(field(reader, f"{arch}.context_length", 4096)),
+        "vocab_size": int(field(reader, f"{arch}.vocab_size", n_vocab)),
+        "tie_word_embeddings": "output.weight" not in names,
+        "hidden_act": "silu",
+        "torch_dtype": "float16",  # what the non-norm weights are stored as (see _store_dtype)
+    }
+    if bos is not None:
+        cfg["bos_token_id"] = int(bos)
+    if eos is not None:
+        cfg["eos_token_id"] = int(eos)
+    if model_type == "qwen2":
+        cfg["attention_bias"] = True  # Qwen2 always has q/k/v biases
+    elif model_type == "llama":
+        cfg["attention_bias"] = any(n.endswith("attn_q.bias") for n in names)
+        cfg["mlp_bias"] = False
+    scaling = _rope_scaling(reader, arch)
+    if scaling:
+        cfg["rope_scaling"] = scaling
+    return cfg
+
+
+def _rope_scaling(reader: GGUFReader, arch: str) -> dict | None:
+    """Translate ``{arch}.rope.scaling.*`` into HF's rope_scaling dict."""
+    kind = field(reader, f"{arch}.rope.scaling.type")
+    factor = field(reader, f"{arch}.rope.scaling.factor")
+    if kind in (None, "none") or factor is None:
+        return None
+    out = {"rope_type": str(kind), "type": str(kind), "factor": float(factor)}
+    orig = field(reader, f"{arch}.rope.scaling.original_context_length")
+    if orig is not None:
+        out["original_max_position_embeddings"] = int(orig)
+    return out
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Invert llama.cpp's Q/K row interleave (it reorders rotary halves into pairs)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """Map a GGUF tensor name to its HF name (None = tensor to skip)."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    if gguf_name == "rope_freqs.weight":
+        return None
+    parts = gguf_name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
+    raise KvrtError(f"unsupported GGUF tensor {gguf_name!r} (not a dense llama/qwen2/qwen3 weight)")
+
+
+def _store_dtype(ggml_type: GGMLQuantizationType):
+    # F32 stays float32 (norms, small); the rest is float16 to halve the disk size.
+    # (bfloat16 would be closer to training dtype but numpy needs ml_dtypes for it.)
+    return np.float32 if ggml_type == GGMLQuantizationType.F32 else np.float16
+
+
+def convert_tensors(reader: GGUFReader, cfg: dict, log=print) -> dict[str, np.ndarray]:
+    """Dequantize every tensor and rename it to HF conventions."""
+    permuted = cfg["model_type"] == "llama"  # only llama.cpp's llama path permutes Q/K
+    out = {}
+    for t in reader.tensors:
+        name = hf_name(t.name)
+        if name is None:
+            log(f"warning: skipping {t.name} (llama3-style rope scaling is not carried over)")
+            continue
+        if t.tensor_type not in SUPPORTED_TYPES:
+            raise KvrtError(f"unsupported GGUF tensor type {t.tensor_type.name} for {t.name}")
+        # t.shape lists dims fastest-first (ggml order); numpy wants them reversed.
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+        if permuted and t.name.endswith("attn_q.weight"):
+            w = _unpermute(w, cfg["num_attention_heads"])
+        elif permuted and t.name.endswith("attn_k.weight"):
+            w = _unpermute(w, cfg["num_key_value_heads"])
+        out[name] = np.ascontiguousarray(w.astype(_store_dtype(t.tensor_type)))
+    if "model.embed_tokens.weight" not in out:
+        raise KvrtError("GGUF has no token_embd.weight tensor")
+    return out
+
+
+# ---------------------------------------------------------------- tokenizer
+
+# Split regexes of the HF tokenizer.json files behind these `tokenizer.ggml.pre` names.
+_LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_REGEX = _LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")  # Qwen splits digits one by one
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types that must never be split
+
+
+def _pre_tokenizer(pre: str | None, log=print):
+    """Return (normalizer, pre_tokenizer) matching llama.cpp's pre-tokenizer name."""
+    gpt2_style = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    if pre in ("smollm", "starcoder"):
+        digits = pre_tokenizers.Digits(individual_digits=True)
+        return None, pre_tokenizers.Sequence([digits, gpt2_style])
+    if pre in ("llama-bpe", "qwen2"):
+        regex = _LLAMA3_REGEX if pre == "llama-bpe" else _QWEN2_REGEX
+        split = pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False)
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+        norm = normalizers.NFC() if pre == "qwen2" else None  # Qwen's HF tokenizer normalizes to NFC
+        return norm, pre_tokenizers.Sequence([split, byte_level])
+    if pre not in ("gpt-2", "gpt2", "default", None):
+        log(f"warning: unknown tokenizer pre-tokenizer {pre!r}; using GPT-2 byte-level splitting")
+    return None, gpt2_style
+
+
+def build_tokenizer_files(reader: GGUFReader, log=print) -> tuple[str, dict, dict | None]:
+    """Build (tokenizer.json text, tokenizer_config dict, generation_config or None)."""
+    kind = field(reader, "tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise KvrtError(f"unsupported GGUF tokenizer {kind!r}; only byte-level BPE ('gpt2') is supported")
+    tokens = field(reader, "tokenizer.ggml.tokens") or []
+    types = field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    merges = field(reader, "tokenizer.ggml.merges") or []
+    if not tokens or len(types) != len(tokens):
+        raise KvrtError("GGUF tokenizer metadata is incomplete (tokens/token_type)")
+    vocab: dict[str, int] = {}
+    for i, tok in enumerate(tokens):
+        vocab.setdefault(tok, i)  # first id wins if a GGUF repeats a token string
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    if any(len(p) != 2 for p in pairs):
+        raise KvrtError("GGUF tokenizer has a malformed merge (expected 'left right')")
+    try:
+        tk = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
+    except Exception as e:
+        raise KvrtError(f"GGUF tokenizer vocab/merges are inconsistent ({_one_line(e)})") from None
+    norm, pre = _pre_tokenizer(field(reader, "tokenizer.ggml.pre"), log)
+    if norm is not None:
+        tk.normalizer = norm
+    tk.pre_tokenizer = pre
+    tk.decoder = decoders.ByteLevel()
+    # Control tokens are special (skippable in decode); user-defined ones are plain but atomic.
+    tk.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
+                           for i, ty in enumerate(types) if ty == _CONTROL])
+    tk.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
+                   for i, ty in enumerate(types) if ty == _USER_DEFINED])
+
+    def tok_of(key):
+        i = field(reader, key)
+        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+
+    bos, eos = tok_of("tokenizer.ggml.bos_token_id"), tok_of("tokenizer.ggml.eos_token_id")
+    add_bos = bool(field(reader, "tokenizer.ggml.add_bos_token", False)) and bos is not None
+    if add_bos:
+        bos_id = int(field(reader, "tokenizer.ggml.bos_token_id"))
+        tk.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
+    else:
+        tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok_cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": bos,
+        "eos_token": eos,
+        "unk_token": tok_of("tokenizer.ggml.unknown_token_id"),
+        "pad_token": tok_of("tokenizer.ggml.padding_token_id"),
+        "add_bos_token": add_bos,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": int(field(reader, f"{field(reader, 'general.architecture')}.context_length", 4096)),
+    }
+    template = field(reader, "tokenizer.chat_template")
+    if isinstance(template, str):
+        tok_cfg["chat_template"] = template
+    gen_cfg = None
+    eot = field(reader, "tokenizer.ggml.eot_token_id")
+    eos_id = field(reader, "tokenizer.ggml.eos_token_id")
+    if eot is not None and eos_id is not None and int(eot) != int(eos_id):
+        # Instruct models end turns with EOT (e.g. <|eot_id|>); stop on either.
+        gen_cfg = {"eos_token_id": [int(eos_id), int(eot)]}
+    return tk.to_str(), tok_cfg, gen_cfg
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, log=print) -> Path:
+    """Convert ``gguf_path`` into the HF folder ``out_dir`` (written atomically)."""
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    reader = read_gguf(gguf_path)
+    tokens = field(reader, "tokenizer.ggml.tokens") or []
+    cfg = gguf_config(reader, len(tokens))
+    log(f"converting {gguf_path} → {out_dir} ({len(reader.tensors)} tensors)")
+    tok_json, tok_cfg, gen_cfg = build_tokenizer_files(reader, log=log)
+    tensors = convert_tensors(reader, cfg, log=log)
+    cfg["vocab_size"] = int(tensors["model.embed_tokens.weight"].shape[0])
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        (tmp / "tokenizer.json").write_text(tok_json)
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
+        if gen_cfg is not None:
+            (tmp / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
+        _make_readable(tmp)
+        _swap_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _make_readable(folder: Path) -> None:
+    """Give the result normal permissions (mkdtemp and safetensors create owner-only ones)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for f in folder.iterdir():
+        os.chmod(f, 0o666 & ~umask)
+
+
+def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename ``tmp`` to ``out_dir``, replacing any old folder there."""
+    old = None
+    if out_dir.exists():
+        # A folder can't be os.replace'd onto a non-empty folder: move the old one aside first.
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, old / "x")
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

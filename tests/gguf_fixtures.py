@@ -1,0 +1,208 @@
+"""Tiny random HF models and a GGUF writer for them (llama.cpp conventions), for tests.
+
+`write_tiny_hf_model` makes an HF folder (config, safetensors, tokenizer.json,
+tokenizer_config.json with a chat template); `hf_folder_to_gguf` writes it as a
+GGUF the way llama.cpp's converter would (Q/K rows permuted for llama).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import gguf
+from gguf.quants import quantize
+from safetensors.numpy import load_file
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a tiny test model.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Mistral-style: BOS comes from the template itself, [INST] blocks, raise_exception on bad roles.
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>", "</s>"]
+TRAIN_TEXT = [
+    "The capital of France is Paris. The quick brown fox jumps over the lazy dog.",
+    "Numbers like 12345 and 3.14159 appear in text; so does 2024-06-01.",
+    "Ünïcödé wörds, naïve café, 日本語のテキスト, 中文文本, emoji 🙂🚀👍🏽 and more!",
+    "def hello(name):\n    return f'Hello, {name}!'\n\n",
+    "I'm sure you've seen it. They'll say we'd done it, isn't it?",
+] * 3
+
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+ARCH_GGUF = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+ARCH_PRE = {"llama": "smollm", "mistral": "smollm", "qwen2": "qwen2", "qwen3": "qwen2"}
+
+
+def _tiny_tokenizer(arch: str) -> Tokenizer:
+    """Train a small byte-level BPE whose pre-tokenizer matches the arch's real one."""
+    tk = Tokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    if ARCH_PRE[arch] == "smollm":
+        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    else:
+        tk.normalizer = normalizers.NFC()
+        tk.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(TRAIN_TEXT, trainer)
+    if arch.startswith("qwen"):
+        tk.add_tokens([AddedToken("<tool_call>", special=False, normalized=False)])  # user-defined token
+    if arch == "mistral":
+        bos = tk.token_to_id("<s>")
+        tk.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    else:
+        tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tk
+
+
+def write_tiny_hf_model(folder, arch: str = "llama", seed: int = 0) -> Path:
+    """Write a tiny random HF model folder of ``arch`` (llama|mistral|qwen2|qwen3)."""
+    import torch
+    import transformers as tf
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tk = _tiny_tokenizer(arch)
+    common = dict(vocab_size=tk.get_vocab_size(), hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0,
+                  bos_token_id=tk.token_to_id("<s>" if arch == "mistral" else "<|im_start|>"),
+                  eos_token_id=tk.token_to_id("</s>" if arch == "mistral" else "<|im_end|>"))
+    cfg = {
+        "llama": lambda: tf.LlamaConfig(**common, tie_word_embeddings=False),
+        "mistral": lambda: tf.MistralConfig(**common, tie_word_embeddings=False, sliding_window=None),
+        "qwen2": lambda: tf.Qwen2Config(**common, tie_word_embeddings=True),
+        "qwen3": lambda: tf.Qwen3Config(**common, head_dim=32, tie_word_embeddings=False),
+    }[arch]()
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # random norms/biases too, so a misplaced tensor shows up
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.05 + (1.0 if "norm" in name else 0.0))
+    model.save_pretrained(folder)
+    tk.save(str(folder / "tokenizer.json"))
+    mistral = arch == "mistral"
+    tok_cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>" if mistral else "<|im_start|>",
+        "eos_token": "</s>" if mistral else "<|im_end|>",
+        "unk_token": "<|endoftext|>",
+        "add_bos_token": mistral,
+        "clean_up_tokenization_spaces": False,
+        "chat_template": MISTRAL_TEMPLATE if mistral else CHATML_TEMPLATE,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
+    return folder
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf Q/K row permutation (rotary halves -> pairs)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+_TO_GGUF = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def gguf_tensor_name(hf: str) -> str:
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+    if hf in top:
+        return top[hf]
+    _, _, layer, rest = hf.split(".", 3)
+    return f"blk.{layer}.{_TO_GGUF[rest]}"
+
+
+def _tokenizer_metadata(folder: Path):
+    """Token list (by id), llama.cpp token types and 'a b' merges from tokenizer.json."""
+    tj = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    by_id = {i: t for t, i in tj["model"]["vocab"].items()}
+    types = {i: 1 for i in by_id}
+    for a in tj["added_tokens"]:
+        by_id[a["id"]] = a["content"]
+        types[a["id"]] = 3 if a["special"] else 4
+    n = max(by_id) + 1
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(n)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
+    return tokens, [types.get(i, 5) for i in range(n)], merges
+
+
+def hf_folder_to_gguf(folder, gguf_path, qtype: str = "F32", arch: str | None = None) -> Path:
+    """Write an HF folder from `write_tiny_hf_model` as a GGUF (F32 or Q8_0 weights)."""
+    folder, gguf_path = Path(folder), Path(gguf_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    g_arch = arch or ARCH_GGUF[cfg["model_type"]]
+    w = gguf.GGUFWriter(str(gguf_path), g_arch)
+    n_head, n_kv, hidden = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["hidden_size"]
+    head_dim = cfg.get("head_dim") or hidden // n_head
+    w.add_name(folder.name)
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_rope_freq_base(cfg.get("rope_theta") or cfg.get("rope_parameters", {}).get("rope_theta", 10000.0))
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_vocab_size(cfg["vocab_size"])
+    w.add_rope_dimension_count(head_dim)
+    if head_dim != hidden // n_head:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    tokens, types, merges = _tokenizer_metadata(folder)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(ARCH_PRE.get(cfg["model_type"], "gpt-2"))
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(tokens.index(tok_cfg["bos_token"]))
+    w.add_eos_token_id(tokens.index(tok_cfg["eos_token"]))
+    w.add_add_bos_token(bool(tok_cfg.get("add_bos_token")))
+    w.add_chat_template(tok_cfg["chat_template"])
+
+    for name, t in load_file(str(folder / "model.safetensors")).items():
+        t = t.astype(np.float32)
+        if g_arch == "llama" and name.endswith("q_proj.weight"):
+            t = _permute(t, n_head)
+        elif g_arch == "llama" and name.endswith("k_proj.weight"):
+            t = _permute(t, n_kv)
+        if qtype == "Q8_0" and t.ndim == 2 and t.shape[-1] % 32 == 0:
+            q = gguf.GGMLQuantizationType.Q8_0
+            w.add_tensor(gguf_tensor_name(name), quantize(t, q), raw_dtype=q)
+        else:
+            w.add_tensor(gguf_tensor_name(name), t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return gguf_path
