@@ -71,6 +71,9 @@ class LayerCache:
         t = q.shape[2]
         if t == 1:  # decode: every stored key is visible
             return self._attend_block(q, scale, causal_offset=None)
+        if self.ops.fused_prefill and all(tier is self.newest for tier in self.tiers if tier.length):
+            # a lone tier needs no lse, and a flash kernel bounds memory itself: one call, no blocks
+            return self.newest.partial(q, scale, base, with_lse=False)[0]
         blocks = [
             self._attend_block(q[:, :, s : s + self.query_block], scale, causal_offset=base + s)
             for s in range(0, t, self.query_block)

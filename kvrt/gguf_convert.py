@@ -213,7 +213,7 @@ _LLAMA3_REGEX = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _QWEN2_REGEX = _LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")  # Qwen splits digits one by one
-_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types that must never be split
+_UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4  # llama.cpp token types that must never be split
 
 
 def _pre_tokenizer(pre: str | None, log=print):
@@ -233,34 +233,71 @@ def _pre_tokenizer(pre: str | None, log=print):
     return None, gpt2_style
 
 
-def build_tokenizer_files(reader: GGUFReader, log=print) -> tuple[str, dict, dict | None]:
-    """Build (tokenizer.json text, tokenizer_config dict, generation_config or None)."""
-    kind = field(reader, "tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise KvrtError(f"unsupported GGUF tokenizer {kind!r}; only byte-level BPE ('gpt2') is supported")
-    tokens = field(reader, "tokenizer.ggml.tokens") or []
-    types = field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+def _gpt2_model(reader: GGUFReader, vocab: dict[str, int], log) -> Tokenizer:
+    """Byte-level BPE from the GGUF merges, with the model's own pre-tokenizer."""
     merges = field(reader, "tokenizer.ggml.merges") or []
-    if not tokens or len(types) != len(tokens):
-        raise KvrtError("GGUF tokenizer metadata is incomplete (tokens/token_type)")
-    vocab: dict[str, int] = {}
-    for i, tok in enumerate(tokens):
-        vocab.setdefault(tok, i)  # first id wins if a GGUF repeats a token string
     pairs = [tuple(m.split(" ", 1)) for m in merges]
     if any(len(p) != 2 for p in pairs):
         raise KvrtError("GGUF tokenizer has a malformed merge (expected 'left right')")
-    try:
-        tk = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
-    except Exception as e:
-        raise KvrtError(f"GGUF tokenizer vocab/merges are inconsistent ({_one_line(e)})") from None
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
     norm, pre = _pre_tokenizer(field(reader, "tokenizer.ggml.pre"), log)
     if norm is not None:
         tk.normalizer = norm
     tk.pre_tokenizer = pre
     tk.decoder = decoders.ByteLevel()
-    # Control tokens are special (skippable in decode); user-defined ones are plain but atomic.
+    return tk
+
+
+def _spm_model(reader: GGUFReader, tokens: list[str], vocab: dict[str, int], types: list[int]) -> Tokenizer:
+    """SentencePiece-BPE ("llama") vocab as a byte-fallback BPE, the way HF's Llama fast tokenizer does it."""
+    scores = field(reader, "tokenizer.ggml.scores") or [-float(i) for i in range(len(tokens))]
+    # SPM merges the pair whose result scores best; as ranked merges: every split of every
+    # normal piece into two known pieces, ordered by the merged piece's score.
+    ranked = []
+    for piece, i in vocab.items():
+        if types[i] != 1:
+            continue
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in vocab and right in vocab:
+                ranked.append((-scores[i], i, vocab[left], vocab[right], left, right))
+    ranked.sort()
+    unk_id = field(reader, "tokenizer.ggml.unknown_token_id")
+    unk = tokens[int(unk_id)] if unk_id is not None and 0 <= int(unk_id) < len(tokens) else None
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[(r[4], r[5]) for r in ranked], unk_token=unk,
+                              fuse_unk=True, byte_fallback=True))
+    prefix = bool(field(reader, "tokenizer.ggml.add_space_prefix", True))
+    # Like SentencePiece and llama.cpp: spaces become ▁, and each text run (start of text or
+    # after a special token) gets a leading ▁; no pre-splitting, merges see the whole run.
+    steps = [normalizers.Prepend("▁")] if prefix else []
+    tk.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "▁")])
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tk.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    return tk
+
+
+def build_tokenizer_files(reader: GGUFReader, log=print) -> tuple[str, dict, dict | None]:
+    """Build (tokenizer.json text, tokenizer_config dict, generation_config or None)."""
+    kind = field(reader, "tokenizer.ggml.model")
+    if kind not in ("gpt2", "llama"):
+        raise KvrtError(f"unsupported GGUF tokenizer {kind!r}; supported: 'gpt2' (byte-level BPE), "
+                        "'llama' (SentencePiece BPE)")
+    tokens = field(reader, "tokenizer.ggml.tokens") or []
+    types = field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    if not tokens or len(types) != len(tokens):
+        raise KvrtError("GGUF tokenizer metadata is incomplete (tokens/token_type)")
+    vocab: dict[str, int] = {}
+    for i, tok in enumerate(tokens):
+        vocab.setdefault(tok, i)  # first id wins if a GGUF repeats a token string
+    try:
+        tk = _gpt2_model(reader, vocab, log) if kind == "gpt2" else _spm_model(reader, tokens, vocab, types)
+    except KvrtError:
+        raise
+    except Exception as e:
+        raise KvrtError(f"GGUF tokenizer vocab/merges are inconsistent ({_one_line(e)})") from None
+    # Control (and SPM unknown) tokens are special, skippable in decode; user-defined ones are plain but atomic.
     tk.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
-                           for i, ty in enumerate(types) if ty == _CONTROL])
+                           for i, ty in enumerate(types) if ty == _CONTROL or (kind == "llama" and ty == _UNKNOWN)])
     tk.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
                    for i, ty in enumerate(types) if ty == _USER_DEFINED])
 
@@ -269,12 +306,14 @@ def build_tokenizer_files(reader: GGUFReader, log=print) -> tuple[str, dict, dic
         return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
 
     bos, eos = tok_of("tokenizer.ggml.bos_token_id"), tok_of("tokenizer.ggml.eos_token_id")
-    add_bos = bool(field(reader, "tokenizer.ggml.add_bos_token", False)) and bos is not None
+    arch = field(reader, "general.architecture")
+    # llama.cpp's default when the key is absent: SPM models add BOS, byte-level BPE ones don't.
+    add_bos = bool(field(reader, "tokenizer.ggml.add_bos_token", kind == "llama")) and bos is not None
     if add_bos:
         bos_id = int(field(reader, "tokenizer.ggml.bos_token_id"))
         tk.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
-    else:
+    elif kind == "gpt2":
         tk.post_processor = processors.ByteLevel(trim_offsets=False)
     tok_cfg = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -285,7 +324,7 @@ def build_tokenizer_files(reader: GGUFReader, log=print) -> tuple[str, dict, dic
         "add_bos_token": add_bos,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": int(field(reader, f"{field(reader, 'general.architecture')}.context_length", 4096)),
+        "model_max_length": int(field(reader, f"{arch}.context_length", 4096)),
     }
     template = field(reader, "tokenizer.chat_template")
     if isinstance(template, str):
@@ -301,14 +340,16 @@ def build_tokenizer_files(reader: GGUFReader, log=print) -> tuple[str, dict, dic
 
 def convert_gguf(gguf_path: Path, out_dir: Path, log=print) -> Path:
     """Convert ``gguf_path`` into the HF folder ``out_dir`` (written atomically)."""
-    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    gguf_path, out_dir, log = Path(gguf_path), Path(out_dir), log or (lambda *a: None)
     reader = read_gguf(gguf_path)
     tokens = field(reader, "tokenizer.ggml.tokens") or []
     cfg = gguf_config(reader, len(tokens))
-    log(f"converting {gguf_path} → {out_dir} ({len(reader.tensors)} tensors)")
+    log(f"converting {gguf_path.name} → {out_dir} ({len(reader.tensors)} tensors)")
     tok_json, tok_cfg, gen_cfg = build_tokenizer_files(reader, log=log)
     tensors = convert_tensors(reader, cfg, log=log)
     cfg["vocab_size"] = int(tensors["model.embed_tokens.weight"].shape[0])
+    if all(t.dtype == np.float32 for t in tensors.values()):
+        cfg["torch_dtype"] = "float32"  # an all-F32 GGUF stays full precision
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 from kvrt.errors import KvrtError
 
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name, exactly one slash
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
 
 
@@ -57,17 +59,22 @@ def models_dir() -> Path:
 
 def resolve_model(name: str, log=print) -> Path:
     """Turn a model name into a validated HF-format folder, fetching/converting as needed."""
-    name = str(name)
+    name, log = str(name), log or (lambda *a: None)
     path = Path(name).expanduser()
     if path.is_dir():
         return validate_folder(path)
-    if name.endswith(".gguf") and path.is_file():
-        return _from_gguf(path, log)
+    if path.is_file():
+        if name.endswith(".gguf"):
+            return _from_gguf(path, log)
+        raise KvrtError(f"{name} is a file but not a .gguf; pass a model folder or a .gguf file")
     if name in MODEL_ALIASES:
         return _from_wheel(_ALIAS_FOLDER.get(name, name), MODEL_ALIASES[name], log)
-    if os.sep in name or name.startswith((".", "~")) or name.endswith(".gguf") or path.exists():
+    if _HUB_ID.match(name) and not name.endswith(".gguf"):
+        return _from_hub(name, log)
+    if os.sep in name or name.startswith((".", "~")) or name.endswith(".gguf"):
         raise KvrtError(f"no such file or folder: {name}")
-    return _from_hub(name, log)
+    raise KvrtError(f"unknown model {name!r}: use {', '.join(sorted(MODEL_ALIASES))}, "
+                    "a folder, a .gguf file or a hub id org/name")
 
 
 def pull(name: str, log=print) -> Path:
@@ -124,8 +131,28 @@ def _convert_once(gguf: Path, dest: Path, log) -> Path:
     return validate_folder(dest)
 
 
+def _gguf_digest(path: Path) -> str:
+    """sha256 of a GGUF, memoized by (path, size, mtime) so big files are hashed once."""
+    index = models_dir() / ".gguf-hashes.json"
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        known = json.loads(index.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict) or not isinstance(known.get(key), str):
+        known = known if isinstance(known, dict) else {}
+        known[key] = sha256_file(path)
+        index.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".gguf-hashes-", dir=index.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(known, f)
+        os.replace(tmp, index)  # atomic: never a half-written index
+    return known[key]
+
+
 def _from_gguf(path: Path, log) -> Path:
-    digest = sha256_file(path)
+    digest = _gguf_digest(path)
     dest = models_dir() / f"{path.stem}-{digest[:12]}"
     if not _complete(dest):
         log(f"{path.name} is new: converting it once into {dest}")

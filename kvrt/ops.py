@@ -22,6 +22,9 @@ Array = Any  # a torch.Tensor or an mx.array, never mixed within one backend
 
 class Ops(Protocol):
     name: str  # "torch" or "mlx"
+    # True when partial_attention(with_lse=False) never materializes the T x S scores (a flash
+    # kernel), so a lone tier may take a whole prompt in one call instead of query blocks
+    fused_prefill: bool
 
     # --- storage -------------------------------------------------------------------
     def alloc_seq(self, like: Array, capacity: int) -> Array:

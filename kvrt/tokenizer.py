@@ -124,6 +124,10 @@ class Tokenizer:
         return None if token is None else self._tok.token_to_id(token)
 
     @property
+    def has_chat_template(self) -> bool:
+        return bool(self.chat_template)
+
+    @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
@@ -161,6 +165,9 @@ class Tokenizer:
         return StreamingDetokenizer(self, skip_special_tokens=skip_special_tokens)
 
 
+_MAX_HELD = 8  # tokens an incomplete character may be held back for
+
+
 class StreamingDetokenizer:
     """Turn a stream of token ids into text pieces, never splitting a UTF-8 character.
 
@@ -188,8 +195,10 @@ class StreamingDetokenizer:
     def _advance(self) -> str:
         prefix_text = self._decode(self._prefix, self._read)
         full_text = self._decode(self._prefix, len(self._ids))
-        # A trailing U+FFFD is an unfinished multi-byte character: wait for more bytes.
-        if len(full_text) <= len(prefix_text) or full_text.endswith("\ufffd"):
+        # A trailing U+FFFD is an unfinished multi-byte character: wait for more bytes
+        # (but not forever: a character needs at most 4 byte tokens, so emit invalid bytes as is).
+        waiting = full_text.endswith("\ufffd") and len(self._ids) - self._read < _MAX_HELD
+        if len(full_text) <= len(prefix_text) or waiting:
             return ""
         new = full_text[len(prefix_text):]
         self._prefix, self._read = self._read, len(self._ids)

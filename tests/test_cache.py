@@ -11,6 +11,8 @@ from kvrt.buffer import SeqBuffer
 from kvrt.cache import KVCache, LayerCache
 
 OPS = TorchOps()
+BLOCKED = TorchOps()
+BLOCKED.fused_prefill = False  # exercise the query-block path that the flash shortcut skips
 
 
 def reference_attention(q, k, v, scale, causal_offset=None):
@@ -53,9 +55,10 @@ def test_merge_of_disjoint_key_sets_equals_attention_over_their_union():
     torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
 
 
-def test_layer_cache_prefill_in_query_blocks_equals_causal_attention():
+@pytest.mark.parametrize("ops", [BLOCKED, OPS], ids=["query-blocks", "flash"])
+def test_layer_cache_prefill_equals_causal_attention(ops):
     torch.manual_seed(2)
-    layer = LayerCache(OPS, 0, query_block=16)  # 50 tokens -> 4 blocks, the last one partial
+    layer = LayerCache(ops, 0, query_block=16)  # 50 tokens -> 4 blocks, the last one partial
     q, k, v = torch.randn(1, 4, 50, 8), torch.randn(1, 2, 50, 8), torch.randn(1, 2, 50, 8)
     out = layer.attend(q, k, v, 0.3)
     ref, _ = reference_attention(q, k, v, 0.3, causal_offset=0)
@@ -63,11 +66,12 @@ def test_layer_cache_prefill_in_query_blocks_equals_causal_attention():
     assert layer.offset == 50
 
 
-def test_continuing_a_prompt_equals_feeding_it_at_once():
+@pytest.mark.parametrize("ops", [BLOCKED, OPS], ids=["query-blocks", "flash"])
+def test_continuing_a_prompt_equals_feeding_it_at_once(ops):
     """Prefill, then a second chunk, then single tokens: identical to one causal pass."""
     torch.manual_seed(3)
     q, k, v = torch.randn(1, 4, 40, 8), torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8)
-    layer = LayerCache(OPS, 0, query_block=8)
+    layer = LayerCache(ops, 0, query_block=8)
     pieces = [(0, 20), (20, 37), (37, 38), (38, 39), (39, 40)]
     outs = [layer.attend(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], 0.3) for a, b in pieces]
     ref, _ = reference_attention(q, k, v, 0.3, causal_offset=0)

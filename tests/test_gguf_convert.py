@@ -76,6 +76,36 @@ def test_config_fields(converted, arch):
     assert b["head_dim"] == (a.get("head_dim") or a["hidden_size"] // a["num_attention_heads"])
     assert b["rms_norm_eps"] == pytest.approx(a["rms_norm_eps"], rel=1e-6)
     assert b["rope_theta"] == a["rope_parameters"]["rope_theta"]
+    assert b["torch_dtype"] == "float32" and "rope_scaling" not in b
+
+
+def test_q8_config_dtype(converted):
+    _, out = converted("llama", "Q8_0")
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"
+
+
+def test_rope_scaling_carried_over(tmp_path):
+    path = tmp_path / "rope.gguf"
+    w = gguf.GGUFWriter(str(path), "qwen2")
+    for add, v in [(w.add_context_length, 131072), (w.add_embedding_length, 8), (w.add_feed_forward_length, 16),
+                   (w.add_block_count, 0), (w.add_head_count, 2), (w.add_head_count_kv, 1)]:
+        add(v)
+    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(4.0)
+    w.add_rope_scaling_orig_ctx_len(32768)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(["a", "b", "ab"])
+    w.add_token_types([1, 1, 1])
+    w.add_token_merges(["a b"])
+    w.add_tensor("token_embd.weight", np.ones((3, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    cfg = json.loads((convert_gguf(path, tmp_path / "out", log=_quiet) / "config.json").read_text())
+    assert cfg["model_type"] == "qwen2" and cfg["num_key_value_heads"] == 1
+    assert cfg["rope_scaling"] == {"rope_type": "yarn", "type": "yarn", "factor": 4.0,
+                                   "original_max_position_embeddings": 32768}
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
@@ -152,18 +182,24 @@ def test_unsupported_architecture(tiny_model_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def _minimal_gguf(path, tokenizer_model="gpt2", pre="smollm"):
-    """A one-tensor llama GGUF with a 3-token vocab, for metadata edge cases."""
+def _minimal_gguf(path, tokenizer_model="gpt2", pre="smollm", tokens=("a", "b", "ab"), types=None,
+                  scores=None, merges=("a b",), special_ids=None):
+    """A one-tensor llama GGUF with a tiny vocab, for tokenizer/metadata edge cases."""
     w = gguf.GGUFWriter(str(path), "llama")
     for add, v in [(w.add_context_length, 64), (w.add_embedding_length, 8), (w.add_feed_forward_length, 16),
                    (w.add_block_count, 0), (w.add_head_count, 2), (w.add_head_count_kv, 2)]:
         add(v)
     w.add_tokenizer_model(tokenizer_model)
     w.add_tokenizer_pre(pre)
-    w.add_token_list(["a", "b", "ab"])
-    w.add_token_types([1, 1, 1])
-    w.add_token_merges(["a b"])
-    w.add_tensor("token_embd.weight", np.ones((3, 8), dtype=np.float32))
+    w.add_token_list(list(tokens))
+    w.add_token_types(list(types or [1] * len(tokens)))
+    if scores is not None:
+        w.add_token_scores(list(scores))
+    if merges:
+        w.add_token_merges(list(merges))
+    for add, i in zip((w.add_unk_token_id, w.add_bos_token_id, w.add_eos_token_id), special_ids or ()):
+        add(i)
+    w.add_tensor("token_embd.weight", np.ones((len(tokens), 8), dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -171,10 +207,55 @@ def _minimal_gguf(path, tokenizer_model="gpt2", pre="smollm"):
     return path
 
 
-def test_sentencepiece_tokenizer_rejected(tmp_path):
-    g = _minimal_gguf(tmp_path / "spm.gguf", tokenizer_model="llama")
-    with pytest.raises(KvrtError, match="unsupported GGUF tokenizer 'llama'"):
+def test_unsupported_tokenizer_rejected(tmp_path):
+    g = _minimal_gguf(tmp_path / "wpm.gguf", tokenizer_model="bert")
+    with pytest.raises(KvrtError, match="unsupported GGUF tokenizer 'bert'"):
         convert_gguf(g, tmp_path / "out", log=_quiet)
+
+
+def _spm_vocab():
+    """A hand-made SentencePiece-BPE vocab: specials, 256 byte pieces, then scored pieces."""
+    pieces = ["▁", "h", "e", "l", "o", "w", "r", "d", "▁h", "ll", "▁he", "llo", "▁hello", "▁w", "or", "▁wor"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
+    scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))]
+    return tokens, types, scores
+
+
+def test_sentencepiece_tokenizer(tmp_path):
+    tokens, types, scores = _spm_vocab()
+    g = _minimal_gguf(tmp_path / "spm.gguf", "llama", tokens=tokens, types=types, scores=scores, merges=(),
+                      special_ids=(0, 1, 2))
+    out = convert_gguf(g, tmp_path / "out", log=_quiet)
+    tk = Tokenizer.from_file(str(out / "tokenizer.json"))
+    enc = tk.encode("hello world")
+    assert enc.tokens == ["<s>", "▁hello", "▁wor", "l", "d"]  # BOS added by default for SPM
+    assert tk.encode("é", add_special_tokens=False).tokens == ["▁", "<0xC3>", "<0xA9>"]  # byte fallback
+    for text in ("hello world", "  two  spaces", "é🙂 hello", "</s>hello"):
+        assert tk.decode(tk.encode(text).ids, skip_special_tokens=True) == text.replace("</s>", "")
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert cfg["bos_token"] == "<s>" and cfg["eos_token"] == "</s>" and cfg["add_bos_token"] is True
+
+
+def test_sentencepiece_matches_sentencepiece(tmp_path):
+    """Against the real SentencePiece library, when it is installed."""
+    spm = pytest.importorskip("sentencepiece")
+    import io
+
+    text = [ln for ln in TEXTS * 20 + ["hello world  two  spaces", "   lead", "don't 3.14"] * 5]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=buf, vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, remove_extra_whitespaces=False,
+                                   normalization_rule_name="identity", minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+    n = sp.get_piece_size()
+    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in range(n)]
+    g = _minimal_gguf(tmp_path / "spm.gguf", "llama", tokens=[sp.id_to_piece(i) for i in range(n)], types=types,
+                      scores=[sp.get_score(i) for i in range(n)], merges=(), special_ids=(0, 1, 2))
+    tk = Tokenizer.from_file(str(convert_gguf(g, tmp_path / "out", log=_quiet) / "tokenizer.json"))
+    for s in text[:40] + ["  x  y ", "tab\tnew\nline", "🚀 ∑ ありがとう"]:
+        assert tk.encode(s, add_special_tokens=False).ids == sp.encode(s), s
+        assert tk.decode(sp.encode(s)) == sp.decode(sp.encode(s))
 
 
 def test_unknown_pre_tokenizer_warns(tmp_path):

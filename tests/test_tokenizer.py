@@ -96,8 +96,10 @@ def test_template_errors(tiny_model_dir, tmp_path):
     cfg = json.loads((folder / "tokenizer_config.json").read_text())
     del cfg["chat_template"]
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    plain = Tokenizer.from_folder(folder)
+    assert not plain.has_chat_template and tok.has_chat_template
     with pytest.raises(KvrtError, match="no chat template"):
-        Tokenizer.from_folder(folder).encode_chat(CHATS[0])
+        plain.encode_chat(CHATS[0])
     with pytest.raises(KvrtError, match="tokenizer.json"):
         Tokenizer.from_folder(tmp_path)
 
@@ -137,6 +139,9 @@ def test_streaming_holds_partial_character(tiny_model_dir):
     det = StreamingDetokenizer(tok)
     det.add_token(ids[0])
     assert det.finalize() == "\ufffd"  # an unfinished character is only flushed at the end
+    det = StreamingDetokenizer(tok)
+    pieces = [det.add_token(ids[0]) for _ in range(10)]  # invalid bytes are not held forever
+    assert "".join(pieces) + det.finalize() == tok.decode([ids[0]] * 10) and any(pieces)
 
 
 @pytest.mark.model

@@ -24,7 +24,8 @@ def hf_logits(folder, ids):
 def kvrt_logits(runtime, ids, prefill, query_block=None):
     """Prefill `prefill` tokens in one call, then decode the rest one token at a time."""
     cache = runtime.new_cache()
-    if query_block:
+    if query_block:  # force the query-block path the flash shortcut would skip
+        runtime.ops.fused_prefill = False
         for layer in cache.layers:
             layer.query_block = query_block
     out = [runtime.forward(ids[:prefill], cache, all_logits=True)]
@@ -37,9 +38,11 @@ def test_logits_equal_transformers_on_tiny_checkpoints(tiny_model_dir, arch):
     folder = tiny_model_dir(arch)
     runtime = TorchRuntime(folder)
     ids = torch.randint(0, runtime.args.vocab_size, (160,), generator=torch.Generator().manual_seed(0)).tolist()
-    got = kvrt_logits(runtime, ids, prefill=150, query_block=32)  # several query blocks, then decode
     ref = hf_logits(folder, ids)
-    assert (got - ref).abs().max().item() <= 1e-4
+    fused = kvrt_logits(runtime, ids, prefill=150)  # one flash call over the prompt, then decode
+    assert (fused - ref).abs().max().item() <= 1e-4
+    blocked = kvrt_logits(runtime, ids, prefill=150, query_block=32)  # several query blocks, then decode
+    assert (blocked - ref).abs().max().item() <= 1e-4
 
 
 def test_half_precision_dtypes_stay_close_to_float32(tiny_model_dir):

@@ -25,6 +25,7 @@ def check_qkv(q: mx.array, k: mx.array, v: mx.array) -> None:
 
 class MLXOps:
     name = "mlx"
+    fused_prefill = False  # mlx's CPU attention may build the whole score matrix: keep query blocks
 
     def alloc_seq(self, like, capacity):
         return mx.zeros((*like.shape[:-2], capacity, like.shape[-1]), dtype=like.dtype)

@@ -16,6 +16,7 @@ def causal_mask(t: int, s: int, causal_offset: int, device) -> torch.Tensor:
 
 class TorchOps:
     name = "torch"
+    fused_prefill = True  # SDPA's flash kernels (CPU and CUDA) work through the queries in tiles
 
     def alloc_seq(self, like, capacity):
         return like.new_zeros(*like.shape[:-2], capacity, like.shape[-1])
@@ -33,15 +34,19 @@ class TorchOps:
     def partial_attention(self, q, k, v, scale, causal_offset=None, with_lse=True):
         b, hq, t, d = q.shape
         hkv, s = k.shape[1], k.shape[2]
-        mask = None if causal_offset is None else causal_mask(t, s, causal_offset, q.device)
+        square = causal_offset == 0 and s == t  # a fresh prompt: SDPA's own (top-left) causal mask fits
+        mask = None if causal_offset is None or square else causal_mask(t, s, causal_offset, q.device)
         if not with_lse:  # no merge follows: the fused SDPA kernel is fastest and needs no lse
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=hq != hkv)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=square, scale=scale, enable_gqa=hq != hkv
+            )
             return out, None
         g = hq // hkv
         # GQA without repeat_kv: fold each KV head's G query heads into the query axis
         qg = q.reshape(b, hkv, g * t, d)
         scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale
-        if mask is not None:
+        if causal_offset is not None:
+            mask = causal_mask(t, s, causal_offset, q.device)
             scores = scores.view(b, hkv, g, t, s).masked_fill(~mask, float("-inf")).view(b, hkv, g * t, s)
         lse = torch.logsumexp(scores, dim=-1, keepdim=True)
         probs = torch.exp(scores - lse).to(v.dtype)
