@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -34,29 +35,35 @@ def prompt_ids(tokenizer, length: int) -> list[int]:
     return ids[:length]
 
 
-def run_kvrt(folder: str, ids: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
+def kvrt_engine(folder: str):
+    """A function (ids, new_tokens) -> (prefill s, decode s, tokens) over one loaded kvrt model."""
     from kvrt.backends.torch.runtime import TorchRuntime
 
     runtime = TorchRuntime(folder, dtype="float32")
-    cache = runtime.new_cache()
-    t0 = time.perf_counter()
-    logits = runtime.forward(ids, cache)
-    token = int(logits[-1].argmax())
-    t1 = time.perf_counter()
-    out = [token]
-    for _ in range(new_tokens - 1):
-        token = int(runtime.forward([token], cache)[-1].argmax())
-        out.append(token)
-    t2 = time.perf_counter()
-    return t1 - t0, t2 - t1, out
+
+    def run(ids: list[int], new_tokens: int):
+        cache = runtime.new_cache()
+        t0 = time.perf_counter()
+        token = int(runtime.forward(ids, cache)[-1].argmax())
+        t1 = time.perf_counter()
+        out = [token]
+        for _ in range(new_tokens - 1):
+            token = int(runtime.forward([token], cache)[-1].argmax())
+            out.append(token)
+        return t1 - t0, time.perf_counter() - t1, out
+
+    return run
 
 
-def run_transformers(folder: str, ids: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
+def transformers_engine(folder: str):
+    """The same contract over HF transformers (sdpa attention, its default dynamic cache)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
-    with torch.inference_mode():
+
+    @torch.inference_mode()
+    def run(ids: list[int], new_tokens: int):
         t0 = time.perf_counter()
         result = model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
         token = int(result.logits[0, -1].argmax())
@@ -67,20 +74,24 @@ def run_transformers(folder: str, ids: list[int], new_tokens: int) -> tuple[floa
             past = result.past_key_values
             token = int(result.logits[0, -1].argmax())
             out.append(token)
-        t2 = time.perf_counter()
-    return t1 - t0, t2 - t1, out
+        return t1 - t0, time.perf_counter() - t1, out
+
+    return run
 
 
-def worker(engine: str, folder: str, length: int, new_tokens: int) -> dict:
+def worker(engine: str, folder: str, length: int, new_tokens: int, repeats: int) -> dict:
     import torch
 
     from kvrt.tokenizer import Tokenizer
 
     torch.set_num_threads(1)
     ids = prompt_ids(Tokenizer.from_folder(folder), length)
-    run = run_kvrt if engine == "kvrt" else run_transformers
-    run(folder, ids[:64], 4)  # warm up kernels and allocator outside the timed run
-    prefill_s, decode_s, tokens = run(folder, ids, new_tokens)
+    run = (kvrt_engine if engine == "kvrt" else transformers_engine)(folder)
+    run(ids[:64], 4)  # warm up kernels and allocator outside the timed run
+    runs = [run(ids, new_tokens) for _ in range(repeats)]
+    prefill_s = statistics.median(r[0] for r in runs)  # the median damps this noisy machine
+    decode_s = statistics.median(r[1] for r in runs)
+    tokens = runs[0][2]
     return {
         "prefill_tps": length / prefill_s,
         "decode_tps": (new_tokens - 1) / decode_s,
@@ -89,9 +100,9 @@ def worker(engine: str, folder: str, length: int, new_tokens: int) -> dict:
     }
 
 
-def spawn(engine: str, folder: str, length: int, new_tokens: int) -> dict:
+def spawn(engine: str, folder: str, length: int, new_tokens: int, repeats: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", engine, "--folder", folder,
-           "--lengths", str(length), "--new-tokens", str(new_tokens)]
+           "--lengths", str(length), "--new-tokens", str(new_tokens), "--repeats", str(repeats)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -103,23 +114,24 @@ def main() -> None:
     parser.add_argument("--folder", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--lengths", default="512,2048,4096")
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per engine; the median is shown")
     parser.add_argument("--worker", choices=["kvrt", "transformers"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     if args.worker:
-        print(json.dumps(worker(args.worker, args.folder, lengths[0], args.new_tokens)))
+        print(json.dumps(worker(args.worker, args.folder, lengths[0], args.new_tokens, args.repeats)))
         return
 
     from kvrt.model_store import resolve_model
 
     folder = str(resolve_model(args.model, log=lambda m: print(m, file=sys.stderr)))
-    print(f"model {args.model}, fp32, 1 thread, greedy, {args.new_tokens} new tokens")
+    print(f"model {args.model}, fp32, 1 thread, greedy, {args.new_tokens} new tokens, median of {args.repeats} runs")
     header = ("prompt", "engine", "prefill tok/s", "decode tok/s", "peak RSS MiB")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     ratios = []
     for length in lengths:
-        kv = spawn("kvrt", folder, length, args.new_tokens)
-        hf = spawn("transformers", folder, length, args.new_tokens)
+        kv = spawn("kvrt", folder, length, args.new_tokens, args.repeats)
+        hf = spawn("transformers", folder, length, args.new_tokens, args.repeats)
         for name, r in (("kvrt", kv), ("transformers", hf)):
             print(f"| {length} | {name} | {r['prefill_tps']:.1f} | {r['decode_tps']:.2f} | {r['peak_rss_mib']:.0f} |")
         same = kv["tokens"] == hf["tokens"]

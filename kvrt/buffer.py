@@ -9,7 +9,7 @@ class SeqBuffer:
     """Rows of shape [..., D] appended along axis -2, stored in one preallocated array.
 
     Capacity grows in steps of `step` rows so decode does not copy the whole buffer
-    every token; `nbytes` reports the allocation itself (unused capacity included).
+    every token; the cache's `nbytes` counts the allocation itself (unused capacity included).
     """
 
     def __init__(self, ops: Ops, step: int = 256):
@@ -46,6 +46,3 @@ class SeqBuffer:
         n = min(n, self.length)
         self.length -= n
         return n
-
-    def nbytes(self) -> int:
-        return 0 if self.data is None else self.ops.nbytes(self.data)

@@ -45,8 +45,9 @@ class FullPrecisionTier:
         self.values.trim(n)
         return self.keys.trim(n)
 
-    def nbytes(self) -> int:
-        return self.keys.nbytes() + self.values.nbytes()
+    def arrays(self) -> list[Array]:
+        """Every array this tier stores (what nbytes counts)."""
+        return [buf.data for buf in (self.keys, self.values) if buf.data is not None]
 
 
 class LayerCache:
@@ -96,8 +97,12 @@ class LayerCache:
         self.offset -= n
         return n
 
+    def arrays(self) -> list[Array]:
+        return [a for tier in self.tiers for a in tier.arrays()]
+
     def nbytes(self) -> int:
-        return sum(tier.nbytes() for tier in self.tiers)
+        """Bytes of every stored array, metadata included, as allocated."""
+        return sum(self.ops.nbytes(a) for a in self.arrays())
 
 
 class KVCache:

@@ -20,7 +20,6 @@ from typing import Iterable
 
 import mlx.core as mx
 
-from kvrt.buffer import SeqBuffer
 from kvrt.cache import LayerCache
 from kvrt.errors import KvrtError
 
@@ -59,8 +58,7 @@ class MLXLayerCache:
     @property
     def state(self) -> list[mx.array]:
         """Every array the layer's tiers store (mlx-lm's generate evaluates these between chunks)."""
-        return [buf.data for tier in self.layer.tiers for buf in vars(tier).values()
-                if isinstance(buf, SeqBuffer) and buf.data is not None]
+        return self.layer.arrays()
 
     @state.setter
     def state(self, value) -> None:

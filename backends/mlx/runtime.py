@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import resource
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -13,22 +10,14 @@ from kvrt.backends.mlx.cache_adapter import MLXLayerCache, install_attention
 from kvrt.backends.mlx.ops import MLXOps
 from kvrt.cache import KVCache
 from kvrt.errors import KvrtError
+from kvrt.memory import peak_rss_bytes
+from kvrt.model_config import read_config
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 DEVICES = {"cpu": mx.cpu, "gpu": mx.gpu, "metal": mx.gpu}
 # mlx-lm modules whose Model.__call__ is exactly `head(self.model(...))`, so prefill can skip
 # the [T, V] logits and project only the last row
 PLAIN_HEAD_MODULES = {"mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3"}
-
-
-def read_config(folder: Path) -> dict:
-    path = folder / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise KvrtError(f"{folder} has no config.json") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise KvrtError(f"{path} is not valid JSON ({exc})") from None
 
 
 def rope_overrides(cfg: dict) -> dict:
@@ -130,6 +119,4 @@ class MLXRuntime:
 
     def peak_memory_bytes(self) -> int:
         """The larger of MLX's peak allocation and the process's peak resident memory."""
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        rss = peak if sys.platform == "darwin" else peak * 1024
-        return max(mx.get_peak_memory(), rss)
+        return max(mx.get_peak_memory(), peak_rss_bytes())

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import resource
-import sys
 from pathlib import Path
 
 import torch
@@ -15,6 +13,7 @@ from kvrt.backends.torch.model import Transformer
 from kvrt.backends.torch.ops import TorchOps
 from kvrt.cache import KVCache
 from kvrt.errors import KvrtError
+from kvrt.memory import peak_rss_bytes
 from kvrt.model_config import ModelArgs, rope_inv_freq
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -40,6 +39,14 @@ def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as exc:
             raise KvrtError(f"cannot read {path}: {str(exc).splitlines()[0]} (truncated or corrupt?)") from None
     return state
+
+
+def column_major_linears(model: torch.nn.Module) -> None:
+    """Store each linear weight [out, in] column-major: same values and shape, but CPU GEMV
+    (one token per decode step) reads it about 1.6x faster while GEMM (prefill) is unchanged."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight.data = module.weight.data.t().contiguous().t()
 
 
 def default_device() -> str:
@@ -74,9 +81,12 @@ class TorchRuntime:
             raise KvrtError(f"weights in {self.folder} do not fit a {self.args.model_type} decoder: {detail}")
         state = {k: v.to(device=self.device, dtype=self.dtype) for k, v in state.items()}
         model.load_state_dict(state, strict=False, assign=True)
+        state.clear()  # the model owns the tensors now; re-laying them out below frees each old copy
         # buffers built on the meta device hold no data: compute the rope table for real
         model.inv_freq = torch.from_numpy(rope_inv_freq(self.args)).to(self.device)
         model.tie_weights()
+        if self.device.type == "cpu":
+            column_major_linears(model)
         return model.eval()
 
     def new_cache(self) -> KVCache:
@@ -96,5 +106,4 @@ class TorchRuntime:
         """Peak device memory on CUDA; the process's peak resident memory on CPU."""
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024
+        return peak_rss_bytes()
