@@ -85,7 +85,12 @@ def read_config(folder: Path) -> dict:
 
 
 def context_length(cfg: dict) -> int:
-    return int(cfg.get("max_position_embeddings") or cfg.get("max_sequence_length") or 4096)
+    """Tokens kvrt lets a sequence reach: the model's positions, capped at its sliding window if it
+    has one (kvrt attends over the whole cache, which equals sliding-window attention only inside it)."""
+    length = int(cfg.get("max_position_embeddings") or cfg.get("max_sequence_length") or 4096)
+    window = cfg.get("sliding_window")
+    slides = cfg.get("model_type") == "mistral" or cfg.get("use_sliding_window")
+    return min(length, int(window)) if slides and window else length
 
 
 def rope_inv_freq(args: ModelArgs) -> np.ndarray:

@@ -105,3 +105,12 @@ def test_default_model_logits_equal_transformers(default_model_dir):
     ref = hf_logits(default_model_dir, ids)
     assert (got - ref).abs().max().item() <= 2e-3
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+def test_sliding_window_caps_the_context():
+    from kvrt.model_config import context_length
+
+    assert context_length({"model_type": "mistral", "max_position_embeddings": 32768, "sliding_window": 4096}) == 4096
+    assert context_length({"model_type": "mistral", "max_position_embeddings": 32768, "sliding_window": None}) == 32768
+    qwen = {"model_type": "qwen2", "max_position_embeddings": 32768, "sliding_window": 4096}
+    assert context_length(qwen) == 32768 and context_length({**qwen, "use_sliding_window": True}) == 4096
