@@ -72,11 +72,11 @@ class Model:
 
         Sampling is `params`, or keyword arguments of SamplingParams (temp, top_p, top_k, min_p, seed ...).
         """
-        CacheSpec.parse(cache)  # validated now; only `full` exists until the eviction issue
+        spec = CacheSpec.parse(cache)
         ids = self.encode_prompt(prompt, system_prompt, chat_template, max_tokens, truncate)
         self.last_stats = GenerationStats()
         yield from stream_text(
-            self.runtime, self.tokenizer, ids, self.runtime.new_cache(), params or SamplingParams(**sampling),
+            self.runtime, self.tokenizer, ids, self.runtime.new_cache(spec), params or SamplingParams(**sampling),
             max_tokens, stop, self.last_stats,
         )
 
@@ -85,15 +85,16 @@ class Model:
         text = "".join(self.stream(prompt, **kwargs))
         return Generation(text, self.last_stats)
 
-    def chat_session(self, system_prompt: str | None = None) -> ChatSession:
+    def chat_session(self, system_prompt: str | None = None, cache: str | CacheSpec = "full") -> ChatSession:
         """A multi-turn session that keeps its cache between turns (see kvrt.chat)."""
-        return ChatSession(self.runtime, self.tokenizer, system_prompt)
+        return ChatSession(self.runtime, self.tokenizer, system_prompt, CacheSpec.parse(cache))
 
-    def chat(self, messages: list[dict], *, max_tokens: int = 256, stop: Sequence[str] = (), **sampling) -> Generation:
+    def chat(self, messages: list[dict], *, max_tokens: int = 256, stop: Sequence[str] = (),
+             cache: str | CacheSpec = "full", **sampling) -> Generation:
         """Reply to a list of {"role", "content"} messages (the last one from the user)."""
         if not messages or messages[-1].get("role") != "user":
             raise KvrtError("chat needs a list of messages ending with a user message")
-        session = ChatSession(self.runtime, self.tokenizer)
+        session = ChatSession(self.runtime, self.tokenizer, cache=CacheSpec.parse(cache))
         session.messages = [dict(m) for m in messages[:-1]]
         text = "".join(session.send(messages[-1]["content"], SamplingParams(**sampling), max_tokens, stop))
         self.last_stats = session.last_stats

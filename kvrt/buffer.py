@@ -8,11 +8,12 @@ from kvrt.ops import Array, Ops
 class SeqBuffer:
     """Rows of shape [..., D] appended along axis -2, stored in one preallocated array.
 
-    Capacity grows in steps of `step` rows so decode does not copy the whole buffer
-    every token; the cache's `nbytes` counts the allocation itself (unused capacity included).
+    Capacity grows by at least `step` rows and by an eighth of itself, so decode copies the
+    buffer rarely (amortized O(1) per token) while the slack stays small; the cache's
+    `nbytes` counts the allocation itself (unused capacity included).
     """
 
-    def __init__(self, ops: Ops, step: int = 256):
+    def __init__(self, ops: Ops, step: int = 64):
         self.ops = ops
         self.step = step
         self.data: Array | None = None
@@ -31,7 +32,8 @@ class SeqBuffer:
         self.length = needed
 
     def _grow(self, like: Array, needed: int) -> None:
-        capacity = -(-needed // self.step) * self.step
+        target = max(needed, self.capacity + self.capacity // 8)
+        capacity = -(-target // self.step) * self.step
         grown = self.ops.alloc_seq(like, capacity)
         if self.length:
             grown = self.ops.write_seq(grown, 0, self.view())

@@ -12,63 +12,46 @@ from __future__ import annotations
 from typing import Iterable
 
 from kvrt.attention import merge_partials
-from kvrt.buffer import SeqBuffer
+from kvrt.methods.base import Candidates, selection
+from kvrt.methods.h2o import accumulated_attention
 from kvrt.ops import Array, Ops
-
-
-class FullPrecisionTier:
-    """Tokens kept as they came, in the model dtype: keys/values [B, Hkv, S, D]."""
-
-    name = "full"
-
-    def __init__(self, ops: Ops):
-        self.ops = ops
-        self.keys = SeqBuffer(ops)
-        self.values = SeqBuffer(ops)
-
-    @property
-    def length(self) -> int:
-        return self.keys.length
-
-    def append(self, k: Array, v: Array) -> None:
-        self.keys.append(k)
-        self.values.append(v)
-
-    def partial(self, q: Array, scale: float, causal_offset: int | None, with_lse: bool):
-        """(out, lse) of q [B, Hq, T, D] over this tier; causal_offset as in Ops.partial_attention."""
-        end = self.length if causal_offset is None else min(self.length, causal_offset + q.shape[2])
-        return self.ops.partial_attention(
-            q, self.keys.view(end), self.values.view(end), scale, causal_offset, with_lse
-        )
-
-    def trim(self, n: int) -> int:
-        self.values.trim(n)
-        return self.keys.trim(n)
-
-    def arrays(self) -> list[Array]:
-        """Every array this tier stores (what nbytes counts)."""
-        return [buf.data for buf in (self.keys, self.values) if buf.data is not None]
+from kvrt.spec import CacheSpec
+from kvrt.tiers import FullPrecisionTier, KeptTier
 
 
 class LayerCache:
-    """One layer's KV cache: an ordered set of tiers, the newest tokens in `self.newest`."""
+    """One layer's KV cache: kept (after eviction), newest (full precision) and calibration tiers."""
 
-    def __init__(self, ops: Ops, layer_idx: int, query_block: int = 512):
+    def __init__(self, ops: Ops, layer_idx: int, num_layers: int = 1, eviction=None, calibration=None,
+                 query_block: int = 512):
         self.ops = ops
-        self.layer_idx = layer_idx
+        self.layer_idx, self.num_layers = layer_idx, num_layers
         self.query_block = query_block
+        self.eviction = eviction
+        self.kept = KeptTier(ops)
         self.newest = FullPrecisionTier(ops)
-        self.tiers = [self.newest]
+        self.calibration = calibration.new_tier(ops) if calibration is not None else None
+        self.tiers = [self.kept, self.newest] + ([self.calibration] if self.calibration is not None else [])
+        self.accumulated = None  # H2O: float32 [B, Hkv, kept + newest], attention each token received
+        self.budget = None  # tokens kept per KV head, fixed by the first chunk (the prompt)
+        self.newest_start = 0  # absolute position of the newest tier's first token
         self.offset = 0  # absolute position of the next token
 
     def attend(self, q: Array, k: Array, v: Array, scale: float) -> Array:
         """Store k/v [B, Hkv, T, D] and return attention out [B, Hq, T, D] of q [B, Hq, T, D].
 
         Query t (absolute position offset + t) sees every earlier token and the new ones up to t.
+        Eviction runs right after, while this layer's chunk is still in hand.
         """
         base = self.newest.length
         self.newest.append(k, v)
         self.offset += k.shape[2]
+        out = self._attention(q, scale, base)
+        if self.eviction is not None:
+            self._evict(q, scale)
+        return out
+
+    def _attention(self, q: Array, scale: float, base: int) -> Array:
         t = q.shape[2]
         if t == 1:  # decode: every stored key is visible
             return self._attend_block(q, scale, causal_offset=None)
@@ -91,14 +74,57 @@ class LayerCache:
         out, _ = merge_partials(self.ops, parts)
         return out
 
+    def _candidates(self, values: bool = False) -> tuple[Array, ...]:
+        """Kept then newest tokens: (keys, positions) or (keys, values, positions)."""
+        ops, kept, newest = self.ops, self.kept, self.newest
+        keys = newest.keys.view()
+        positions = ops.positions(self.newest_start, newest.length, like=keys)
+        parts = [(keys, newest.values.view(), positions)]
+        if kept.length:
+            parts.insert(0, (kept.k, kept.v, kept.positions))
+        joined = [p[0] if len(parts) == 1 else ops.concat(list(p), axis=2) for p in zip(*parts)]
+        return tuple(joined) if values else (joined[0], joined[2])
+
+    def _evict(self, q: Array, scale: float) -> None:
+        method, ops = self.eviction, self.ops
+        keys, positions = self._candidates()
+        if method.accumulates:
+            seen = accumulated_attention(ops, q, keys, scale, self.query_block)
+            before = self.accumulated
+            if before is not None:  # tokens already scored keep their sums; the chunk's own start at 0
+                b, h, t = seen.shape[0], seen.shape[1], q.shape[2]
+                seen = seen + ops.concat([before, ops.full((b, h, t), 0.0, before)], axis=2)
+            self.accumulated = seen
+        total = keys.shape[2]
+        if self.budget is None:
+            self.budget = method.layer_budget(self.layer_idx, self.num_layers, total)
+        if total <= self.budget or not method.compresses_chunk(q.shape[2]):
+            return
+        candidates = Candidates(keys, positions, self.accumulated, q, scale, self.offset, self.budget)
+        scores = method.scores(ops, candidates)
+        keep, drop = selection(ops, scores, self.budget)
+        keys, values, positions = self._candidates(values=True)
+        self.kept.replace(ops.gather_seq(keys, keep), ops.gather_seq(values, keep), ops.gather_seq(positions, keep))
+        if self.accumulated is not None:
+            self.accumulated = ops.gather_seq(self.accumulated, keep)
+        if self.calibration is not None:
+            evicted = (ops.gather_seq(keys, drop), ops.gather_seq(values, drop), ops.gather_seq(scores, drop))
+            self.calibration.add_evicted(*evicted, q, scale)
+        self.newest.clear()
+        self.newest_start = self.offset
+
     def trim(self, n: int) -> int:
-        """Forget the newest n tokens (chat rewinds to a shared prefix); returns how many went."""
+        """Forget the newest n tokens (chat rewinds to a shared prefix); returns how many went.
+        Only tokens still in the newest tier can go: compressed ones cannot be un-fed."""
         n = self.newest.trim(n)
         self.offset -= n
+        if n and self.accumulated is not None:
+            self.accumulated = self.accumulated[..., : self.accumulated.shape[2] - n]
         return n
 
     def arrays(self) -> list[Array]:
-        return [a for tier in self.tiers for a in tier.arrays()]
+        extra = [self.accumulated] if self.accumulated is not None else []
+        return [a for tier in self.tiers for a in tier.arrays()] + extra
 
     def nbytes(self) -> int:
         """Bytes of every stored array, metadata included, as allocated."""
@@ -106,11 +132,13 @@ class LayerCache:
 
 
 class KVCache:
-    """The whole model's cache: one LayerCache per decoder layer."""
+    """The whole model's cache: one LayerCache per decoder layer, configured by a cache spec."""
 
-    def __init__(self, ops: Ops, num_layers: int, query_block: int = 512):
+    def __init__(self, ops: Ops, num_layers: int, spec: "str | CacheSpec" = "full", query_block: int = 512):
         self.ops = ops
-        self.layers = [LayerCache(ops, i, query_block) for i in range(num_layers)]
+        self.spec = CacheSpec.parse(spec)
+        eviction, calibration = self.spec.build()
+        self.layers = [LayerCache(ops, i, num_layers, eviction, calibration, query_block) for i in range(num_layers)]
 
     @property
     def offset(self) -> int:
@@ -120,13 +148,22 @@ class KVCache:
     def trim(self, n: int) -> int:
         return [layer.trim(n) for layer in self.layers][0]
 
-    def rewind_to(self, length: int) -> None:
-        """Keep only the first `length` tokens in every layer (also repairs a forward cut short mid-layer)."""
+    def rewind_to(self, length: int) -> bool:
+        """Keep only the first `length` tokens in every layer (also repairs a forward cut short
+        mid-layer); False when compressed tokens stand in the way and the cache must be rebuilt."""
         for layer in self.layers:
             layer.trim(max(layer.offset - length, 0))
+        return all(layer.offset == length for layer in self.layers)
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
+
+    def stats(self) -> dict:
+        """Per-cache counters for --verbose: CaliDrop's branch counts summed over layers."""
+        tiers = [layer.calibration for layer in self.layers if layer.calibration is not None]
+        if not tiers:
+            return {}
+        return {"calidrop": {k: sum(t.counts[k] for t in tiers) for k in tiers[0].counts}}
 
     def __iter__(self) -> Iterable[LayerCache]:
         return iter(self.layers)

@@ -22,16 +22,17 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class ChatSession:
-    def __init__(self, runtime, tokenizer, system_prompt: str | None = None):
+    def __init__(self, runtime, tokenizer, system_prompt: str | None = None, cache="full"):
         self.runtime = runtime
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
+        self.spec = cache
         self.reset()
 
     def reset(self) -> None:
         """Forget the conversation and the cache."""
         self.messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        self.cache = self.runtime.new_cache()
+        self.cache = self.runtime.new_cache(self.spec)
         self.cached_ids: list[int] = []
         self.last_stats = GenerationStats()
 
@@ -40,7 +41,8 @@ class ChatSession:
         self.messages.append({"role": "user", "content": text})
         ids = self.tokenizer.encode_chat(self.messages, add_generation_prompt=True)
         keep = min(common_prefix(self.cached_ids, ids), len(ids) - 1)  # at least one token must be fed
-        self.cache.rewind_to(keep)
+        if not self.cache.rewind_to(keep):  # compressed tokens cannot be un-fed: start the cache over
+            self.cache, keep = self.runtime.new_cache(self.spec), 0
         self.cached_ids = ids[:keep]
         generated: list[int] = []
         self.last_stats = GenerationStats()
@@ -55,6 +57,8 @@ class ChatSession:
         finally:
             # the cache holds the prompt and every generated token but the last (a cut-short forward is undone)
             fed = ids + generated[:-1]
-            self.cache.rewind_to(min(len(fed), self.cache.offset))
-            self.cached_ids = fed[: self.cache.offset]
+            if self.cache.rewind_to(min(len(fed), self.cache.offset)):
+                self.cached_ids = fed[: self.cache.offset]
+            else:  # a forward cut short inside a compression: the next turn rebuilds the cache
+                self.cache, self.cached_ids = self.runtime.new_cache(self.spec), []
             self.messages.append({"role": "assistant", "content": "".join(reply)})

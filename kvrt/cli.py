@@ -71,13 +71,34 @@ def sampling_options(f):
                      show_default=True),
         click.option("--seed", type=int, default=None),
         click.option("--stop", multiple=True, help="Stop string (repeatable)."),
-        click.option("--cache", "cache_spec", default="full", show_default=True,
-                     help="Cache spec METHOD[:key=value,...][+MODIFIER...]."),
+        click.option("--cache", "cache_spec", default=None,
+                     help="Cache spec METHOD[:key=value,...][+MODIFIER...], e.g. snapkv:budget=128+calidrop "
+                          "(default: full)."),
+        click.option("--evict", type=click.Choice(["streaming", "h2o", "snapkv", "pyramidkv"]), default=None,
+                     help="Eviction method (same as --cache METHOD:budget=N)."),
+        click.option("--budget", type=click.IntRange(min=1), default=None, help="Tokens kept per layer and KV head."),
+        click.option("--calibrate", is_flag=True, help="Add CaliDrop calibration (same as +calidrop)."),
         click.option("--verbose", "-v", is_flag=True, help="Print a stats line to stderr."),
     ]
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def cache_spec_from(cache_spec, evict, budget, calibrate) -> str:
+    """One spec string from --cache or the convenience flags --evict/--budget/--calibrate."""
+    from kvrt.spec import CacheSpec
+
+    if cache_spec is not None and (evict or budget or calibrate):
+        raise click.UsageError("use either --cache SPEC or --evict/--budget/--calibrate, not both")
+    if cache_spec is None:
+        if (budget is not None or calibrate) and evict is None:
+            raise click.UsageError("--budget and --calibrate need --evict METHOD")
+        if evict is not None and budget is None:
+            raise click.UsageError(f"--evict {evict} needs --budget N")
+        cache_spec = f"{evict}:budget={budget}" if evict else "full"
+        cache_spec += "+calidrop" if calibrate else ""
+    return str(CacheSpec.parse(cache_spec))
 
 
 def sampling_params(temp, top_p, top_k, min_p, repetition_penalty, seed) -> SamplingParams:
@@ -100,13 +121,11 @@ def load_model(model, backend, dtype):
 @sampling_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the text and stats.")
 def generate(model, backend, dtype, prompt, system_prompt, ignore_chat_template, truncate, max_tokens, temp, top_p,
-             top_k, min_p, repetition_penalty, seed, stop, cache_spec, verbose, as_json):
+             top_k, min_p, repetition_penalty, seed, stop, cache_spec, evict, budget, calibrate, verbose, as_json):
     """Generate a completion for one prompt, streaming it to stdout."""
-    from kvrt.spec import CacheSpec
-
     if prompt == "-":
         prompt = sys.stdin.read()
-    CacheSpec.parse(cache_spec)
+    cache_spec = cache_spec_from(cache_spec, evict, budget, calibrate)
     params = sampling_params(temp, top_p, top_k, min_p, repetition_penalty, seed)
     m = load_model(model, backend, dtype)
     pieces = m.stream(prompt, max_tokens=max_tokens, system_prompt=system_prompt,
@@ -147,14 +166,12 @@ def emit(pieces, echo: bool) -> tuple[str, bool]:
 @click.option("--system-prompt", default=None)
 @sampling_options
 def chat(model, backend, dtype, system_prompt, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed,
-         stop, cache_spec, verbose):
+         stop, cache_spec, evict, budget, calibrate, verbose):
     """Chat in a REPL that keeps the KV cache across turns. /reset clears it, /quit leaves."""
-    from kvrt.spec import CacheSpec
-
-    CacheSpec.parse(cache_spec)
+    cache_spec = cache_spec_from(cache_spec, evict, budget, calibrate)
     params = sampling_params(temp, top_p, top_k, min_p, repetition_penalty, seed)
     m = load_model(model, backend, dtype)
-    session = m.chat_session(system_prompt)
+    session = m.chat_session(system_prompt, cache=cache_spec)
     interactive = sys.stdin.isatty()
     if interactive:
         click.echo("kvrt chat: /reset clears the conversation, /quit leaves.", err=True)

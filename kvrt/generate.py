@@ -20,7 +20,7 @@ class Runtime(Protocol):
     backend: str
     ops: object
 
-    def new_cache(self): ...
+    def new_cache(self, spec="full"): ...
     def forward(self, ids: list[int], cache, all_logits: bool = False): ...
     def synchronize(self) -> None: ...
     def peak_memory_bytes(self) -> int: ...
@@ -35,6 +35,7 @@ class GenerationStats:
     peak_memory_bytes: int = 0
     kv_bytes: int = 0
     finish_reason: str = "length"  # "length", "eos", "stop" or "interrupted"
+    cache: dict = field(default_factory=dict)  # the cache's own counters (CaliDrop branches ...)
     _t_start: float = field(default=0.0, repr=False)
     _t_first: float = field(default=0.0, repr=False)
 
@@ -42,11 +43,16 @@ class GenerationStats:
         return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
 
     def line(self) -> str:
-        return (
+        text = (
             f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tok/s | "
             f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tok/s | "
             f"peak memory: {self.peak_memory_bytes / 2**30:.3f} GiB | kv cache: {self.kv_bytes / 2**20:.2f} MiB"
         )
+        calidrop = self.cache.get("calidrop")
+        if calidrop:
+            total = max(sum(calidrop.values()), 1)
+            text += " | calidrop " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in calidrop.items())
+        return text
 
 
 def generate_tokens(
@@ -79,6 +85,7 @@ def generate_tokens(
             stats.generation_tps = step / max(now - stats._t_first, 1e-9)
         stats.generation_tokens = step + 1
         stats.kv_bytes = cache.nbytes()
+        stats.cache = cache.stats()
         history.append(token)
         if token in eos_ids:
             stats.finish_reason = "eos"

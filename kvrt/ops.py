@@ -6,7 +6,8 @@ call these ops; `backends/torch` and `backends/mlx` implement them, and a backen
 may dispatch to a kernel (kernels_cuda, kernels_metal) where the device has one.
 
 Besides these calls, policy code may use only what both frameworks' arrays share:
-`.shape`, `.ndim` and basic slicing (`x[:, :, a:b]`).
+`.shape`, `.ndim`, `.reshape(*shape)`, basic slicing (`x[:, :, a:b]`, `x[..., None]`),
+elementwise arithmetic (+ - * /) and comparisons (< > <=) between arrays and scalars.
 
 Shapes: B batch, Hq query heads, Hkv KV heads (Hq = G·Hkv), T queries, S keys, D head dim.
 """
@@ -60,6 +61,50 @@ class Ops(Protocol):
 
     def cast_like(self, x: Array, like: Array) -> Array:
         """x converted to like's dtype."""
+
+    # --- scoring and selection (eviction, calibration) --------------------------------
+    def attention_probs(self, q: Array, k: Array, scale: float, causal_offset: int | None = None) -> Array:
+        """softmax(q·kᵀ·scale) over keys in float32, grouped by KV head: [B, Hkv, G, T, S]."""
+
+    def sum(self, x: Array, axis: int) -> Array: ...
+
+    def mean(self, x: Array, axis: int) -> Array: ...
+
+    def sqrt(self, x: Array) -> Array: ...
+
+    def pool1d(self, x: Array, kernel: int, kind: str) -> Array:
+        """Pool [B, H, S] along S with window `kernel`, stride 1, padding kernel//2 ("avg" counts
+        the zero padding, as torch's avg_pool1d does; "max"); same shape out."""
+
+    def argsort_desc(self, x: Array) -> Array:
+        """Indices [B, H, S] ordering x [B, H, S] from largest to smallest (ties: lower index first)."""
+
+    def sort(self, idx: Array) -> Array:
+        """Indices sorted ascending along the last axis."""
+
+    def gather_seq(self, x: Array, idx: Array) -> Array:
+        """x [B, H, S, ...] at indices idx [B, H, K] along S → [B, H, K, ...]."""
+
+    def positions(self, start: int, count: int, like: Array) -> Array:
+        """int32 [B, H, count] holding start .. start+count-1, shaped like like's first two axes."""
+
+    def full(self, shape: tuple, value: float, like: Array) -> Array:
+        """A float32 array of `shape` filled with `value`, on like's device."""
+
+    def where(self, cond: Array, a: Array, b: Array) -> Array: ...
+
+    def to_float32(self, x: Array) -> Array: ...
+
+    def any(self, x: Array) -> bool: ...
+
+    def count(self, x: Array) -> int:
+        """Number of true entries in a boolean array."""
+
+    def to_host(self, x: Array) -> Array:
+        """The array in host memory (CaliDrop's offloaded tier); unchanged where host and device share memory."""
+
+    def to_device_of(self, x: Array, like: Array) -> Array:
+        """x moved to like's device."""
 
     # --- host boundary -------------------------------------------------------------
     def argmax_last(self, logits: Array) -> int:

@@ -1,9 +1,9 @@
 """Cache specs: `METHOD[:key=value,...][+MODIFIER[:key=value,...]]...`, e.g. `full`.
 
 One string names the whole cache configuration on the CLI (`--cache SPEC`) and in
-Python (`CacheSpec.parse`). Methods and modifiers register their keys in `METHODS`
-and `MODIFIERS`; the runtime issue ships `full`, the eviction and quantization
-issues add theirs without changing the grammar.
+Python (`CacheSpec.parse`), e.g. `full`, `snapkv:budget=128+calidrop`,
+`pyramidkv:ratio=0.2+calidrop:theta1=0.7,theta2=0.85`, `streaming:budget=256,sinks=4`.
+Methods and modifiers declare their keys (kvrt/methods); quantization adds its own.
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 
 from kvrt.errors import KvrtError
 
+from kvrt.methods import EVICTION_METHODS, MODIFIERS as MODIFIER_CLASSES
+
 # name -> {key: type} of the options each accepts
-METHODS: dict[str, dict[str, type]] = {"full": {}}
-MODIFIERS: dict[str, dict[str, type]] = {}
+METHODS: dict[str, dict[str, type]] = {"full": {}, **{n: c.options for n, c in EVICTION_METHODS.items()}}
+MODIFIERS: dict[str, dict[str, type]] = {n: c.options for n, c in MODIFIER_CLASSES.items()}
 
 
 @dataclass(frozen=True)
@@ -41,10 +43,32 @@ class CacheSpec:
             raise KvrtError(f"empty cache spec part in '{text}'; expected METHOD[:key=value,...][+MODIFIER...]")
         method = parse_part(pieces[0], METHODS, "cache method")
         modifiers = tuple(parse_part(p, MODIFIERS, "cache modifier") for p in pieces[1:])
-        return cls(method, modifiers)
+        spec = cls(method, modifiers)
+        spec.build()  # the methods check their values now, not mid-generation
+        return spec
 
     def __str__(self) -> str:
         return "+".join(str(p) for p in (self.method, *self.modifiers))
+
+    def eviction(self):
+        """The configured eviction method object, or None for `full`."""
+        if self.method.name == "full":
+            return None
+        return EVICTION_METHODS[self.method.name](**self.method.options)
+
+    def calibration(self):
+        """The CaliDrop configuration if the spec has the modifier, else None."""
+        parts = [p for p in self.modifiers if p.name == "calidrop"]
+        return MODIFIER_CLASSES["calidrop"](**parts[0].options) if parts else None
+
+    def build(self):
+        """(eviction, calibration), validated: every bad value is one KvrtError line."""
+        eviction, calibration = self.eviction(), self.calibration()
+        if calibration is not None and eviction is None:
+            raise KvrtError("calidrop calibrates evicted tokens: put it after an eviction method, e.g. snapkv:budget=128+calidrop")
+        if len({p.name for p in self.modifiers}) != len(self.modifiers):
+            raise KvrtError(f"a modifier appears twice in '{self}'")
+        return eviction, calibration
 
 
 def parse_part(text: str, registry: dict[str, dict[str, type]], what: str) -> Part:

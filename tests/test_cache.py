@@ -91,9 +91,11 @@ def test_trim_then_refeed_gives_the_same_output():
 def test_buffer_grows_in_steps_and_keeps_rows():
     buf = SeqBuffer(OPS, step=4)
     rows = [torch.full((1, 2, 1, 3), float(i)) for i in range(9)]
+    capacities = []
     for r in rows:
         buf.append(r)
-    assert buf.capacity == 12 and buf.length == 9
+        capacities.append(buf.capacity)
+    assert capacities == [4, 4, 4, 4, 8, 8, 8, 8, 12] and buf.length == 9
     torch.testing.assert_close(buf.view(), torch.cat(rows, dim=2))
 
 
@@ -104,8 +106,8 @@ def test_nbytes_is_measured_from_the_stored_arrays():
     stored = sum(t.numel() * t.element_size() for layer in cache.layers
                  for t in (layer.newest.keys.data, layer.newest.values.data))
     assert cache.nbytes() == stored
-    # 300 tokens round up to the 256-row growth step: 512 rows x 2 heads x 16 x fp32 x (K, V) x 3 layers
-    assert stored == 3 * 2 * 512 * 2 * 16 * 4
+    # 300 tokens round up to the 64-row growth step: 320 rows x 2 heads x 16 x fp32 x (K, V) x 3 layers
+    assert stored == 3 * 2 * 320 * 2 * 16 * 4
 
 
 def test_rewind_repairs_layers_left_uneven_by_an_interrupted_forward():

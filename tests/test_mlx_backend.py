@@ -173,8 +173,8 @@ def test_nbytes_are_the_stored_arrays(llama):
     llama.forward(prompt(300), cache)
     stored = [buf for layer in cache for buf in (layer.newest.keys.data, layer.newest.values.data)]
     assert cache.nbytes() == sum(a.nbytes for a in stored)
-    # 300 tokens fill two 256-row steps: 2 layers × (K, V) × [1, 2 heads, 512, 16] × 4 bytes
-    assert cache.nbytes() == 2 * 2 * 2 * 512 * 16 * 4
+    # 300 tokens round up to the 64-row growth step: 2 layers × (K, V) × [1, 2 heads, 320, 16] × 4 bytes
+    assert cache.nbytes() == 2 * 2 * 2 * 320 * 16 * 4
     assert sum(a.nbytes for a in cache.mlx_layers) == cache.nbytes()
 
 
@@ -184,7 +184,7 @@ def test_bfloat16_cache_halves_the_bytes(tmp_path):
     logits = rt.forward(prompt(30), cache)
     assert logits.dtype == mx.float32 and np.isfinite(np_of(logits)).all()
     assert cache[0].newest.keys.data.dtype == mx.bfloat16
-    assert cache.nbytes() == 2 * 2 * 2 * 256 * 16 * 2
+    assert cache.nbytes() == 2 * 2 * 2 * 64 * 16 * 2  # 30 tokens in one 64-row step, 2 bytes each
 
 
 def test_quantized_checkpoint_loads(tmp_path, llama):

@@ -69,6 +69,68 @@ class MLXOps:
         out = (probs @ v).reshape(b, hq, t, d).astype(q.dtype)
         return out, lse.reshape(b, hq, t)
 
+    def attention_probs(self, q, k, scale, causal_offset=None):
+        b, hq, t, d = q.shape
+        hkv, s = k.shape[1], k.shape[2]
+        g = hq // hkv
+        qg = q.reshape(b, hkv, g * t, d).astype(mx.float32)
+        scores = ((qg @ k.astype(mx.float32).swapaxes(-1, -2)) * scale).reshape(b, hkv, g, t, s)
+        if causal_offset is not None:
+            scores = mx.where(causal_mask(t, s, causal_offset), scores, -mx.inf)
+        return mx.softmax(scores, axis=-1)
+
+    def sum(self, x, axis):
+        return mx.sum(x, axis=axis)
+
+    def mean(self, x, axis):
+        return mx.mean(x, axis=axis)
+
+    def sqrt(self, x):
+        return mx.sqrt(x)
+
+    def pool1d(self, x, kernel, kind):
+        s, pad = x.shape[-1], kernel // 2
+        fill = 0.0 if kind == "avg" else -mx.inf  # avg counts the zero padding, like torch's avg_pool1d
+        padded = mx.pad(x, [(0, 0), (0, 0), (pad, pad)], constant_values=fill)
+        windows = mx.stack([padded[..., i : i + s] for i in range(kernel)], axis=0)
+        return mx.mean(windows, axis=0) if kind == "avg" else mx.max(windows, axis=0)
+
+    def argsort_desc(self, x):
+        return mx.argsort(-x, axis=-1)
+
+    def sort(self, idx):
+        return mx.sort(idx, axis=-1)
+
+    def gather_seq(self, x, idx):
+        if x.ndim == 3:
+            return mx.take_along_axis(x, idx, axis=2)
+        return mx.take_along_axis(x, mx.expand_dims(idx, -1), axis=2)
+
+    def positions(self, start, count, like):
+        row = mx.arange(start, start + count, dtype=mx.int32)
+        return mx.broadcast_to(row, (like.shape[0], like.shape[1], count))
+
+    def full(self, shape, value, like):
+        return mx.full(shape, value, dtype=mx.float32)
+
+    def where(self, cond, a, b):
+        return mx.where(cond, a, b)
+
+    def to_float32(self, x):
+        return x.astype(mx.float32)
+
+    def any(self, x):
+        return bool(mx.any(x).item())
+
+    def count(self, x):
+        return int(mx.sum(x).item())
+
+    def to_host(self, x):
+        return x  # unified memory: host and device arrays are the same memory
+
+    def to_device_of(self, x, like):
+        return x
+
     def exp(self, x):
         return mx.exp(x)
 

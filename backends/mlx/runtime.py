@@ -75,8 +75,8 @@ class MLXRuntime:
         # the wrapper must sit in the modules of the model just loaded (imported by the loader)
         install_attention({type(m).__module__ for m in self.model.modules()})
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.ops, self.num_layers)
+    def new_cache(self, spec="full") -> KVCache:
+        return KVCache(self.ops, self.num_layers, spec)
 
     def adapters(self, cache: KVCache) -> list[MLXLayerCache]:
         """mlx-lm's per-layer view of a kvrt cache, built once and kept on it as `cache.mlx_layers`."""

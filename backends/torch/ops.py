@@ -53,6 +53,69 @@ class TorchOps:
         out = torch.matmul(probs, v).view(b, hq, t, d)
         return out, lse.view(b, hq, t)
 
+    def attention_probs(self, q, k, scale, causal_offset=None):
+        b, hq, t, d = q.shape
+        hkv, s = k.shape[1], k.shape[2]
+        scores = torch.matmul(q.reshape(b, hkv, (hq // hkv) * t, d), k.transpose(-1, -2)).float() * scale
+        scores = scores.view(b, hkv, hq // hkv, t, s)
+        if causal_offset is not None:
+            scores = scores.masked_fill(~causal_mask(t, s, causal_offset, q.device), float("-inf"))
+        return torch.softmax(scores, dim=-1)
+
+    def sum(self, x, axis):
+        return x.sum(dim=axis)
+
+    def mean(self, x, axis):
+        return x.mean(dim=axis)
+
+    def sqrt(self, x):
+        return torch.sqrt(x)
+
+    def pool1d(self, x, kernel, kind):
+        b, h, s = x.shape
+        flat = x.reshape(b * h, 1, s)
+        if kind == "avg":
+            pooled = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2)
+        else:
+            pooled = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
+        return pooled.reshape(b, h, -1)[..., :s]
+
+    def argsort_desc(self, x):
+        return torch.argsort(x, dim=-1, descending=True, stable=True)
+
+    def sort(self, idx):
+        return torch.sort(idx, dim=-1).values
+
+    def gather_seq(self, x, idx):
+        if x.ndim == 3:
+            return torch.gather(x, 2, idx)
+        return torch.gather(x, 2, idx.unsqueeze(-1).expand(*idx.shape, x.shape[-1]))
+
+    def positions(self, start, count, like):
+        row = torch.arange(start, start + count, device=like.device, dtype=torch.int32)
+        return row.expand(like.shape[0], like.shape[1], count).contiguous()
+
+    def full(self, shape, value, like):
+        return torch.full(shape, value, dtype=torch.float32, device=like.device)
+
+    def where(self, cond, a, b):
+        return torch.where(cond, a, b)
+
+    def to_float32(self, x):
+        return x.float()
+
+    def any(self, x):
+        return bool(x.any())
+
+    def count(self, x):
+        return int(x.sum())
+
+    def to_host(self, x):
+        return x if x.device.type == "cpu" else x.to("cpu", non_blocking=True)
+
+    def to_device_of(self, x, like):
+        return x if x.device == like.device else x.to(like.device, non_blocking=True)
+
     def exp(self, x):
         return torch.exp(x)
 

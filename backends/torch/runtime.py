@@ -89,8 +89,8 @@ class TorchRuntime:
             column_major_linears(model)
         return model.eval()
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.ops, self.args.num_layers)
+    def new_cache(self, spec="full") -> KVCache:
+        return KVCache(self.ops, self.args.num_layers, spec)
 
     @torch.inference_mode()
     def forward(self, ids: list[int], cache: KVCache, all_logits: bool = False) -> torch.Tensor:

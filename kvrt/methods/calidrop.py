@@ -1,0 +1,129 @@
+"""CaliDrop (arXiv 2507.19906): calibrate attention with the tokens eviction dropped.
+
+Queries at nearby positions are similar, so after eviction the last prompt query of each
+query head (the proxy) attends once over that layer's evicted tokens; the partial output
+and its log-sum-exp are kept. At each later query, per head, ρ = cos(q_t, proxy):
+ρ > θ2 merges the stored partial into attention; ρ < θ1 recomputes it with q_t over the
+evicted tier (which becomes the new proxy) and merges; otherwise no calibration. All of
+it is one more tier in the (out, lse) merge: a head that skips contributes lse = −inf.
+
+Choices where the paper is silent, kept as parameters:
+- `granularity=head` tests ρ per query head; `kv_head` averages ρ over a KV head's
+  query heads, so a GQA group decides together.
+- Later compressions (decode-time eviction, chat turns) merge their newly evicted
+  tokens into the stored partial under the current proxy, so it stays exact for the proxy.
+- The evicted tier lives in host memory (the same memory on a CPU or unified-memory
+  device), capped at `calibration_size` tokens per KV head (0 = no cap; the highest
+  eviction scores stay); `recompute=never` keeps no evicted tier at all, only the
+  partial, and then ρ < θ1 means no calibration.
+"""
+
+from __future__ import annotations
+
+from kvrt.attention import merge_partials
+from kvrt.errors import KvrtError
+from kvrt.methods.base import selection
+from kvrt.ops import Array, Ops
+
+BRANCHES = ("calibrate", "recompute", "skip")
+
+
+class CaliDrop:
+    name = "calidrop"
+    options = {"theta1": float, "theta2": float, "calibration_size": int, "recompute": str, "granularity": str}
+
+    def __init__(self, theta1: float = 0.7, theta2: float = 0.85, calibration_size: int = 0,
+                 recompute: str = "auto", granularity: str = "head"):
+        if recompute not in ("auto", "never"):
+            raise KvrtError(f"calidrop: recompute must be auto or never, got {recompute}")
+        if granularity not in ("head", "kv_head"):
+            raise KvrtError(f"calidrop: granularity must be head or kv_head, got {granularity}")
+        if calibration_size < 0:
+            raise KvrtError(f"calidrop: calibration_size must be >= 0, got {calibration_size}")
+        if not -1 <= theta2 <= 1:
+            raise KvrtError(f"calidrop: theta2 is a cosine threshold in [-1, 1], got {theta2}")
+        self.theta1, self.theta2 = theta1, theta2
+        self.calibration_size, self.recompute, self.granularity = calibration_size, recompute, granularity
+
+    def new_tier(self, ops: Ops) -> "CalibrationTier":
+        return CalibrationTier(ops, self)
+
+
+class CalibrationTier:
+    """One layer's calibration state: evicted K/V (host), proxy q [B, Hq, D], out [B, Hq, 1, D], lse [B, Hq, 1]."""
+
+    name = "calibration"
+
+    def __init__(self, ops: Ops, config: CaliDrop):
+        self.ops, self.config = ops, config
+        self.k = self.v = self.scores = None  # the evicted tier, per KV head
+        self.proxy = self.out = self.lse = None
+        self.length = 0  # evicted tokens the stored partial covers
+        self.counts = dict.fromkeys(BRANCHES, 0)
+
+    def add_evicted(self, k: Array, v: Array, scores: Array, q: Array, scale: float) -> None:
+        """Take newly evicted k/v [B, Hkv, E, D] (with their eviction scores) from a chunk whose
+        last query q[:, :, -1] becomes the proxy on the first eviction."""
+        ops = self.ops
+        if self.proxy is None:
+            self.proxy = ops.to_float32(q[:, :, -1])
+            self.out, self.lse = ops.partial_attention(q[:, :, -1:], k, v, scale)
+        else:  # the stored partial stays exact for its proxy: merge in the new tokens under it
+            proxy_q = ops.cast_like(self.proxy[:, :, None, :], q)
+            self.out, self.lse = merge_partials(ops, [(self.out, self.lse), ops.partial_attention(proxy_q, k, v, scale)])
+        self.length += k.shape[2]
+        if self.config.recompute == "never":
+            return
+        k, v = ops.to_host(k), ops.to_host(v)
+        if self.k is not None:
+            k, v = ops.concat([self.k, k], axis=2), ops.concat([self.v, v], axis=2)
+            scores = ops.concat([self.scores, ops.to_host(scores)], axis=2)
+        cap = self.config.calibration_size
+        if cap and k.shape[2] > cap:
+            keep, _ = selection(ops, scores, cap)
+            k, v, scores = ops.gather_seq(k, keep), ops.gather_seq(v, keep), ops.gather_seq(scores, keep)
+        self.k, self.v, self.scores = k, v, ops.to_host(scores)
+
+    def similarity(self, q: Array) -> Array:
+        """ρ = cos(q_t, proxy) per query head and query: float32 [B, Hq, T]."""
+        ops = self.ops
+        qf, proxy = ops.to_float32(q), self.proxy[:, :, None, :]
+        dot = ops.sum(qf * proxy, axis=-1)
+        norms = ops.sqrt(ops.sum(qf * qf, axis=-1)) * ops.sqrt(ops.sum(proxy * proxy, axis=-1))
+        rho = dot / (norms + 1e-12)
+        if self.config.granularity == "kv_head":  # one decision per GQA group
+            b, hq, t = rho.shape
+            hkv = self.k.shape[1] if self.k is not None else hq
+            grouped = rho.reshape(b, hkv, hq // hkv, t)
+            rho = (grouped * 0 + ops.mean(grouped, axis=2)[:, :, None, :]).reshape(b, hq, t)
+        return rho
+
+    def partial(self, q: Array, scale: float, causal_offset: int | None, with_lse: bool):
+        """(out, lse) of q [B, Hq, T, D]: the stored or recomputed partial, lse = −inf where skipped."""
+        ops, cfg = self.ops, self.config
+        rho = self.similarity(q)
+        out, lse = self.out, self.lse
+        recompute = rho < cfg.theta1
+        if self.k is None or not ops.any(recompute):
+            recompute = rho < -2.0  # nothing to recompute over (or no head asks): all false
+        else:
+            fresh_out, fresh_lse = ops.partial_attention(q, ops.to_device_of(self.k, q), ops.to_device_of(self.v, q), scale)
+            out = ops.where(recompute[..., None], fresh_out, out)
+            lse = ops.where(recompute, fresh_lse, lse)
+            last = recompute[:, :, -1:]  # the chunk's last query becomes the new proxy where it recomputed
+            self.out = ops.where(last[..., None], fresh_out[:, :, -1:], self.out)
+            self.lse = ops.where(last, fresh_lse[:, :, -1:], self.lse)
+            self.proxy = ops.where(last, ops.to_float32(q[:, :, -1]), self.proxy)
+        calibrate = (rho > cfg.theta2) & ~recompute
+        used = calibrate | recompute
+        n_cal, n_rec, total = ops.count(calibrate), ops.count(recompute), rho.shape[0] * rho.shape[1] * rho.shape[2]
+        self.counts["calibrate"] += n_cal
+        self.counts["recompute"] += n_rec
+        self.counts["skip"] += total - n_cal - n_rec
+        return out, ops.where(used, lse, ops.full(lse.shape, float("-inf"), lse))
+
+    def trim(self, n: int) -> int:
+        return 0
+
+    def arrays(self) -> list[Array]:
+        return [a for a in (self.k, self.v, self.scores, self.proxy, self.out, self.lse) if a is not None]

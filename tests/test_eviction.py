@@ -1,0 +1,249 @@
+"""Eviction (StreamingLLM, H2O, SnapKV, PyramidKV) and CaliDrop: the properties that must hold.
+
+Tolerances: fp32; logits within 1e-4 of the full cache where the merge is exact.
+"""
+
+import pytest
+import torch
+
+from kvrt.backends.torch.ops import TorchOps
+from kvrt.backends.torch.runtime import TorchRuntime
+from kvrt.cache import KVCache
+from kvrt.errors import KvrtError
+from kvrt.methods.base import Candidates, selection
+from kvrt.methods.h2o import H2O, accumulated_attention
+from kvrt.methods.pyramidkv import PyramidKV
+from kvrt.methods.snapkv import SnapKV
+from kvrt.methods.streaming import StreamingLLM
+from kvrt.spec import CacheSpec
+
+OPS = TorchOps()
+METHODS = ["streaming:budget={b}", "h2o:budget={b}", "snapkv:budget={b},window=8",
+           "pyramidkv:budget={b},window=8"]
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_model_dir):
+    return TorchRuntime(tiny_model_dir("llama"))  # 4 query heads, 2 KV heads: GQA 2
+
+
+def run(runtime, spec, ids, prefill, all_logits=True):
+    """Logits of a prefill of `prefill` tokens, then one decode step per remaining token."""
+    cache = runtime.new_cache(spec)
+    out = [runtime.forward(ids[:prefill], cache, all_logits=all_logits)]
+    out += [runtime.forward([t], cache) for t in ids[prefill:]]
+    return torch.cat(out), cache
+
+
+def token_ids(n, seed=0, vocab=200):
+    return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("calidrop", ["", "+calidrop"])
+def test_budget_at_least_the_sequence_equals_the_full_cache(runtime, method, calidrop):
+    ids = token_ids(90)
+    full, _ = run(runtime, "full", ids, 80)
+    got, cache = run(runtime, method.format(b=200) + calidrop, ids, 80)
+    assert torch.equal(got, full)
+    assert all(layer.kept.length == 0 for layer in cache.layers)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_calidrop_recomputing_every_step_equals_full_attention(runtime, method):
+    """θ1 = 1.0 recomputes over the whole uncapped evicted tier at each query: the merge is exact."""
+    ids = token_ids(100, seed=1)
+    full, _ = run(runtime, "full", ids, 80, all_logits=False)
+    spec = method.format(b=24) + "+calidrop:theta1=1.0"
+    got, cache = run(runtime, spec, ids, 80, all_logits=False)
+    assert all(0 < layer.kept.length <= layer.budget < 80 for layer in cache.layers)  # really evicted
+    assert (got - full).abs().max().item() <= 1e-4
+    counts = cache.stats()["calidrop"]
+    assert counts["recompute"] > 0 and counts["skip"] == 0
+
+
+def test_eviction_without_calibration_changes_the_output(runtime):
+    ids = token_ids(100, seed=1)
+    full, _ = run(runtime, "full", ids, 80, all_logits=False)
+    got, _ = run(runtime, "snapkv:budget=24,window=8", ids, 80, all_logits=False)
+    assert (got - full).abs().max().item() > 1e-3  # the exactness above is CaliDrop's doing
+
+
+def test_recompute_never_keeps_no_evicted_tier(runtime):
+    ids = token_ids(100, seed=2)
+    _, auto = run(runtime, "snapkv:budget=24,window=8+calidrop", ids, 80)
+    _, never = run(runtime, "snapkv:budget=24,window=8+calidrop:recompute=never", ids, 80)
+    assert never.layers[0].calibration.k is None and auto.layers[0].calibration.k is not None
+    assert never.stats()["calidrop"]["recompute"] == 0
+    assert never.nbytes() < auto.nbytes()
+
+
+def test_calibration_size_caps_the_evicted_tier(runtime):
+    _, cache = run(runtime, "snapkv:budget=24,window=8+calidrop:calibration_size=10", token_ids(90), 80)
+    assert all(layer.calibration.k.shape[2] == 10 for layer in cache.layers)
+
+
+@pytest.mark.parametrize("budget", [16, 32, 64])
+def test_stored_tiers_are_per_kv_head_and_bytes_fall_with_the_budget(runtime, budget):
+    prompt = token_ids(120)
+    _, cache = run(runtime, f"snapkv:budget={budget},window=8", prompt, 120)
+    layer = cache.layers[0]
+    assert tuple(layer.kept.k.shape) == (1, runtime.args.num_kv_heads, budget, runtime.args.head_dim)
+    assert layer.newest.length == 0 and layer.newest.keys.data is None  # the full prompt's buffers are freed
+    per_token = 2 * runtime.args.num_kv_heads * runtime.args.head_dim * 4 + runtime.args.num_kv_heads * 4
+    assert cache.nbytes() == runtime.args.num_layers * budget * per_token  # K, V (fp32) and int32 positions
+
+
+@pytest.mark.parametrize("method", ["streaming:budget=20", "h2o:budget=20"])
+def test_streaming_and_h2o_stay_within_budget_during_decode(runtime, method):
+    _, cache = run(runtime, method, token_ids(70), 40)
+    for layer in cache.layers:
+        assert layer.kept.length + layer.newest.length <= 20
+    if method.startswith("streaming"):  # sinks and the newest tokens, nothing else
+        positions = cache.layers[0].kept.positions[0, 0].tolist()
+        assert positions == [0, 1, 2, 3] + list(range(70 - 16, 70))
+
+
+def test_snapkv_decode_appends_after_compressing_the_prompt(runtime):
+    _, cache = run(runtime, "snapkv:budget=20,window=8", token_ids(70), 40)
+    assert cache.layers[0].kept.length == 20 and cache.layers[0].newest.length == 30
+
+
+# --- selections against plain references --------------------------------------------------
+
+
+def random_candidates(s=60, t=12, hq=6, hkv=2, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(1, hkv, s, d, generator=g)
+    q = torch.randn(1, hq, t, d, generator=g)
+    positions = torch.arange(s, dtype=torch.int32).expand(1, hkv, s).contiguous()
+    return k, q, positions
+
+
+def plain_window_scores(q, k, scale):
+    """Loop-by-loop SnapKV scoring: softmax per query head, causal inside the window, summed over the
+    window, averaged over each KV head's query heads."""
+    hq, w, s, hkv = q.shape[1], q.shape[2], k.shape[2], k.shape[1]
+    out = torch.zeros(hkv, s)
+    for h in range(hq):
+        for i in range(w):
+            visible = s - w + i + 1
+            logits = torch.tensor([float(q[0, h, i] @ k[0, h // (hq // hkv), j]) * scale for j in range(visible)])
+            out[h // (hq // hkv), :visible] += torch.softmax(logits, 0) / (hq // hkv)
+    return out
+
+
+@pytest.mark.parametrize("pool", ["avg", "max"])
+def test_snapkv_selection_equals_a_plain_reference(pool):
+    k, q, positions = random_candidates()
+    method = SnapKV(budget=20, window=8, kernel=5, pool=pool)
+    c = Candidates(k, positions, None, q, 0.25, offset=60, budget=20)
+    got = method.scores(OPS, c)[0]
+    plain = plain_window_scores(q[:, :, -8:], k, 0.25)
+    prefix = plain[:, :52]
+    padded = torch.nn.functional.pad(prefix, (2, 2), value=0.0 if pool == "avg" else float("-inf"))
+    windows = padded.unfold(1, 5, 1)
+    pooled = windows.mean(-1) if pool == "avg" else windows.max(-1).values
+    torch.testing.assert_close(got[:, :52], pooled, atol=1e-5, rtol=1e-5)
+    assert torch.isinf(got[:, 52:]).all()
+    kept, _ = selection(OPS, got[None], 20)
+    kept = kept[0]
+    # the 12 best of the prefix, then the window; max pooling makes exact ties, which go to the earlier
+    # token (ranked on kvrt's values, already shown equal to the reference's within rounding)
+    best = [sorted(range(52), key=lambda j: (-float(got[h, j]), j))[:12] for h in range(2)]
+    assert kept.tolist() == [sorted(b) + list(range(52, 60)) for b in best]
+
+
+def test_h2o_accumulated_attention_equals_full_matrix_column_sums():
+    k, q, _ = random_candidates(s=40, t=40)
+    got = accumulated_attention(OPS, q, k, 0.3, block=7)  # blocks that do not divide T
+    full = plain_window_scores(q, k, 0.3)  # all 40 queries over all 40 keys, causal
+    torch.testing.assert_close(got[0], full, atol=1e-5, rtol=1e-5)
+
+
+def test_h2o_keeps_recent_half_and_heaviest_rest():
+    k, q, positions = random_candidates()
+    acc = torch.rand(1, 2, 60, generator=torch.Generator().manual_seed(3))
+    scores = H2O(budget=20).scores(OPS, Candidates(k, positions, acc, q, 0.25, offset=60, budget=20))
+    keep = torch.sort(torch.argsort(scores[0], dim=-1, descending=True)[:, :20]).values
+    for h in range(2):
+        heavy = sorted(torch.topk(acc[0, h, :50], 10).indices.tolist())
+        assert keep[h].tolist() == heavy + list(range(50, 60))
+
+
+def test_streaming_keeps_sinks_and_most_recent():
+    k, q, positions = random_candidates()
+    scores = StreamingLLM(budget=12, sinks=4).scores(OPS, Candidates(k, positions, None, q, 0.25, 60, 12))
+    keep = torch.sort(torch.argsort(scores[0], dim=-1, descending=True)[:, :12]).values
+    assert keep[0].tolist() == [0, 1, 2, 3] + list(range(52, 60))
+
+
+def test_pyramidkv_budgets_follow_the_published_schedule():
+    m = PyramidKV(budget=128, window=32)
+    budgets = [m.layer_budget(layer, 30, 2000) for layer in range(30)]
+    # min = 96 // 20 = 4, max = 192 - 4 = 188, step = 184 // 29 = 6: layer l keeps 188 - 6 l + 32
+    assert budgets == [188 - 6 * layer + 32 for layer in range(30)]
+    assert sum(budgets) == 3990 and budgets[0] > budgets[-1]
+    # a prompt with max >= n - w caps the top: max = 200 - 32 = 168, min = 192 - 168 = 24, step = 144 // 29 = 4
+    assert [m.layer_budget(layer, 30, 200) for layer in (0, 29)] == [168 + 32, 168 - 29 * 4 + 32]
+    # shorter than 2 (C - w) = 192: the reference falls back to a uniform C
+    assert {m.layer_budget(layer, 30, 150) for layer in range(30)} == {128}
+
+
+def test_pyramidkv_really_stores_per_layer_budgets(runtime):
+    _, cache = run(runtime, "pyramidkv:budget=24,window=8", token_ids(120), 120)
+    assert [layer.kept.length for layer in cache.layers] == [
+        PyramidKV(budget=24, window=8).layer_budget(i, len(cache.layers), 120) for i in range(len(cache.layers))
+    ]
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ("snapkv:budget=32", "must exceed 32"),
+    ("snapkv:budget=16,window=16", "observation window"),
+    ("streaming:budget=4", "sink"),
+    ("streaming:budget=8,sinks=8", "sink"),
+    ("h2o:ratio=0", "ratio"),
+    ("pyramidkv:ratio=1.2", "ratio"),
+    ("snapkv", "exactly one of budget"),
+    ("snapkv:budget=64,ratio=0.5", "exactly one of budget"),
+    ("snapkv:budget=64,kernel=4", "odd"),
+    ("snapkv:budget=64,pool=mean", "avg or max"),
+    ("snapkv:budget=64+calidrop:recompute=sometimes", "auto or never"),
+    ("full+calidrop", "after an eviction method"),
+    ("snapkv:budget=64+quantize", "unknown cache modifier"),
+    ("lru:budget=64", "unknown cache method 'lru'; available: full, streaming, h2o, snapkv, pyramidkv"),
+])
+def test_bad_specs_and_impossible_budgets_are_clear_errors(spec, needle):
+    with pytest.raises(KvrtError, match=needle):
+        CacheSpec.parse(spec)
+
+
+def test_a_ratio_too_small_for_the_prompt_is_a_clear_error(runtime):
+    cache = runtime.new_cache("snapkv:ratio=0.1,window=8")
+    with pytest.raises(KvrtError, match="ratio 0.1 of a 50-token prompt keeps 5 tokens"):
+        runtime.forward(token_ids(50), cache)
+
+
+def test_spec_round_trips_and_the_flags_map_onto_it():
+    from kvrt.cli import cache_spec_from
+
+    assert str(CacheSpec.parse("snapkv:budget=128+calidrop:theta1=0.7")) == "snapkv:budget=128+calidrop:theta1=0.7"
+    assert cache_spec_from(None, "h2o", 64, True) == "h2o:budget=64+calidrop"
+    assert cache_spec_from(None, None, None, False) == "full"
+
+
+def test_chat_with_eviction_rebuilds_or_reuses_its_cache(tiny_model_dir):
+    import kvrt
+    from kvrt.sampling import SamplingParams
+
+    model = kvrt.load(str(tiny_model_dir("qwen2")), backend="torch")
+    session = model.chat_session(cache="streaming:budget=24")
+    for text in ("first turn " * 5, "second turn " * 5):
+        "".join(session.send(text, SamplingParams(), 6))
+        assert session.cache.offset == len(session.cached_ids)
+        assert all(layer.kept.length + layer.newest.length <= 24 for layer in session.cache.layers)
+
+
+def test_kvcache_rejects_specs_it_cannot_build():
+    with pytest.raises(KvrtError):
+        KVCache(OPS, 2, "snapkv:budget=8")
