@@ -19,21 +19,7 @@ import subprocess
 import sys
 import time
 
-SENTENCES = [
-    "The harbour town woke slowly, its fishing boats rocking against the grey stone quay.",
-    "A baker on the corner pulled the first loaves from the oven and set them by the window.",
-    "Children ran along the sea wall, counting the gulls that circled above the lighthouse.",
-    "By noon the market square was full of voices bargaining over apples, nets and rope.",
-    "An old clockmaker repaired a brass watch while rain tapped on the glass of his shop.",
-]
-
-
-def prompt_ids(tokenizer, length: int) -> list[int]:
-    text = " ".join(SENTENCES[i % len(SENTENCES)] for i in range(length // 8 + 10))
-    ids = tokenizer.encode(text)
-    assert len(ids) >= length, "haystack too short"
-    return ids[:length]
-
+from texts import haystack_ids
 
 def kvrt_engine(folder: str):
     """A function (ids, new_tokens) -> (prefill s, decode s, tokens) over one loaded kvrt model."""
@@ -85,7 +71,7 @@ def worker(engine: str, folder: str, length: int, new_tokens: int, repeats: int)
     from kvrt.tokenizer import Tokenizer
 
     torch.set_num_threads(1)
-    ids = prompt_ids(Tokenizer.from_folder(folder), length)
+    ids = haystack_ids(Tokenizer.from_folder(folder), length)
     run = (kvrt_engine if engine == "kvrt" else transformers_engine)(folder)
     run(ids[:64], 4)  # warm up kernels and allocator outside the timed run
     runs = [run(ids, new_tokens) for _ in range(repeats)]

@@ -51,6 +51,17 @@ class LayerCache:
             self._evict(q, scale)
         return out
 
+    def prefilled(self, q: Array, k: Array, v: Array, scale: float) -> None:
+        """Take a chunk whose attention was already computed over an uncompressed cache (for
+        instance once for a whole sweep of cache specs): store it and compress exactly as `attend`
+        would. Valid for a layer's first chunk, whose outputs compression never changes."""
+        if self.offset:
+            raise ValueError("prefilled() takes only a layer's first chunk")
+        self.newest.append(k, v)
+        self.offset += k.shape[2]
+        if self.eviction is not None:
+            self._evict(q, scale)
+
     def _attention(self, q: Array, scale: float, base: int) -> Array:
         t = q.shape[2]
         if t == 1:  # decode: every stored key is visible

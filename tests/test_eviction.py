@@ -247,3 +247,21 @@ def test_chat_with_eviction_rebuilds_or_reuses_its_cache(tiny_model_dir):
 def test_kvcache_rejects_specs_it_cannot_build():
     with pytest.raises(KvrtError):
         KVCache(OPS, 2, "snapkv:budget=8")
+
+
+@pytest.mark.parametrize("spec", ["h2o:budget=24+calidrop", "pyramidkv:budget=24,window=8+calidrop"])
+def test_a_prefill_shared_across_specs_equals_running_it_under_each(runtime, spec):
+    """Compression never changes a prompt's own outputs, so one full-cache prefill can seed any spec."""
+    ids = token_ids(100, seed=5)
+    direct, direct_cache = run(runtime, spec, ids, 80, all_logits=False)
+    full = runtime.new_cache("full")
+    captured = []
+    for layer in full.layers:
+        layer.attend = lambda q, k, v, scale, f=layer.attend: captured.append((q, k, v, scale)) or f(q, k, v, scale)
+    first = runtime.forward(ids[:80], full)
+    cache = runtime.new_cache(spec)
+    for layer, chunk in zip(cache.layers, captured):
+        layer.prefilled(*chunk)
+    replayed = torch.cat([first] + [runtime.forward([t], cache) for t in ids[80:]])
+    assert torch.equal(replayed, direct)
+    assert all(torch.equal(a.kept.positions, b.kept.positions) for a, b in zip(cache.layers, direct_cache.layers))
