@@ -13,7 +13,6 @@ from typing import Iterable
 
 from kvrt.attention import merge_partials
 from kvrt.methods.base import Candidates, selection
-from kvrt.methods.h2o import accumulated_attention
 from kvrt.ops import Array, Ops
 from kvrt.spec import CacheSpec
 from kvrt.tiers import FullPrecisionTier, KeptTier
@@ -100,12 +99,7 @@ class LayerCache:
         method, ops = self.eviction, self.ops
         keys, positions = self._candidates()
         if method.accumulates:
-            seen = accumulated_attention(ops, q, keys, scale, self.query_block)
-            before = self.accumulated
-            if before is not None:  # tokens already scored keep their sums; the chunk's own start at 0
-                b, h, t = seen.shape[0], seen.shape[1], q.shape[2]
-                seen = seen + ops.concat([before, ops.full((b, h, t), 0.0, before)], axis=2)
-            self.accumulated = seen
+            self.accumulated = method.accumulate(ops, self.accumulated, q, keys, scale, self.query_block)
         total = keys.shape[2]
         if self.budget is None:
             self.budget = method.layer_budget(self.layer_idx, self.num_layers, total)

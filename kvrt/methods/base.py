@@ -35,7 +35,7 @@ class EvictionMethod:
     name = "?"
     options: dict[str, type] = {"budget": int, "ratio": float}
     evicts_during_decode = False  # streaming and H2O keep a generation within budget
-    accumulates = False  # H2O needs every query's attention over the cache
+    accumulates = False  # H2O keeps each token's attention sum up to date (see H2O.accumulate)
 
     def __init__(self, budget: int | None = None, ratio: float | None = None):
         if (budget is None) == (ratio is None):

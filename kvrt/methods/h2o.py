@@ -22,6 +22,15 @@ class H2O(EvictionMethod):
         self.recent = recent  # share of the budget given to the most recent tokens
         super().__init__(budget, ratio)
 
+    def accumulate(self, ops: Ops, before: Array | None, q: Array, keys: Array, scale: float, block: int) -> Array:
+        """Add the chunk's attention to each candidate's running sum: float32 [B, Hkv, S].
+        `before` covers all but the chunk's own T tokens, whose sums start at zero."""
+        seen = accumulated_attention(ops, q, keys, scale, block)
+        if before is None:
+            return seen
+        b, h, t = seen.shape[0], seen.shape[1], q.shape[2]
+        return seen + ops.concat([before, ops.full((b, h, t), 0.0, before)], axis=2)
+
     def scores(self, ops: Ops, c: Candidates) -> Array:
         window = max(1, int(round(c.budget * self.recent)))
         recent = c.positions > c.offset - 1 - window  # the window newest positions (always contiguous)
