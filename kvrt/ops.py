@@ -100,6 +100,12 @@ class Ops(Protocol):
     def count(self, x: Array) -> int:
         """Number of true entries in a boolean array."""
 
+    def select_heads(self, x: Array, heads: list[int]) -> Array:
+        """x[:, heads]: a subset of the head axis (axis 1)."""
+
+    def place_heads(self, values: Array, heads: list[int], total: int) -> Array:
+        """Zeros with `total` heads on axis 1, holding `values` at `heads` (the inverse of select_heads)."""
+
     def to_host(self, x: Array) -> Array:
         """The array in host memory (CaliDrop's offloaded tier); unchanged where host and device share memory."""
 

@@ -265,3 +265,18 @@ def test_a_prefill_shared_across_specs_equals_running_it_under_each(runtime, spe
     replayed = torch.cat([first] + [runtime.forward([t], cache) for t in ids[80:]])
     assert torch.equal(replayed, direct)
     assert all(torch.equal(a.kept.positions, b.kept.positions) for a, b in zip(cache.layers, direct_cache.layers))
+
+
+def test_calidrop_recomputes_only_the_kv_heads_that_ask_and_gets_them_exact():
+    from kvrt.methods.calidrop import CaliDrop
+
+    k, q, _ = random_candidates(s=30, t=1, hq=6, hkv=3)
+    v = torch.randn_like(k)
+    tier = CaliDrop().new_tier(OPS)
+    tier.add_evicted(k, v, torch.rand(1, 3, 30), q, 0.25)
+    asks = torch.tensor([[[False], [False], [True], [False], [False], [False]]])  # query head 2 -> KV head 1
+    out, lse = tier.recomputed(q, asks, 0.25)
+    ref_out, ref_lse = OPS.partial_attention(q, k, v, 0.25)
+    torch.testing.assert_close(out[:, 2:4], ref_out[:, 2:4], atol=1e-6, rtol=1e-6)  # both heads of KV head 1
+    torch.testing.assert_close(lse[:, 2:4], ref_lse[:, 2:4], atol=1e-6, rtol=1e-6)
+    assert not out[:, :2].any() and not out[:, 4:].any()  # the others were never computed

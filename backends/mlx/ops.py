@@ -125,6 +125,14 @@ class MLXOps:
     def count(self, x):
         return int(mx.sum(x).item())
 
+    def select_heads(self, x, heads):
+        return x[:, mx.array(heads)]
+
+    def place_heads(self, values, heads, total):
+        out = mx.zeros((values.shape[0], total, *values.shape[2:]), dtype=values.dtype)
+        out[:, mx.array(heads)] = values
+        return out
+
     def to_host(self, x):
         return x  # unified memory: host and device arrays are the same memory
 

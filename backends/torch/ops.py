@@ -110,6 +110,14 @@ class TorchOps:
     def count(self, x):
         return int(x.sum())
 
+    def select_heads(self, x, heads):
+        return x[:, heads]
+
+    def place_heads(self, values, heads, total):
+        out = values.new_zeros(values.shape[0], total, *values.shape[2:])
+        out[:, heads] = values
+        return out
+
     def to_host(self, x):
         return x if x.device.type == "cpu" else x.to("cpu", non_blocking=True)
 

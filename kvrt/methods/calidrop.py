@@ -107,7 +107,7 @@ class CalibrationTier:
         if self.k is None or not ops.any(recompute):
             recompute = rho < -2.0  # nothing to recompute over (or no head asks): all false
         else:
-            fresh_out, fresh_lse = ops.partial_attention(q, ops.to_device_of(self.k, q), ops.to_device_of(self.v, q), scale)
+            fresh_out, fresh_lse = self.recomputed(q, recompute, scale)
             out = ops.where(recompute[..., None], fresh_out, out)
             lse = ops.where(recompute, fresh_lse, lse)
             last = recompute[:, :, -1:]  # the chunk's last query becomes the new proxy where it recomputed
@@ -121,6 +121,24 @@ class CalibrationTier:
         self.counts["recompute"] += n_rec
         self.counts["skip"] += total - n_cal - n_rec
         return out, ops.where(used, lse, ops.full(lse.shape, float("-inf"), lse))
+
+    def recomputed(self, q: Array, recompute: Array, scale: float) -> tuple[Array, Array]:
+        """Partial of q over the evicted tier, computed only for the KV heads whose query heads ask
+        for it (the recompute costs as much as full attention over the evicted tokens); the other
+        heads get zeros, which `recompute` masks out."""
+        ops = self.ops
+        b, hq, t = recompute.shape
+        hkv = self.k.shape[1]
+        g = hq // hkv
+        asks = ops.to_numpy(recompute).reshape(b, hkv, g, t).any(axis=(0, 2, 3))
+        need = [h for h in range(hkv) if asks[h]]
+        k, v = ops.to_device_of(self.k, q), ops.to_device_of(self.v, q)
+        if len(need) == hkv:
+            return ops.partial_attention(q, k, v, scale)
+        heads = [h * g + j for h in need for j in range(g)]
+        out, lse = ops.partial_attention(ops.select_heads(q, heads), ops.select_heads(k, need),
+                                         ops.select_heads(v, need), scale)
+        return ops.place_heads(out, heads, hq), ops.place_heads(lse, heads, hq)
 
     def trim(self, n: int) -> int:
         return 0
