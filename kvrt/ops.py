@@ -112,6 +112,29 @@ class Ops(Protocol):
     def to_device_of(self, x: Array, like: Array) -> Array:
         """x moved to like's device."""
 
+    # --- low-bit quantization (the format lives in kvrt/quant.py) -----------------------
+    def amin(self, x: Array, axis: int, keepdims: bool = False) -> Array:
+        """Smallest entry along an axis, in x's dtype."""
+
+    def amax(self, x: Array, axis: int, keepdims: bool = False) -> Array:
+        """Largest entry along an axis, in x's dtype."""
+
+    def cast_like_ceil(self, x: Array, like: Array) -> Array:
+        """x (float32, >= 0) converted to like's dtype, rounded up to the next representable
+        value wherever plain conversion rounded down (a stored scale never shrinks)."""
+
+    def quantize_codes(self, x: Array, scale: Array, zero: Array, bits: int) -> Array:
+        """int32 clamp(round((x − zero) / scale), 0, 2^bits − 1), computed in float32 (round half
+        to even); x, scale, zero broadcast. Where scale == 0 (a constant group) the code is 0."""
+
+    def pack_codes(self, codes: Array, bits: int, axis: int) -> Array:
+        """Pack int32 codes in [0, 2^bits) into int32 words of 32/bits codes each, along `axis`
+        (its length a multiple of 32/bits): code i of a run of 32/bits consecutive codes lands
+        at bits [i·bits, (i+1)·bits) of the word (the last code's top bit is the sign bit)."""
+
+    def unpack_codes(self, words: Array, bits: int, axis: int, length: int) -> Array:
+        """The inverse of pack_codes: int32 codes along `axis`, the first `length` of them."""
+
     # --- host boundary -------------------------------------------------------------
     def argmax_last(self, logits: Array) -> int:
         """Index of the largest entry of a 1-D logits row (greedy decoding without a host copy)."""

@@ -151,6 +151,49 @@ class MLXOps:
     def cast_like(self, x, like):
         return x.astype(like.dtype)
 
+    # low-bit quantization (kvrt/quant.py). Packed exactly as the torch backend packs (int32
+    # words, code i at bits [i·b, (i+1)·b)), not with mx.quantize: its per-group affine layout
+    # (scale and bias over groups along the last axis) cannot express per-channel key groups
+    # along the token axis, and one byte-identical format lets torch and MLX share tests,
+    # stored caches and the Triton/Metal kernels' reference twins. int32 (not uint32) keeps
+    # the words' dtype equal across backends; unpacking masks after the arithmetic shift.
+    def amin(self, x, axis, keepdims=False):
+        return mx.min(x, axis=axis, keepdims=keepdims)
+
+    def amax(self, x, axis, keepdims=False):
+        return mx.max(x, axis=axis, keepdims=keepdims)
+
+    def cast_like_ceil(self, x, like):
+        c = x.astype(like.dtype)
+        if c.dtype == x.dtype:
+            return c
+        # for c >= 0 the next representable value up is the bit pattern plus one
+        as_int = {1: mx.int8, 2: mx.int16, 4: mx.int32}[c.dtype.size]
+        up = mx.view(mx.view(c, as_int) + 1, c.dtype)
+        return mx.where(c.astype(x.dtype) < x, up, c)
+
+    def quantize_codes(self, x, scale, zero, bits):
+        scale = scale.astype(mx.float32)
+        safe = mx.where(scale == 0, 1.0, scale)
+        q = mx.clip(mx.round((x.astype(mx.float32) - zero.astype(mx.float32)) / safe), 0, (1 << bits) - 1)
+        return mx.where(scale == 0, 0, q).astype(mx.int32)
+
+    def pack_codes(self, codes, bits, axis):
+        per = 32 // bits
+        c = mx.moveaxis(codes.astype(mx.int32), axis, -1)
+        c = c.reshape(*c.shape[:-1], c.shape[-1] // per, per)
+        words = c[..., 0]
+        for i in range(1, per):
+            words = mx.bitwise_or(words, mx.left_shift(c[..., i], i * bits))
+        return mx.moveaxis(words, -1, axis)
+
+    def unpack_codes(self, words, bits, axis, length):
+        per, mask = 32 // bits, (1 << bits) - 1
+        w = mx.moveaxis(words, axis, -1)
+        codes = mx.stack([mx.bitwise_and(mx.right_shift(w, i * bits), mask) for i in range(per)], axis=-1)
+        codes = codes.reshape(*w.shape[:-1], w.shape[-1] * per)[..., :length]
+        return mx.moveaxis(codes, -1, axis)
+
     def argmax_last(self, logits):
         return int(mx.argmax(logits.reshape(-1)).item())
 

@@ -136,6 +136,45 @@ class TorchOps:
     def cast_like(self, x, like):
         return x.to(like.dtype)
 
+    # low-bit quantization (kvrt/quant.py). torch has no uint32: words are int32 whose top code
+    # holds the sign bit; `<<` wraps into it and `>>` is arithmetic, so unpacking masks after shifting.
+    def amin(self, x, axis, keepdims=False):
+        return torch.amin(x, dim=axis, keepdim=keepdims)
+
+    def amax(self, x, axis, keepdims=False):
+        return torch.amax(x, dim=axis, keepdim=keepdims)
+
+    def cast_like_ceil(self, x, like):
+        c = x.to(like.dtype)
+        if c.dtype == x.dtype:
+            return c
+        # for c >= 0 the next representable value up is the bit pattern plus one
+        as_int = {1: torch.int8, 2: torch.int16, 4: torch.int32}[c.element_size()]
+        up = (c.view(as_int) + 1).view(c.dtype)
+        return torch.where(c.to(x.dtype) < x, up, c)
+
+    def quantize_codes(self, x, scale, zero, bits):
+        scale = scale.float()
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+        q = torch.round((x.float() - zero.float()) / safe).clamp_(0, (1 << bits) - 1)
+        return torch.where(scale == 0, torch.zeros_like(q), q).to(torch.int32)
+
+    def pack_codes(self, codes, bits, axis):
+        per = 32 // bits
+        c = torch.movedim(codes.to(torch.int32), axis, -1)
+        c = c.reshape(*c.shape[:-1], c.shape[-1] // per, per)
+        words = c[..., 0].clone()
+        for i in range(1, per):
+            words |= c[..., i] << (i * bits)
+        return torch.movedim(words, -1, axis).contiguous()
+
+    def unpack_codes(self, words, bits, axis, length):
+        per, mask = 32 // bits, (1 << bits) - 1
+        w = torch.movedim(words, axis, -1)
+        codes = torch.stack([(w >> (i * bits)) & mask for i in range(per)], dim=-1)
+        codes = codes.reshape(*w.shape[:-1], w.shape[-1] * per)[..., :length]
+        return torch.movedim(codes, -1, axis).contiguous()
+
     def argmax_last(self, logits):
         return int(torch.argmax(logits))
 
