@@ -6,7 +6,9 @@
 (b) Passkey: a 5-digit key hidden at a random depth of a ~`--passkey-tokens` haystack,
     greedy answer, accuracy over `--passkey-samples` seeded samples.
 
-Every spec is fed the same prompts. A prompt's own outputs do not depend on compression
+Every spec is fed the same prompts. Specs whose decode steps only append (full, SnapKV,
+PyramidKV) score the continuation in one forward, which gives the same logits; the others
+(decode-time eviction, CaliDrop) go one step at a time. A prompt's own outputs do not depend on compression
 (each layer compresses after its prompt attention), so each prompt is prefilled once with
 a full cache and each spec's cache is built from that prefill (`LayerCache.prefilled`,
 tested equal to prefilling under the spec); only decode steps run per spec.
@@ -47,14 +49,24 @@ def cache_for(runtime, spec, captured):
     return cache
 
 
-def continuation_nll(runtime, cache, first_logits, continuation) -> float:
-    """Mean −log p of each continuation token, feeding them one decode step at a time."""
-    logits, total = first_logits[-1], 0.0
-    for i, token in enumerate(continuation):
-        total -= torch.log_softmax(logits.float(), -1)[token].item()
-        if i + 1 < len(continuation):
-            logits = runtime.forward([token], cache)[-1]
-    return total / len(continuation)
+def stepwise(spec: str) -> bool:
+    """Whether scoring must go one decode step at a time: decode-time eviction (streaming, H2O) and
+    CaliDrop's per-step proxy updates change later steps; otherwise (full, SnapKV, PyramidKV) a
+    decode step only appends, so one multi-token forward gives the same logits much faster."""
+    return spec.split(":")[0] in ("streaming", "h2o") or "calidrop" in spec
+
+
+def continuation_nll(runtime, cache, first_logits, continuation, spec: str) -> float:
+    """Mean −log p of each continuation token given the compressed context and the tokens before it."""
+    if stepwise(spec):
+        rows = [first_logits[-1]]
+        for token in continuation[:-1]:
+            rows.append(runtime.forward([token], cache)[-1])
+        logits = torch.stack(rows)
+    else:
+        logits = torch.cat([first_logits[-1:], runtime.forward(continuation[:-1], cache, all_logits=True)])
+    logp = torch.log_softmax(logits.float(), -1)
+    return -logp[torch.arange(len(continuation)), torch.tensor(continuation)].mean().item()
 
 
 def passkey_prompt(tokenizer, length: int, seed: int) -> tuple[list[int], str]:
@@ -107,7 +119,8 @@ def main() -> None:
         for spec in specs:
             cache = cache_for(runtime, spec, captured)
             kv_bytes[spec] = cache.nbytes()  # right after the prompt: what compression kept
-            nll[spec].append(continuation_nll(runtime, cache, first, continuation))
+            nll[spec].append(continuation_nll(runtime, cache, first, continuation, spec))
+            print(f"  {spec}: NLL {nll[spec][-1]:.3f} ({time.time() - started:.0f}s)", file=sys.stderr)
         print(f"passage done ({time.time() - started:.0f}s)", file=sys.stderr)
 
     for seed in range(args.passkey_samples):
