@@ -50,10 +50,10 @@ def cache_for(runtime, spec, captured):
 
 
 def stepwise(spec: str) -> bool:
-    """Whether scoring must go one decode step at a time: decode-time eviction (streaming, H2O) and
-    CaliDrop's per-step proxy updates change later steps; otherwise (full, SnapKV, PyramidKV) a
-    decode step only appends, so one multi-token forward gives the same logits much faster."""
-    return spec.split(":")[0] in ("streaming", "h2o") or "calidrop" in spec
+    """Whether scoring must go one decode step at a time: decode-time eviction (streaming, H2O),
+    KIVI's group flushes and CaliDrop's per-step proxy updates change later steps; otherwise (full,
+    SnapKV, PyramidKV) a decode step only appends, so one multi-token forward gives the same logits."""
+    return spec.split(":")[0] in ("streaming", "h2o", "kivi") or "calidrop" in spec
 
 
 def continuation_nll(runtime, cache, first_logits, continuation, spec: str) -> float:
@@ -95,6 +95,7 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--methods", default="streaming,h2o,snapkv,pyramidkv")
     parser.add_argument("--budgets", default="64,128,256,512")
+    parser.add_argument("--specs", default=None, help="';'-separated specs to run instead of methods x budgets")
     parser.add_argument("--passages", type=int, default=3)
     parser.add_argument("--context", type=int, default=1800)
     parser.add_argument("--continuation", type=int, default=200)
@@ -105,8 +106,9 @@ def main() -> None:
 
     folder = resolve_model(args.model, log=lambda m: print(m, file=sys.stderr))
     runtime, tokenizer = TorchRuntime(folder, dtype="float32"), Tokenizer.from_folder(folder)
-    specs = ["full"] + [f"{m}:budget={b}{c}" for m in args.methods.split(",") for b in args.budgets.split(",")
-                        for c in ("", "+calidrop")]
+    specs = ["full"] + ([s for s in args.specs.split(";")] if args.specs else
+                        [f"{m}:budget={b}{c}" for m in args.methods.split(",") for b in args.budgets.split(",")
+                         for c in ("", "+calidrop")])
     nll = {s: [] for s in specs}
     hits = {s: 0 for s in specs}
     kv_bytes = {s: 0 for s in specs}

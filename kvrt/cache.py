@@ -22,7 +22,7 @@ class LayerCache:
     """One layer's KV cache: kept (after eviction), newest (full precision) and calibration tiers."""
 
     def __init__(self, ops: Ops, layer_idx: int, num_layers: int = 1, eviction=None, calibration=None,
-                 query_block: int = 512):
+                 quantization=None, query_block: int = 512):
         self.ops = ops
         self.layer_idx, self.num_layers = layer_idx, num_layers
         self.query_block = query_block
@@ -30,7 +30,9 @@ class LayerCache:
         self.kept = KeptTier(ops)
         self.newest = FullPrecisionTier(ops)
         self.calibration = calibration.new_tier(ops) if calibration is not None else None
-        self.tiers = [self.kept, self.newest] + ([self.calibration] if self.calibration is not None else [])
+        self.quantized = quantization.new_tier(ops) if quantization is not None else None
+        optional = [t for t in (self.quantized, self.calibration) if t is not None]
+        self.tiers = [self.kept, self.newest] + optional
         self.accumulated = None  # H2O: float32 [B, Hkv, kept + newest], attention each token received
         self.budget = None  # tokens kept per KV head, fixed by the first chunk (the prompt)
         self.newest_start = 0  # absolute position of the newest tier's first token
@@ -46,8 +48,7 @@ class LayerCache:
         self.newest.append(k, v)
         self.offset += k.shape[2]
         out = self._attention(q, scale, base)
-        if self.eviction is not None:
-            self._evict(q, scale)
+        self._compress(q, scale)
         return out
 
     def prefilled(self, q: Array, k: Array, v: Array, scale: float) -> None:
@@ -58,8 +59,14 @@ class LayerCache:
             raise ValueError("prefilled() takes only a layer's first chunk")
         self.newest.append(k, v)
         self.offset += k.shape[2]
+        self._compress(q, scale)
+
+    def _compress(self, q: Array, scale: float) -> None:
+        """After a chunk's attention: evict (if a method is set), then quantize whole groups (KIVI)."""
         if self.eviction is not None:
             self._evict(q, scale)
+        if self.quantized is not None:
+            self._flush()
 
     def _attention(self, q: Array, scale: float, base: int) -> Array:
         t = q.shape[2]
@@ -118,6 +125,20 @@ class LayerCache:
         self.newest.clear()
         self.newest_start = self.offset
 
+    def _flush(self) -> None:
+        """Move the residual's oldest whole groups into the quantized tier (KIVI)."""
+        groups = self.quantized.config.groups_to_flush(self.newest.length)
+        if not groups:
+            return
+        m = groups * self.quantized.config.group
+        keys, values = self.newest.keys.view(), self.newest.values.view()
+        self.quantized.add(keys[..., :m, :], values[..., :m, :])
+        rest_k, rest_v = keys[..., m:, :], values[..., m:, :]
+        self.newest.clear()  # the residual starts over in a buffer sized to what is left
+        if rest_k.shape[2]:
+            self.newest.append(rest_k, rest_v)
+        self.newest_start += m
+
     def trim(self, n: int) -> int:
         """Forget the newest n tokens (chat rewinds to a shared prefix); returns how many went.
         Only tokens still in the newest tier can go: compressed ones cannot be un-fed."""
@@ -142,8 +163,9 @@ class KVCache:
     def __init__(self, ops: Ops, num_layers: int, spec: "str | CacheSpec" = "full", query_block: int = 512):
         self.ops = ops
         self.spec = CacheSpec.parse(spec)
-        eviction, calibration = self.spec.build()
-        self.layers = [LayerCache(ops, i, num_layers, eviction, calibration, query_block) for i in range(num_layers)]
+        eviction, calibration, quantization = self.spec.build()
+        self.layers = [LayerCache(ops, i, num_layers, eviction, calibration, quantization, query_block)
+                       for i in range(num_layers)]
 
     @property
     def offset(self) -> int:

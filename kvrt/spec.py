@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 
 from kvrt.errors import KvrtError
 
-from kvrt.methods import EVICTION_METHODS, MODIFIERS as MODIFIER_CLASSES
+from kvrt.methods import EVICTION_METHODS, QUANTIZERS, MODIFIERS as MODIFIER_CLASSES
 
 # name -> {key: type} of the options each accepts
-METHODS: dict[str, dict[str, type]] = {"full": {}, **{n: c.options for n, c in EVICTION_METHODS.items()}}
+METHODS: dict[str, dict[str, type]] = {
+    "full": {}, **{n: c.options for n, c in EVICTION_METHODS.items()}, **{n: c.options for n, c in QUANTIZERS.items()}
+}
 MODIFIERS: dict[str, dict[str, type]] = {n: c.options for n, c in MODIFIER_CLASSES.items()}
 
 
@@ -51,10 +53,14 @@ class CacheSpec:
         return "+".join(str(p) for p in (self.method, *self.modifiers))
 
     def eviction(self):
-        """The configured eviction method object, or None for `full`."""
-        if self.method.name == "full":
-            return None
-        return EVICTION_METHODS[self.method.name](**self.method.options)
+        """The configured eviction method object, or None."""
+        cls = EVICTION_METHODS.get(self.method.name)
+        return cls(**self.method.options) if cls else None
+
+    def quantization(self):
+        """The configured quantizer (KIVI), or None for a full-precision cache."""
+        cls = QUANTIZERS.get(self.method.name)
+        return cls(**self.method.options) if cls else None
 
     def calibration(self):
         """The CaliDrop configuration if the spec has the modifier, else None."""
@@ -62,13 +68,14 @@ class CacheSpec:
         return MODIFIER_CLASSES["calidrop"](**parts[0].options) if parts else None
 
     def build(self):
-        """(eviction, calibration), validated: every bad value is one KvrtError line."""
-        eviction, calibration = self.eviction(), self.calibration()
+        """(eviction, calibration, quantization), validated: every bad value is one KvrtError line.
+        Quantization does not yet compose with eviction (a quantized kept tier comes with OTT)."""
+        eviction, calibration, quantization = self.eviction(), self.calibration(), self.quantization()
         if calibration is not None and eviction is None:
             raise KvrtError("calidrop calibrates evicted tokens: put it after an eviction method, e.g. snapkv:budget=128+calidrop")
         if len({p.name for p in self.modifiers}) != len(self.modifiers):
             raise KvrtError(f"a modifier appears twice in '{self}'")
-        return eviction, calibration
+        return eviction, calibration, quantization
 
 
 def parse_part(text: str, registry: dict[str, dict[str, type]], what: str) -> Part:

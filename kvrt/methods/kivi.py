@@ -1,0 +1,98 @@
+"""KIVI (Liu et al., arXiv 2402.02750): 2/4/8-bit KV in groups, the newest tokens in full precision.
+
+The newest tokens stay in the full-precision tier (the residual); whenever it holds
+`residual + group` tokens, its oldest `group` are flushed into the quantized tier (keys per
+channel over the group's tokens, values per token over `value_group` channels; format in
+kvrt/quant.py). A prompt flushes all its complete groups at once, keeping at least
+`residual` tokens in full precision. Attention over the quantized tier dequantizes a few
+groups at a time and merges the blocks by log-sum-exp, so the whole cache is never held
+in full precision. OTT's outlier tracing (arXiv 2505.10938) builds on this tier.
+"""
+
+from __future__ import annotations
+
+from kvrt.attention import merge_partials
+from kvrt.buffer import SeqBuffer
+from kvrt.errors import KvrtError
+from kvrt.ops import Array, Ops
+from kvrt.quant import QuantizedKeys, QuantizedValues, codes_per_word, dequantize_keys, dequantize_values
+from kvrt.quant import quantize_keys, quantize_values
+
+
+class KIVI:
+    name = "kivi"
+    options = {"bits": int, "group": int, "residual": int, "value_group": int}
+
+    def __init__(self, bits: int = 2, group: int = 32, residual: int = 128, value_group: int = 32):
+        per = codes_per_word(bits)
+        if group <= 0 or group % per:
+            raise KvrtError(f"kivi: group must be a positive multiple of {per} tokens for {bits}-bit codes, got {group}")
+        if residual < 0:
+            raise KvrtError(f"kivi: residual must be >= 0, got {residual}")
+        if value_group <= 0:
+            raise KvrtError(f"kivi: value_group must be > 0, got {value_group}")
+        self.bits, self.group, self.residual, self.value_group = bits, group, residual, value_group
+
+    def new_tier(self, ops: Ops) -> "QuantizedTier":
+        return QuantizedTier(ops, self)
+
+    def groups_to_flush(self, residual_length: int) -> int:
+        """How many whole groups leave the residual, keeping at least `residual` tokens there."""
+        return max(residual_length - self.residual, 0) // self.group
+
+
+class QuantizedTier:
+    """Flushed groups: key codes [B, Hkv, S/P, D] with scale/zero [B, Hkv, S/G, D]; value codes
+    [B, Hkv, S, D/P] with scale/zero [B, Hkv, S, D/gv]. Every array grows along axis -2."""
+
+    name = "quantized"
+    BLOCK_GROUPS = 16  # groups dequantized at once: bounds the full-precision temporaries
+
+    def __init__(self, ops: Ops, config: KIVI):
+        self.ops, self.config = ops, config
+        names = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
+        # one row can be a whole group (scales) or several tokens (packed codes): grow without a fixed step
+        self.buffers = {name: SeqBuffer(ops, step=1) for name in names}
+        self.length = 0
+        self.shape = None  # (B, Hkv, D)
+
+    def add(self, k: Array, v: Array) -> None:
+        """Quantize and store whole groups: k, v [B, Hkv, n·G, D]."""
+        cfg = self.config
+        qk = quantize_keys(self.ops, k, cfg.bits, cfg.group)
+        if v.shape[3] % cfg.value_group:
+            raise KvrtError(f"kivi: value_group {cfg.value_group} must divide the head dim {v.shape[3]}")
+        qv = quantize_values(self.ops, v, cfg.bits, cfg.value_group)
+        for name, array in zip(self.buffers, (qk.codes, qk.scale, qk.zero, qv.codes, qv.scale, qv.zero)):
+            self.buffers[name].append(array)
+        self.length += k.shape[2]
+        self.shape = (k.shape[0], k.shape[1], k.shape[3])
+
+    def block(self, first: int, last: int) -> tuple[Array, Array]:
+        """Dequantized keys and values of groups first..last-1: [B, Hkv, (last-first)·G, D] each."""
+        cfg, buf = self.config, self.buffers
+        per, g = codes_per_word(cfg.bits), cfg.group
+        b, h, d = self.shape
+        s = (last - first) * g
+        a, z = first * g, last * g
+        keys = QuantizedKeys(buf["k_codes"].view()[..., a // per : z // per, :], buf["k_scale"].view()[..., first:last, :],
+                             buf["k_zero"].view()[..., first:last, :], cfg.bits, g, (b, h, s, d))
+        values = QuantizedValues(buf["v_codes"].view()[..., a:z, :], buf["v_scale"].view()[..., a:z, :],
+                                 buf["v_zero"].view()[..., a:z, :], cfg.bits, cfg.value_group, (b, h, s, d))
+        return dequantize_keys(self.ops, keys), dequantize_values(self.ops, values)
+
+    def partial(self, q: Array, scale: float, causal_offset: int | None, with_lse: bool):
+        """(out, lse) of q over every flushed token, a block of groups at a time (no causal mask:
+        flushed tokens precede every query)."""
+        groups = self.length // self.config.group
+        parts = []
+        for first in range(0, groups, self.BLOCK_GROUPS):
+            keys, values = self.block(first, min(first + self.BLOCK_GROUPS, groups))
+            parts.append(self.ops.partial_attention(q, keys, values, scale, None, True))
+        return merge_partials(self.ops, parts)
+
+    def trim(self, n: int) -> int:
+        return 0  # quantized tokens cannot be un-fed; only the residual rewinds
+
+    def arrays(self) -> list[Array]:
+        return [buf.data for buf in self.buffers.values() if buf.data is not None]
