@@ -91,20 +91,13 @@ class LayerCache:
         out, _ = merge_partials(self.ops, parts)
         return out
 
-    def _candidates(self, values: bool = False) -> tuple[Array, ...]:
-        """Kept then newest tokens: (keys, positions) or (keys, values, positions)."""
-        ops, kept, newest = self.ops, self.kept, self.newest
-        keys = newest.keys.view()
-        positions = ops.positions(self.newest_start, newest.length, like=keys)
-        parts = [(keys, newest.values.view(), positions)]
-        if kept.length:
-            parts.insert(0, (kept.k, kept.v, kept.positions))
-        joined = [p[0] if len(parts) == 1 else ops.concat(list(p), axis=2) for p in zip(*parts)]
-        return tuple(joined) if values else (joined[0], joined[2])
+    def _after_kept(self, kept: Array | None, newest: Array) -> Array:
+        """A kept-tier array followed by the newest tier's along the token axis: the candidates."""
+        return self.ops.concat([kept, newest], axis=2) if self.kept.length else newest
 
     def _evict(self, q: Array, scale: float) -> None:
-        method, ops = self.eviction, self.ops
-        keys, positions = self._candidates()
+        method, ops, kept, newest = self.eviction, self.ops, self.kept, self.newest
+        keys = self._after_kept(kept.k, newest.keys.view())
         if method.accumulates:
             self.accumulated = method.accumulate(ops, self.accumulated, q, keys, scale, self.query_block)
         total = keys.shape[2]
@@ -112,17 +105,18 @@ class LayerCache:
             self.budget = method.layer_budget(self.layer_idx, self.num_layers, total)
         if total <= self.budget or not method.compresses_chunk(q.shape[2]):
             return
+        positions = self._after_kept(kept.positions, ops.positions(self.newest_start, newest.length, like=keys))
         candidates = Candidates(keys, positions, self.accumulated, q, scale, self.offset, self.budget)
         scores = method.scores(ops, candidates)
         keep, drop = selection(ops, scores, self.budget)
-        keys, values, positions = self._candidates(values=True)
-        self.kept.replace(ops.gather_seq(keys, keep), ops.gather_seq(values, keep), ops.gather_seq(positions, keep))
+        values = self._after_kept(kept.v, newest.values.view())
+        kept.replace(ops.gather_seq(keys, keep), ops.gather_seq(values, keep), ops.gather_seq(positions, keep))
         if self.accumulated is not None:
             self.accumulated = ops.gather_seq(self.accumulated, keep)
         if self.calibration is not None:
             evicted = (ops.gather_seq(keys, drop), ops.gather_seq(values, drop), ops.gather_seq(scores, drop))
             self.calibration.add_evicted(*evicted, q, scale)
-        self.newest.clear()
+        newest.clear()
         self.newest_start = self.offset
 
     def _flush(self) -> None:
