@@ -70,10 +70,19 @@ def generate_tokens(
     `stats` is filled in as generation proceeds (prompt/decode speed, memory, KV bytes).
     """
     stats = stats if stats is not None else GenerationStats()
-    sampler = Sampler(params)
-    history = list(prompt_ids)
     stats.prompt_tokens = len(prompt_ids)
     stats._t_start = time.perf_counter()
+    try:
+        yield from _sampled_tokens(runtime, prompt_ids, cache, params, max_tokens, eos_ids, stats)
+    finally:  # also when stopped early (stop string, Ctrl-C): the stats describe the cache as it is
+        stats.kv_bytes = cache.nbytes()
+        stats.cache = cache.stats()
+        stats.peak_memory_bytes = runtime.peak_memory_bytes()
+
+
+def _sampled_tokens(runtime, prompt_ids, cache, params, max_tokens, eos_ids, stats) -> Iterator[int]:
+    sampler = Sampler(params)
+    history = list(prompt_ids)
     logits = runtime.forward(list(prompt_ids), cache)
     for step in range(max_tokens):
         token = sampler(runtime.ops, logits[-1], history)
@@ -84,8 +93,6 @@ def generate_tokens(
         else:
             stats.generation_tps = step / max(now - stats._t_first, 1e-9)
         stats.generation_tokens = step + 1
-        stats.kv_bytes = cache.nbytes()
-        stats.cache = cache.stats()
         history.append(token)
         if token in eos_ids:
             stats.finish_reason = "eos"
@@ -95,7 +102,6 @@ def generate_tokens(
         yield token
         if step + 1 < max_tokens:
             logits = runtime.forward([token], cache)
-    stats.peak_memory_bytes = runtime.peak_memory_bytes()
 
 
 class StopMatcher:
@@ -166,5 +172,4 @@ def stream_text(
         if tail:
             yield tail
     finally:
-        tokens.close()
-        stats.peak_memory_bytes = runtime.peak_memory_bytes()
+        tokens.close()  # runs generate_tokens' own finally: KV bytes, cache counters, peak memory
