@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -68,6 +67,7 @@ def transformers_engine(folder: str):
 def worker(engine: str, folder: str, length: int, new_tokens: int, repeats: int) -> dict:
     import torch
 
+    from kvrt.memory import peak_rss_bytes
     from kvrt.tokenizer import Tokenizer
 
     torch.set_num_threads(1)
@@ -81,7 +81,7 @@ def worker(engine: str, folder: str, length: int, new_tokens: int, repeats: int)
     return {
         "prefill_tps": length / prefill_s,
         "decode_tps": (new_tokens - 1) / decode_s,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": peak_rss_bytes() / 2**20,
         "tokens": tokens,
     }
 
