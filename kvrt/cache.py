@@ -30,7 +30,7 @@ class LayerCache:
         self.kept = KeptTier(ops)
         self.newest = FullPrecisionTier(ops)
         self.calibration = calibration.new_tier(ops) if calibration is not None else None
-        self.quantized = quantization.new_tier(ops) if quantization is not None else None
+        self.quantized = quantization.new_tier(ops, layer_idx) if quantization is not None else None
         optional = [t for t in (self.quantized, self.calibration) if t is not None]
         self.tiers = [self.kept, self.newest] + optional
         self.accumulated = None  # H2O: float32 [B, Hkv, kept + newest], attention each token received
@@ -62,8 +62,12 @@ class LayerCache:
         self._compress(q, scale)
 
     def _compress(self, q: Array, scale: float) -> None:
-        """After a chunk's attention: evict (if a method is set), then quantize whole groups (KIVI)."""
-        if self.eviction is not None:
+        """After a chunk's attention: evict (if a method is set), then quantize whole groups (KIVI, OTT).
+
+        Composed, eviction picks among full-precision tokens and its survivors are quantized;
+        quantized tokens are final, so eviction runs on multi-token chunks (the prompt, later
+        turns) and decode tokens flow through the residual into the quantized tier."""
+        if self.eviction is not None and (self.quantized is None or q.shape[2] > 1):
             self._evict(q, scale)
         if self.quantized is not None:
             self._flush()
@@ -120,18 +124,31 @@ class LayerCache:
         self.newest_start = self.offset
 
     def _flush(self) -> None:
-        """Move the residual's oldest whole groups into the quantized tier (KIVI)."""
-        groups = self.quantized.config.groups_to_flush(self.newest.length)
+        """Move the oldest whole groups of the full-precision tokens (eviction's kept tokens, then
+        the newest) into the quantized tier, keeping at least `residual` of them."""
+        kept, newest, config = self.kept, self.newest, self.quantized.config
+        groups = config.groups_to_flush(kept.length + newest.length)
         if not groups:
             return
-        m = groups * self.quantized.config.group
-        keys, values = self.newest.keys.view(), self.newest.values.view()
+        m = groups * config.group
+        if newest.length:
+            keys, values = self._after_kept(kept.k, newest.keys.view()), self._after_kept(kept.v, newest.values.view())
+        else:  # eviction just moved every token into the kept tier
+            keys, values = kept.k, kept.v
         self.quantized.add(keys[..., :m, :], values[..., :m, :])
-        rest_k, rest_v = keys[..., m:, :], values[..., m:, :]
-        self.newest.clear()  # the residual starts over in a buffer sized to what is left
+        if self.accumulated is not None:  # H2O's scores follow the tokens still in full precision
+            self.accumulated = self.accumulated[..., m:]
+        if m < kept.length:  # the rest of the kept tokens stay in full precision, copied out of the old arrays
+            rest = [self.ops.concat([a[..., m:, :]], axis=2) for a in (kept.k, kept.v)]
+            kept.replace(*rest, self.ops.concat([kept.positions[..., m:]], axis=2))
+            return
+        drop = m - kept.length
+        kept.replace(None, None, None)
+        rest_k, rest_v = newest.keys.view()[..., drop:, :], newest.values.view()[..., drop:, :]
+        newest.clear()  # the residual starts over in a buffer sized to what is left
         if rest_k.shape[2]:
-            self.newest.append(rest_k, rest_v)
-        self.newest_start += m
+            newest.append(rest_k, rest_v)
+        self.newest_start += drop
 
     def trim(self, n: int) -> int:
         """Forget the newest n tokens (chat rewinds to a shared prefix); returns how many went.

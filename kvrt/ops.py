@@ -7,7 +7,8 @@ may dispatch to a kernel (kernels_cuda, kernels_metal) where the device has one.
 
 Besides these calls, policy code may use only what both frameworks' arrays share:
 `.shape`, `.ndim`, `.reshape(*shape)`, basic slicing (`x[:, :, a:b]`, `x[..., None]`),
-elementwise arithmetic (+ - * /) and comparisons (< > <=) between arrays and scalars.
+elementwise arithmetic (+ - * /), comparisons (< > <= ==) between arrays and scalars or
+broadcast arrays, and the boolean operators & | ~.
 
 Shapes: B batch, Hq query heads, Hkv KV heads (Hq = G·Hkv), T queries, S keys, D head dim.
 """
@@ -42,13 +43,17 @@ class Ops(Protocol):
 
     # --- math ----------------------------------------------------------------------
     def partial_attention(
-        self, q: Array, k: Array, v: Array, scale: float, causal_offset: int | None = None, with_lse: bool = True
+        self, q: Array, k: Array, v: Array, scale: float, causal_offset: int | None = None, with_lse: bool = True,
+        key_bias: Array | None = None,
     ) -> tuple[Array, Array | None]:
         """Softmax attention of q over one tier's keys, with its log-sum-exp.
 
         q: [B, Hq, T, D], k/v: [B, Hkv, S, D] (GQA: query head h reads KV head h // G).
         causal_offset: None = every key visible; else query t sees keys 0 .. causal_offset + t.
+        key_bias: None, or float32 [B, Hkv, S] added to every query's scores (−inf hides a key:
+        OTT's traced slots, empty pool slots).
         Returns out [B, Hq, T, D] in q's dtype and lse [B, Hq, T] in float32 (None if not with_lse).
+        A query that sees no key at all gets out 0 and lse −inf, which the merge weighs as nothing.
         """
 
     def exp(self, x: Array) -> Array: ...
@@ -72,6 +77,8 @@ class Ops(Protocol):
 
     def sqrt(self, x: Array) -> Array: ...
 
+    def abs(self, x: Array) -> Array: ...
+
     def pool1d(self, x: Array, kernel: int, kind: str) -> Array:
         """Pool [B, H, S] along S with window `kernel`, stride 1, padding kernel//2 ("avg" counts
         the zero padding, as torch's avg_pool1d does; "max"); same shape out."""
@@ -91,7 +98,8 @@ class Ops(Protocol):
     def full(self, shape: tuple, value: float, like: Array) -> Array:
         """A float32 array of `shape` filled with `value`, on like's device."""
 
-    def where(self, cond: Array, a: Array, b: Array) -> Array: ...
+    def where(self, cond: Array, a: Array, b: Array) -> Array:
+        """a where cond else b, broadcast; a or b may be a Python float (then float32)."""
 
     def to_float32(self, x: Array) -> Array: ...
 

@@ -2,8 +2,10 @@
 
 One string names the whole cache configuration on the CLI (`--cache SPEC`) and in
 Python (`CacheSpec.parse`), e.g. `full`, `snapkv:budget=128+calidrop`,
-`pyramidkv:ratio=0.2+calidrop:theta1=0.7,theta2=0.85`, `streaming:budget=256,sinks=4`.
-Methods and modifiers declare their keys (kvrt/methods); quantization adds its own.
+`pyramidkv:ratio=0.2+calidrop:theta1=0.7,theta2=0.85`, `streaming:budget=256,sinks=4`,
+`ott:bits=2`, `snapkv:budget=512+ott:bits=2`, `snapkv:budget=128+calidrop:offload=int2+kivi`.
+The method is `full`, an eviction method or a quantizer (kivi, ott); modifiers are
+CaliDrop and, after an eviction method, a quantizer. Each declares its keys (kvrt/methods).
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from kvrt.methods import EVICTION_METHODS, QUANTIZERS, MODIFIERS as MODIFIER_CLA
 METHODS: dict[str, dict[str, type]] = {
     "full": {}, **{n: c.options for n, c in EVICTION_METHODS.items()}, **{n: c.options for n, c in QUANTIZERS.items()}
 }
-MODIFIERS: dict[str, dict[str, type]] = {n: c.options for n, c in MODIFIER_CLASSES.items()}
+MODIFIERS: dict[str, dict[str, type]] = {
+    **{n: c.options for n, c in MODIFIER_CLASSES.items()}, **{n: c.options for n, c in QUANTIZERS.items()}
+}
 
 
 @dataclass(frozen=True)
@@ -58,9 +62,11 @@ class CacheSpec:
         return cls(**self.method.options) if cls else None
 
     def quantization(self):
-        """The configured quantizer (KIVI), or None for a full-precision cache."""
-        cls = QUANTIZERS.get(self.method.name)
-        return cls(**self.method.options) if cls else None
+        """The configured quantizer (KIVI or OTT), as the method or a modifier, or None."""
+        parts = [p for p in (self.method, *self.modifiers) if p.name in QUANTIZERS]
+        if len(parts) > 1:
+            raise KvrtError(f"'{self}' names {len(parts)} quantizers; use one (kivi or ott)")
+        return QUANTIZERS[parts[0].name](**parts[0].options) if parts else None
 
     def calibration(self):
         """The CaliDrop configuration if the spec has the modifier, else None."""
@@ -68,9 +74,12 @@ class CacheSpec:
         return MODIFIER_CLASSES["calidrop"](**parts[0].options) if parts else None
 
     def build(self):
-        """(eviction, calibration, quantization), validated: every bad value is one KvrtError line.
-        Quantization does not yet compose with eviction (a quantized kept tier comes with OTT)."""
+        """(eviction, calibration, quantization), validated: every bad value is one KvrtError line."""
         eviction, calibration, quantization = self.eviction(), self.calibration(), self.quantization()
+        stray = [p.name for p in self.modifiers if p.name in QUANTIZERS and eviction is None]
+        if stray:
+            raise KvrtError(f"+{stray[0]} follows an eviction method (e.g. snapkv:budget=512+{stray[0]}); "
+                            f"without one, make it the method: {stray[0]}:bits=2")
         if calibration is not None and eviction is None:
             raise KvrtError("calidrop calibrates evicted tokens: put it after an eviction method, e.g. snapkv:budget=128+calidrop")
         if len({p.name for p in self.modifiers}) != len(self.modifiers):

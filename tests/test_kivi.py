@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from cache_runs import run_spec, token_ids
 from kvrt.attention import merge_partials
 from kvrt.backends.torch.ops import TorchOps
 from kvrt.backends.torch.runtime import TorchRuntime
@@ -90,17 +91,11 @@ def runtime(tiny_model_dir):
     return TorchRuntime(tiny_model_dir("llama"))
 
 
-def logits(runtime, spec, ids, prefill):
-    cache = runtime.new_cache(spec)
-    out = [runtime.forward(ids[:prefill], cache, all_logits=True)] + [runtime.forward([t], cache) for t in ids[prefill:]]
-    return torch.cat(out), cache
-
-
 def test_eight_bit_kivi_stays_close_to_full_and_two_bit_does_not(runtime):
-    ids = torch.randint(3, 200, (120,), generator=torch.Generator().manual_seed(2)).tolist()
-    full, _ = logits(runtime, "full", ids, 100)
-    eight, cache = logits(runtime, "kivi:bits=8,group=32,residual=16,value_group=16", ids, 100)
-    two, _ = logits(runtime, "kivi:bits=2,group=32,residual=16,value_group=16", ids, 100)
+    ids = token_ids(120, seed=2)
+    full, _ = run_spec(runtime, "full", ids, 100)
+    eight, cache = run_spec(runtime, "kivi:bits=8,group=32,residual=16,value_group=16", ids, 100)
+    two, _ = run_spec(runtime, "kivi:bits=2,group=32,residual=16,value_group=16", ids, 100)
     assert cache.layers[0].quantized.length == 96
     assert torch.equal(eight[:100], full[:100])  # the prompt attends before anything is quantized
     err8, err2 = (eight - full).abs().max().item(), (two - full).abs().max().item()
@@ -111,9 +106,9 @@ def test_torch_and_mlx_agree_on_kivi(runtime, tiny_model_dir):
     pytest.importorskip("mlx.core")
     from kvrt.backends.mlx.runtime import MLXRuntime
 
-    ids = torch.randint(3, 200, (110,), generator=torch.Generator().manual_seed(3)).tolist()
+    ids = token_ids(110, seed=3)
     spec = "kivi:bits=2,group=32,residual=16,value_group=16"
-    t, _ = logits(runtime, spec, ids, 90)
+    t, _ = run_spec(runtime, spec, ids, 90)
     mlx_rt = MLXRuntime(tiny_model_dir("llama"))
     cache = mlx_rt.new_cache(spec)
     m = [np.asarray(mlx_rt.ops.to_numpy(mlx_rt.forward(ids[:90], cache, all_logits=True)))]
@@ -125,7 +120,12 @@ def test_torch_and_mlx_agree_on_kivi(runtime, tiny_model_dir):
     ("kivi:bits=3", "2, 4 or 8"),
     ("kivi:bits=2,group=24", "multiple of 16"),
     ("kivi:residual=-1", "residual"),
-    ("snapkv:budget=64+kivi", "unknown cache modifier 'kivi'"),
+    ("full+kivi", "follows an eviction method"),
+    ("kivi+ott", "names 2 quantizers"),
+    ("snapkv:budget=64+kivi+ott", "names 2 quantizers"),
+    ("ott:outliers=128", "below the group size"),
+    ("ott:overflow=-1", "must be >= 0"),
+    ("ott:value_group=-2", "value_group"),
 ])
 def test_bad_kivi_specs_are_clear_errors(spec, needle):
     with pytest.raises(KvrtError, match=needle):

@@ -43,12 +43,12 @@ class MLXOps:
     def nbytes(self, x):
         return x.nbytes
 
-    def partial_attention(self, q, k, v, scale, causal_offset=None, with_lse=True):
+    def partial_attention(self, q, k, v, scale, causal_offset=None, with_lse=True, key_bias=None):
         """q [B, Hq, T, D], k/v [B, Hkv, S, D] → (out [B, Hq, T, D] in q's dtype, lse [B, Hq, T] float32 or None)."""
         check_qkv(q, k, v)
         b, hq, t, d = q.shape
         hkv, s = k.shape[1], k.shape[2]
-        if not with_lse:  # no merge follows: the fused kernel (GQA-aware, float32 softmax) needs no lse
+        if not with_lse and key_bias is None:  # no merge follows: the fused kernel (GQA-aware, float32 softmax) needs no lse
             if causal_offset is None:
                 mask = None
             elif causal_offset + t == s:  # the last query sees the last key: mlx's own bottom-right causal mask
@@ -64,8 +64,11 @@ class MLXOps:
         if causal_offset is not None:
             visible = causal_mask(t, s, causal_offset)
             scores = mx.where(visible, scores.reshape(b, hkv, g, t, s), -mx.inf).reshape(b, hkv, g * t, s)
+        if key_bias is not None:
+            scores = scores + mx.expand_dims(key_bias, 2)
         lse = mx.logsumexp(scores, axis=-1, keepdims=True)
-        probs = mx.exp(scores - lse).astype(v.dtype)
+        # a row with every key hidden has lse -inf: subtract 0 there so its weights are 0, not nan
+        probs = mx.exp(scores - mx.where(mx.isinf(lse), 0.0, lse)).astype(v.dtype)
         out = (probs @ v).reshape(b, hq, t, d).astype(q.dtype)
         return out, lse.reshape(b, hq, t)
 
@@ -87,6 +90,9 @@ class MLXOps:
 
     def sqrt(self, x):
         return mx.sqrt(x)
+
+    def abs(self, x):
+        return mx.abs(x)
 
     def pool1d(self, x, kernel, kind):
         s, pad = x.shape[-1], kernel // 2

@@ -31,12 +31,12 @@ class TorchOps:
     def nbytes(self, x):
         return x.numel() * x.element_size()
 
-    def partial_attention(self, q, k, v, scale, causal_offset=None, with_lse=True):
+    def partial_attention(self, q, k, v, scale, causal_offset=None, with_lse=True, key_bias=None):
         b, hq, t, d = q.shape
         hkv, s = k.shape[1], k.shape[2]
         square = causal_offset == 0 and s == t  # a fresh prompt: SDPA's own (top-left) causal mask fits
         mask = None if causal_offset is None or square else causal_mask(t, s, causal_offset, q.device)
-        if not with_lse:  # no merge follows: the fused SDPA kernel is fastest and needs no lse
+        if not with_lse and key_bias is None:  # no merge follows: the fused SDPA kernel is fastest and needs no lse
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=square, scale=scale, enable_gqa=hq != hkv
             )
@@ -48,8 +48,11 @@ class TorchOps:
         if causal_offset is not None:
             mask = causal_mask(t, s, causal_offset, q.device)
             scores = scores.view(b, hkv, g, t, s).masked_fill(~mask, float("-inf")).view(b, hkv, g * t, s)
+        if key_bias is not None:
+            scores = scores + key_bias[:, :, None, :]
         lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-        probs = torch.exp(scores - lse).to(v.dtype)
+        # a row with every key hidden has lse -inf: subtract 0 there so its weights are 0, not nan
+        probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)).to(v.dtype)
         out = torch.matmul(probs, v).view(b, hq, t, d)
         return out, lse.view(b, hq, t)
 
@@ -70,6 +73,9 @@ class TorchOps:
 
     def sqrt(self, x):
         return torch.sqrt(x)
+
+    def abs(self, x):
+        return torch.abs(x)
 
     def pool1d(self, x, kernel, kind):
         b, h, s = x.shape

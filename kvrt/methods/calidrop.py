@@ -15,7 +15,8 @@ Choices where the paper is silent, kept as parameters:
 - The evicted tier lives in host memory (the same memory on a CPU or unified-memory
   device), capped at `calibration_size` tokens per KV head (0 = no cap; the highest
   eviction scores stay); `recompute=never` keeps no evicted tier at all, only the
-  partial, and then ρ < θ1 means no calibration.
+  partial, and then ρ < θ1 means no calibration. `offload=int2|int4|int8` stores it
+  quantized in kvrt's KIVI format instead (kvrt/methods/evicted_store.py), on the device.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 from kvrt.attention import merge_partials
 from kvrt.errors import KvrtError
 from kvrt.methods.base import selection
+from kvrt.methods.evicted_store import check_offload, evicted_store
 from kvrt.ops import Array, Ops
 
 BRANCHES = ("calibrate", "recompute", "skip")
@@ -30,10 +32,11 @@ BRANCHES = ("calibrate", "recompute", "skip")
 
 class CaliDrop:
     name = "calidrop"
-    options = {"theta1": float, "theta2": float, "calibration_size": int, "recompute": str, "granularity": str}
+    options = {"theta1": float, "theta2": float, "calibration_size": int, "recompute": str, "granularity": str,
+               "offload": str}
 
     def __init__(self, theta1: float = 0.7, theta2: float = 0.85, calibration_size: int = 0,
-                 recompute: str = "auto", granularity: str = "head"):
+                 recompute: str = "auto", granularity: str = "head", offload: str = "none"):
         if recompute not in ("auto", "never"):
             raise KvrtError(f"calidrop: recompute must be auto or never, got {recompute}")
         if granularity not in ("head", "kv_head"):
@@ -42,7 +45,8 @@ class CaliDrop:
             raise KvrtError(f"calidrop: calibration_size must be >= 0, got {calibration_size}")
         if not -1 <= theta2 <= 1:
             raise KvrtError(f"calidrop: theta2 is a cosine threshold in [-1, 1], got {theta2}")
-        self.theta1, self.theta2 = theta1, theta2
+        check_offload(offload)
+        self.theta1, self.theta2, self.offload = theta1, theta2, offload
         self.calibration_size, self.recompute, self.granularity = calibration_size, recompute, granularity
 
     def new_tier(self, ops: Ops) -> "CalibrationTier":
@@ -50,13 +54,15 @@ class CaliDrop:
 
 
 class CalibrationTier:
-    """One layer's calibration state: evicted K/V (host), proxy q [B, Hq, D], out [B, Hq, 1, D], lse [B, Hq, 1]."""
+    """One layer's calibration state: the evicted tokens (a store, per KV head, with their eviction
+    scores), proxy q [B, Hq, D], out [B, Hq, 1, D], lse [B, Hq, 1]."""
 
     name = "calibration"
 
     def __init__(self, ops: Ops, config: CaliDrop):
         self.ops, self.config = ops, config
-        self.k = self.v = self.scores = None  # the evicted tier, per KV head
+        self.store = evicted_store(ops, config.offload)
+        self.scores = None  # host float32 [B, Hkv, E]
         self.proxy = self.out = self.lse = None
         self.length = 0  # evicted tokens the stored partial covers
         self.counts = dict.fromkeys(BRANCHES, 0)
@@ -74,15 +80,16 @@ class CalibrationTier:
         self.length += k.shape[2]
         if self.config.recompute == "never":
             return
-        k, v = ops.to_host(k), ops.to_host(v)
-        if self.k is not None:
-            k, v = ops.concat([self.k, k], axis=2), ops.concat([self.v, v], axis=2)
-            scores = ops.concat([self.scores, ops.to_host(scores)], axis=2)
+        self.store.add(k, v)
+        scores = ops.to_host(scores)
+        self.scores = scores if self.scores is None else ops.concat([self.scores, scores], axis=2)
         cap = self.config.calibration_size
-        if cap and k.shape[2] > cap:
-            keep, _ = selection(ops, scores, cap)
-            k, v, scores = ops.gather_seq(k, keep), ops.gather_seq(v, keep), ops.gather_seq(scores, keep)
-        self.k, self.v, self.scores = k, v, ops.to_host(scores)
+        if cap and self.store.length > cap:  # keep the highest scores; a quantized store re-stores them
+            keep, _ = selection(ops, self.scores, cap)
+            k, v = self.store.tokens()
+            self.store = evicted_store(ops, self.config.offload)
+            self.store.add(ops.gather_seq(k, keep), ops.gather_seq(v, keep))
+            self.scores = ops.gather_seq(self.scores, keep)
 
     def similarity(self, q: Array) -> Array:
         """ρ = cos(q_t, proxy) per query head and query: float32 [B, Hq, T]."""
@@ -93,7 +100,7 @@ class CalibrationTier:
         rho = dot / (norms + 1e-12)
         if self.config.granularity == "kv_head":  # one decision per GQA group
             b, hq, t = rho.shape
-            hkv = self.k.shape[1] if self.k is not None else hq
+            hkv = self.scores.shape[1] if self.scores is not None else hq
             grouped = rho.reshape(b, hkv, hq // hkv, t)
             rho = (grouped * 0 + ops.mean(grouped, axis=2)[:, :, None, :]).reshape(b, hq, t)
         return rho
@@ -104,7 +111,7 @@ class CalibrationTier:
         rho = self.similarity(q)
         out, lse = self.out, self.lse
         recompute = rho < cfg.theta1
-        if self.k is None or not ops.any(recompute):
+        if not self.store.length or not ops.any(recompute):
             recompute = rho < -2.0  # nothing to recompute over (or no head asks): all false
         else:
             fresh_out, fresh_lse = self.recomputed(q, recompute, scale)
@@ -128,20 +135,18 @@ class CalibrationTier:
         heads get zeros, which `recompute` masks out."""
         ops = self.ops
         b, hq, t = recompute.shape
-        hkv = self.k.shape[1]
+        hkv = self.scores.shape[1]
         g = hq // hkv
         asks = ops.to_numpy(recompute).reshape(b, hkv, g, t).any(axis=(0, 2, 3))
         need = [h for h in range(hkv) if asks[h]]
-        k, v = ops.to_device_of(self.k, q), ops.to_device_of(self.v, q)
         if len(need) == hkv:
-            return ops.partial_attention(q, k, v, scale)
+            return self.store.partial(q, scale, None)
         heads = [h * g + j for h in need for j in range(g)]
-        out, lse = ops.partial_attention(ops.select_heads(q, heads), ops.select_heads(k, need),
-                                         ops.select_heads(v, need), scale)
+        out, lse = self.store.partial(ops.select_heads(q, heads), scale, need)
         return ops.place_heads(out, heads, hq), ops.place_heads(lse, heads, hq)
 
     def trim(self, n: int) -> int:
         return 0
 
     def arrays(self) -> list[Array]:
-        return [a for a in (self.k, self.v, self.scores, self.proxy, self.out, self.lse) if a is not None]
+        return self.store.arrays() + [a for a in (self.scores, self.proxy, self.out, self.lse) if a is not None]

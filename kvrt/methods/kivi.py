@@ -11,6 +11,8 @@ in full precision. OTT's outlier tracing (arXiv 2505.10938) builds on this tier.
 
 from __future__ import annotations
 
+from math import gcd
+
 from kvrt.attention import merge_partials
 from kvrt.buffer import SeqBuffer
 from kvrt.errors import KvrtError
@@ -23,17 +25,22 @@ class KIVI:
     name = "kivi"
     options = {"bits": int, "group": int, "residual": int, "value_group": int}
 
-    def __init__(self, bits: int = 2, group: int = 32, residual: int = 128, value_group: int = 32):
+    def __init__(self, bits: int = 2, group: int = 32, residual: int = 128, value_group: int = 0):
         per = codes_per_word(bits)
         if group <= 0 or group % per:
             raise KvrtError(f"kivi: group must be a positive multiple of {per} tokens for {bits}-bit codes, got {group}")
         if residual < 0:
             raise KvrtError(f"kivi: residual must be >= 0, got {residual}")
-        if value_group <= 0:
-            raise KvrtError(f"kivi: value_group must be > 0, got {value_group}")
+        if value_group < 0:
+            raise KvrtError(f"{self.name}: value_group must be >= 0 (0 = as the key group, within the head dim), got {value_group}")
         self.bits, self.group, self.residual, self.value_group = bits, group, residual, value_group
 
-    def new_tier(self, ops: Ops) -> "QuantizedTier":
+    def value_group_for(self, head_dim: int) -> int:
+        """Channels per value group: as set, or by default KIVI's one group size for keys and values,
+        brought down to a divisor of the head dim (gcd(group, head_dim))."""
+        return self.value_group or gcd(self.group, head_dim)
+
+    def new_tier(self, ops: Ops, layer_idx: int = 0) -> "QuantizedTier":
         return QuantizedTier(ops, self)
 
     def groups_to_flush(self, residual_length: int) -> int:
@@ -60,9 +67,10 @@ class QuantizedTier:
         """Quantize and store whole groups: k, v [B, Hkv, n·G, D]."""
         cfg = self.config
         qk = quantize_keys(self.ops, k, cfg.bits, cfg.group)
-        if v.shape[3] % cfg.value_group:
-            raise KvrtError(f"kivi: value_group {cfg.value_group} must divide the head dim {v.shape[3]}")
-        qv = quantize_values(self.ops, v, cfg.bits, cfg.value_group)
+        value_group = cfg.value_group_for(v.shape[3])
+        if v.shape[3] % value_group:
+            raise KvrtError(f"{cfg.name}: value_group {value_group} must divide the head dim {v.shape[3]}")
+        qv = quantize_values(self.ops, v, cfg.bits, value_group)
         for name, array in zip(self.buffers, (qk.codes, qk.scale, qk.zero, qv.codes, qv.scale, qv.zero)):
             self.buffers[name].append(array)
         self.length += k.shape[2]
@@ -78,18 +86,32 @@ class QuantizedTier:
         keys = QuantizedKeys(buf["k_codes"].view()[..., a // per : z // per, :], buf["k_scale"].view()[..., first:last, :],
                              buf["k_zero"].view()[..., first:last, :], cfg.bits, g, (b, h, s, d))
         values = QuantizedValues(buf["v_codes"].view()[..., a:z, :], buf["v_scale"].view()[..., a:z, :],
-                                 buf["v_zero"].view()[..., a:z, :], cfg.bits, cfg.value_group, (b, h, s, d))
+                                 buf["v_zero"].view()[..., a:z, :], cfg.bits, cfg.value_group_for(d), (b, h, s, d))
         return dequantize_keys(self.ops, keys), dequantize_values(self.ops, values)
 
-    def partial(self, q: Array, scale: float, causal_offset: int | None, with_lse: bool):
+    def partial(self, q: Array, scale: float, causal_offset: int | None, with_lse: bool, heads: list[int] | None = None):
         """(out, lse) of q over every flushed token, a block of groups at a time (no causal mask:
-        flushed tokens precede every query)."""
-        groups = self.length // self.config.group
+        flushed tokens precede every query). `heads`: only these KV heads (q holds just their
+        query heads), as CaliDrop's recompute asks."""
+        ops, groups = self.ops, self.length // self.config.group
         parts = []
         for first in range(0, groups, self.BLOCK_GROUPS):
-            keys, values = self.block(first, min(first + self.BLOCK_GROUPS, groups))
-            parts.append(self.ops.partial_attention(q, keys, values, scale, None, True))
-        return merge_partials(self.ops, parts)
+            last = min(first + self.BLOCK_GROUPS, groups)
+            keys, values = self.block(first, last)
+            bias = self.block_bias(first, last)
+            if heads is not None:
+                keys, values = ops.select_heads(keys, heads), ops.select_heads(values, heads)
+                bias = None if bias is None else ops.select_heads(bias, heads)
+            parts.append(ops.partial_attention(q, keys, values, scale, None, True, bias))
+        return merge_partials(ops, parts + self.extra_partials(q, scale, heads))
+
+    def block_bias(self, first: int, last: int) -> Array | None:
+        """Key bias [B, Hkv, S] for groups first..last-1 (OTT hides its traced slots); none here."""
+        return None
+
+    def extra_partials(self, q: Array, scale: float, heads: list[int] | None) -> list:
+        """Partials over tokens this tier keeps beside the groups (OTT's outlier pools); none here."""
+        return []
 
     def trim(self, n: int) -> int:
         return 0  # quantized tokens cannot be un-fed; only the residual rewinds

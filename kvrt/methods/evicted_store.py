@@ -1,0 +1,96 @@
+"""Where CaliDrop keeps the evicted tokens it may recompute over: in full precision, or
+quantized in kvrt's KIVI format (`calidrop:offload=int2|int4|int8`, groups of 32 tokens)."""
+
+from __future__ import annotations
+
+from kvrt.attention import merge_partials
+from kvrt.errors import KvrtError
+from kvrt.ops import Array, Ops
+
+OFFLOAD_GROUP = 32  # KIVI's paper setting: tokens per key group of the quantized evicted tier
+OFFLOADS = ("none", "int2", "int4", "int8")
+
+
+def check_offload(offload: str) -> None:
+    if offload not in OFFLOADS:
+        raise KvrtError(f"calidrop: offload must be one of {', '.join(OFFLOADS)}, got {offload}")
+
+
+def evicted_store(ops: Ops, offload: str):
+    """Full precision in host memory (offload=none), or quantized on the device, 4-14x smaller."""
+    check_offload(offload)
+    return FullStore(ops, host=True) if offload == "none" else QuantizedStore(ops, int(offload[3:]))
+
+
+class FullStore:
+    """Evicted k/v [B, Hkv, E, D] as they came, in host memory if `host`."""
+
+    def __init__(self, ops: Ops, host: bool = False):
+        self.ops, self.host = ops, host
+        self.k = self.v = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def add(self, k: Array, v: Array) -> None:
+        if self.host:
+            k, v = self.ops.to_host(k), self.ops.to_host(v)
+        if self.k is not None:
+            k, v = self.ops.concat([self.k, k], axis=2), self.ops.concat([self.v, v], axis=2)
+        self.k, self.v = k, v
+
+    def tokens(self) -> tuple[Array, Array]:
+        """Every stored token in full precision, in the order added."""
+        return self.k, self.v
+
+    def partial(self, q: Array, scale: float, heads: list[int] | None) -> tuple[Array, Array]:
+        ops = self.ops
+        k, v = ops.to_device_of(self.k, q), ops.to_device_of(self.v, q)
+        if heads is not None:
+            k, v = ops.select_heads(k, heads), ops.select_heads(v, heads)
+        return ops.partial_attention(q, k, v, scale)
+
+    def arrays(self) -> list[Array]:
+        return [a for a in (self.k, self.v) if a is not None]
+
+
+class QuantizedStore:
+    """Evicted tokens in whole quantized groups, the last partial group in full precision; on the device."""
+
+    def __init__(self, ops: Ops, bits: int):
+        from kvrt.methods.kivi import KIVI
+
+        self.ops, self.config = ops, KIVI(bits=bits, group=OFFLOAD_GROUP, residual=0)
+        self.groups = self.config.new_tier(ops)
+        self.rest = FullStore(ops)
+
+    @property
+    def length(self) -> int:
+        return self.groups.length + self.rest.length
+
+    def add(self, k: Array, v: Array) -> None:
+        self.rest.add(k, v)
+        m = self.config.groups_to_flush(self.rest.length) * self.config.group
+        if m:
+            k, v = self.rest.tokens()
+            self.groups.add(k[..., :m, :], v[..., :m, :])
+            self.rest = FullStore(self.ops)
+            if k.shape[2] > m:
+                self.rest.add(self.ops.concat([k[..., m:, :]], axis=2), self.ops.concat([v[..., m:, :]], axis=2))
+
+    def tokens(self) -> tuple[Array, Array]:
+        """Every stored token, dequantized (a cap re-selection re-stores them)."""
+        parts = [self.groups.block(0, self.groups.length // self.config.group)] if self.groups.length else []
+        parts += [self.rest.tokens()] if self.rest.length else []
+        if len(parts) == 1:
+            return parts[0]
+        return tuple(self.ops.concat([p[i] for p in parts], axis=2) for i in range(2))
+
+    def partial(self, q: Array, scale: float, heads: list[int] | None) -> tuple[Array, Array]:
+        parts = [self.groups.partial(q, scale, None, True, heads)] if self.groups.length else []
+        parts += [self.rest.partial(q, scale, heads)] if self.rest.length else []
+        return merge_partials(self.ops, parts)
+
+    def arrays(self) -> list[Array]:
+        return self.groups.arrays() + self.rest.arrays()

@@ -1,0 +1,143 @@
+"""OTT: KIVI with outlier-token tracing (arXiv 2505.10938, "Accurate KV Cache Quantization with
+Outlier Tokens Tracing").
+
+A few tokens have unusually *small* keys; inside a per-channel key group they stretch the
+range every other token is quantized with. OTT keeps them out of the groups. At each flush,
+per KV head, the candidates are the group's G new tokens plus the current outlier pool;
+the `outliers` with the smallest key L1 norm (Σ|k| over channels) form the new pool, kept in
+full precision. A new token that enters the pool leaves a slot in its group: the slot's key
+is replaced by the mean of the group's other keys before min/max (so it widens no range),
+and the slot is hidden in attention (its token is read from the pool instead, never twice).
+A member pushed out of the pool moves to the overflow pool, also full precision; a head
+traces only while its overflow pool can still take every current member, after that its
+pool is frozen and its groups quantize as plain KIVI. The first `skip_layers` layers trace
+nothing (the paper finds no such tokens there).
+
+Choices where the paper leaves room, stated here:
+- the substituted key is the mean of the group's untraced tokens; values are quantized per
+  token, so a traced token's value slot cannot disturb others and is left as it is;
+- ties in key magnitude keep the earlier candidate (current pool members come first).
+"""
+
+from __future__ import annotations
+
+from kvrt.buffer import SeqBuffer
+from kvrt.errors import KvrtError
+from kvrt.methods.kivi import KIVI, QuantizedTier
+from kvrt.ops import Array, Ops
+
+INF = float("inf")
+
+
+class OTT(KIVI):
+    name = "ott"
+    options = {**KIVI.options, "outliers": int, "overflow": int, "skip_layers": int}
+
+    def __init__(self, bits: int = 2, group: int = 128, residual: int = 32, value_group: int = 0,
+                 outliers: int = 3, overflow: int = 32, skip_layers: int = 2):
+        super().__init__(bits, group, residual, value_group)
+        if not 0 <= outliers < group:
+            raise KvrtError(f"ott: outliers must be >= 0 and below the group size {group}, got {outliers}")
+        if overflow < 0 or skip_layers < 0:
+            raise KvrtError(f"ott: overflow and skip_layers must be >= 0, got {overflow} and {skip_layers}")
+        self.outliers, self.overflow, self.skip_layers = outliers, overflow, skip_layers
+
+    def new_tier(self, ops: Ops, layer_idx: int = 0) -> QuantizedTier:
+        return QuantizedTier(ops, self) if layer_idx < self.skip_layers else TracedTier(ops, self)
+
+
+class TracedTier(QuantizedTier):
+    """KIVI's quantized groups plus, per KV head: the outlier pool k/v [B, Hkv, O, D] with its
+    key norms (float32 [B, Hkv, O], +inf marks an empty slot), the overflow pool k/v
+    [B, Hkv, C, D] with a validity flag (float32 [B, Hkv, C]; C grows to the fullest head's
+    count, at most `overflow`), and per group the slots its traced tokens left (int32
+    [B, Hkv, groups, O], −1 = none)."""
+
+    def __init__(self, ops: Ops, config: OTT):
+        super().__init__(ops, config)
+        self.pool_k = self.pool_v = self.pool_norm = None
+        self.over_k = self.over_v = self.over_valid = None
+        self.slots = SeqBuffer(ops, step=1)
+
+    def add(self, k: Array, v: Array) -> None:
+        """Trace and quantize whole groups, one group after another (each sees the pool the one before left)."""
+        g, o = self.config.group, self.config.outliers
+        if o == 0:
+            return super().add(k, v)
+        keys = [self._trace(k[..., i : i + g, :], v[..., i : i + g, :]) for i in range(0, k.shape[2], g)]
+        super().add(keys[0] if len(keys) == 1 else self.ops.concat(keys, axis=2), v)
+
+    def _trace(self, k: Array, v: Array) -> Array:
+        """Update the pools with one group k/v [B, Hkv, G, D]; returns its keys with traced slots
+        replaced by the mean of the rest, and records those slots."""
+        ops, o = self.ops, self.config.outliers
+        b, h, g, d = k.shape
+        if self.pool_k is None:  # an empty pool: every slot +inf, so the first group fills it
+            self.pool_k, self.pool_v = k[..., :o, :] * 0, v[..., :o, :] * 0
+            self.pool_norm = ops.full((b, h, o), INF, like=k)
+        norm = ops.sum(ops.abs(ops.to_float32(k)), axis=-1)  # [B, Hkv, G]
+        members = ops.sum(ops.where(self.pool_norm < INF, 1.0, 0.0), axis=-1)  # [B, Hkv]
+        free = self.config.overflow - (ops.sum(self.over_valid, axis=-1) if self.over_valid is not None else 0.0)
+        tracing = members <= free  # room for every member this flush could push out
+        norm = ops.where(tracing[..., None], norm, INF)  # a frozen head lets no new token in
+        candidates = ops.concat([self.pool_norm, norm], axis=2)  # [B, Hkv, O + G]: members first
+        chosen = ops.argsort_desc(0.0 - candidates)[..., :o]  # the O smallest; ties keep the earlier
+        ids = ops.positions(-o, o + g, like=k)  # a candidate's index in the group (members: negative)
+        slots = ops.gather_seq(ids, chosen)  # [B, Hkv, O], from int32 ids (argsort's dtype varies)
+        picked = ops.sum(ops.where(ids[:, :, None, :] == slots[..., None], 1.0, 0.0), axis=2) > 0.5
+        pushed = (~picked[..., :o]) & (self.pool_norm < INF)  # members that lost their place
+        self._overflow(pushed)
+        self.pool_k = ops.gather_seq(ops.concat([self.pool_k, k], axis=2), chosen)
+        self.pool_v = ops.gather_seq(ops.concat([self.pool_v, v], axis=2), chosen)
+        self.pool_norm = ops.gather_seq(candidates, chosen)
+        self.slots.append(ops.where(slots >= 0, slots, -1).reshape(b, h, 1, o))
+        traced = picked[..., o:, None]  # [B, Hkv, G, 1]
+        kf = ops.where(traced, 0.0, ops.to_float32(k))
+        rest = g - ops.sum(ops.where(traced, 1.0, 0.0), axis=2)  # [B, Hkv, 1]
+        mean = ops.sum(kf, axis=2)[:, :, None, :] / rest[..., None]
+        return ops.cast_like(ops.where(traced, mean, kf), k)
+
+    def _overflow(self, pushed: Array) -> None:
+        """Append the pushed-out members (bool [B, Hkv, O]) to the overflow pool, compacted so each
+        head's valid entries come first; the pool grows only to the fullest head's count."""
+        ops = self.ops
+        flags = ops.where(pushed, 1.0, 0.0)
+        if self.over_valid is not None:
+            flags = ops.concat([self.over_valid, flags], axis=2)
+        count = int(ops.to_numpy(ops.sum(flags, axis=-1)).max())
+        if count == 0:
+            return
+        order = ops.argsort_desc(flags)[..., :count]  # valid entries first, each head in its own order
+        keys = self.pool_k if self.over_k is None else ops.concat([self.over_k, self.pool_k], axis=2)
+        values = self.pool_v if self.over_v is None else ops.concat([self.over_v, self.pool_v], axis=2)
+        self.over_k, self.over_v = ops.gather_seq(keys, order), ops.gather_seq(values, order)
+        self.over_valid = ops.gather_seq(flags, order)
+
+    def block_bias(self, first: int, last: int) -> Array | None:
+        """−inf on the traced slots of groups first..last-1, 0 elsewhere: [B, Hkv, n·G]."""
+        if self.config.outliers == 0:
+            return None
+        ops, g = self.ops, self.config.group
+        slots = self.slots.view()[..., first:last, :]  # [B, Hkv, n, O]
+        b, h, n, o = slots.shape
+        ids = ops.positions(0, g, like=slots).reshape(b, h, 1, 1, g)
+        hidden = ops.sum(ops.where(slots[..., None] == ids, 1.0, 0.0), axis=3) > 0.5  # [B, Hkv, n, G]
+        return ops.where(hidden, -INF, 0.0).reshape(b, h, n * g)
+
+    def extra_partials(self, q: Array, scale: float, heads: list[int] | None) -> list:
+        ops, parts = self.ops, []
+        pools = [(self.pool_k, self.pool_v, None)]  # a filled pool has no empty slot
+        if self.over_k is not None:
+            pools.append((self.over_k, self.over_v, ops.where(self.over_valid > 0.5, 0.0, -INF)))
+        for k, v, bias in pools:
+            if k is None:
+                continue
+            if heads is not None:
+                k, v = ops.select_heads(k, heads), ops.select_heads(v, heads)
+                bias = None if bias is None else ops.select_heads(bias, heads)
+            parts.append(ops.partial_attention(q, k, v, scale, None, True, bias))
+        return parts
+
+    def arrays(self) -> list[Array]:
+        extra = (self.pool_k, self.pool_v, self.pool_norm, self.over_k, self.over_v, self.over_valid, self.slots.data)
+        return super().arrays() + [a for a in extra if a is not None]
