@@ -197,11 +197,19 @@ class KVCache:
         return sum(layer.nbytes() for layer in self.layers)
 
     def stats(self) -> dict:
-        """Per-cache counters for --verbose: CaliDrop's branch counts summed over layers."""
+        """Per-cache counters for --verbose: CaliDrop's branch counts summed over layers; quantized
+        tokens (per layer, of the tokens it holds) and OTT's traced outliers per traced KV head."""
+        stats = {}
         tiers = [layer.calibration for layer in self.layers if layer.calibration is not None]
-        if not tiers:
-            return {}
-        return {"calidrop": {k: sum(t.counts[k] for t in tiers) for k in tiers[0].counts}}
+        if tiers:
+            stats["calidrop"] = {k: sum(t.counts[k] for t in tiers) for k in tiers[0].counts}
+        quantized = [layer.quantized for layer in self.layers if layer.quantized is not None]
+        if quantized:
+            held = max(layer.quantized.length + layer.kept.length + layer.newest.length for layer in self.layers)
+            traced = [t.traced_per_head() for t in quantized if hasattr(t, "traced_per_head")]
+            stats["quantized"] = {"tokens": max(t.length for t in quantized), "of": held,
+                                  "traced": sum(traced) / len(traced) if traced else 0.0}
+        return stats
 
     def __iter__(self) -> Iterable[LayerCache]:
         return iter(self.layers)

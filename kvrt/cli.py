@@ -13,6 +13,7 @@ import sys
 import click
 
 from kvrt import __version__
+from kvrt.cache_flags import cache_options
 from kvrt.errors import KvrtError
 from kvrt.sampling import SamplingParams
 
@@ -71,34 +72,11 @@ def sampling_options(f):
                      show_default=True),
         click.option("--seed", type=int, default=None),
         click.option("--stop", multiple=True, help="Stop string (repeatable)."),
-        click.option("--cache", "cache_spec", default=None,
-                     help="Cache spec METHOD[:key=value,...][+MODIFIER...], e.g. snapkv:budget=128+calidrop "
-                          "(default: full)."),
-        click.option("--evict", type=click.Choice(["streaming", "h2o", "snapkv", "pyramidkv"]), default=None,
-                     help="Eviction method (same as --cache METHOD:budget=N)."),
-        click.option("--budget", type=click.IntRange(min=1), default=None, help="Tokens kept per layer and KV head."),
-        click.option("--calibrate", is_flag=True, help="Add CaliDrop calibration (same as +calidrop)."),
         click.option("--verbose", "-v", is_flag=True, help="Print a stats line to stderr."),
     ]
     for option in reversed(options):
         f = option(f)
     return f
-
-
-def cache_spec_from(cache_spec, evict, budget, calibrate) -> str:
-    """One spec string from --cache or the convenience flags --evict/--budget/--calibrate."""
-    from kvrt.spec import CacheSpec
-
-    if cache_spec is not None and (evict or budget or calibrate):
-        raise click.UsageError("use either --cache SPEC or --evict/--budget/--calibrate, not both")
-    if cache_spec is None:
-        if (budget is not None or calibrate) and evict is None:
-            raise click.UsageError("--budget and --calibrate need --evict METHOD")
-        if evict is not None and budget is None:
-            raise click.UsageError(f"--evict {evict} needs --budget N")
-        cache_spec = f"{evict}:budget={budget}" if evict else "full"
-        cache_spec += "+calidrop" if calibrate else ""
-    return str(CacheSpec.parse(cache_spec))
 
 
 def sampling_params(temp, top_p, top_k, min_p, repetition_penalty, seed) -> SamplingParams:
@@ -119,13 +97,13 @@ def load_model(model, backend, dtype):
 @click.option("--ignore-chat-template", is_flag=True, help="Feed the prompt as raw text.")
 @click.option("--truncate", is_flag=True, help="Cut the middle of a prompt that exceeds the context.")
 @sampling_options
+@cache_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the text and stats.")
 def generate(model, backend, dtype, prompt, system_prompt, ignore_chat_template, truncate, max_tokens, temp, top_p,
-             top_k, min_p, repetition_penalty, seed, stop, cache_spec, evict, budget, calibrate, verbose, as_json):
+             top_k, min_p, repetition_penalty, seed, stop, verbose, cache_spec, as_json):
     """Generate a completion for one prompt, streaming it to stdout."""
     if prompt == "-":
         prompt = sys.stdin.read()
-    cache_spec = cache_spec_from(cache_spec, evict, budget, calibrate)
     params = sampling_params(temp, top_p, top_k, min_p, repetition_penalty, seed)
     m = load_model(model, backend, dtype)
     pieces = m.stream(prompt, max_tokens=max_tokens, system_prompt=system_prompt,
@@ -165,10 +143,10 @@ def emit(pieces, echo: bool) -> tuple[str, bool]:
 @model_options
 @click.option("--system-prompt", default=None)
 @sampling_options
+@cache_options
 def chat(model, backend, dtype, system_prompt, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed,
-         stop, cache_spec, evict, budget, calibrate, verbose):
+         stop, verbose, cache_spec):
     """Chat in a REPL that keeps the KV cache across turns. /reset clears it, /quit leaves."""
-    cache_spec = cache_spec_from(cache_spec, evict, budget, calibrate)
     params = sampling_params(temp, top_p, top_k, min_p, repetition_penalty, seed)
     m = load_model(model, backend, dtype)
     session = m.chat_session(system_prompt, cache=cache_spec)

@@ -52,6 +52,10 @@ class GenerationStats:
         if calidrop:
             total = max(sum(calidrop.values()), 1)
             text += " | calidrop " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in calidrop.items())
+        quantized = self.cache.get("quantized")
+        if quantized:
+            text += (f" | quantized {quantized['tokens']}/{quantized['of']} tokens per layer, "
+                     f"{quantized['traced']:.1f} outliers per traced KV head")
         return text
 
 

@@ -42,6 +42,22 @@ def test_generate_streams_text_and_json_has_the_stats(tiny_model_dir):
     assert data["prompt_tokens"] > 0 and data["kv_bytes"] > 0 and data["peak_memory_bytes"] > 0
 
 
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+@pytest.mark.parametrize("flags,spec", [
+    (["--kv-bits", "2", "--kv-group-size", "16", "--kv-residual", "8"], "ott:bits=2,group=16,residual=8"),
+    (["--cache", "snapkv:budget=40+calidrop:offload=int2+ott:bits=2,group=16,residual=8"],
+     "snapkv:budget=40+calidrop:offload=int2+ott:bits=2,group=16,residual=8"),
+])
+def test_generate_with_a_quantized_cache(tiny_model_dir, backend, flags, spec):
+    if backend == "mlx":
+        pytest.importorskip("mlx.core")
+    result = run("generate", "--model", str(tiny_model_dir("llama")), "--prompt", "one two three four " * 10,
+                 "--ignore-chat-template", "--max-tokens", "20", "--json", "--backend", backend, *flags)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["cache"] == spec and data["generation_tokens"] == 20 and data["backend"] == backend
+
+
 def test_generate_reads_the_prompt_from_stdin(tiny_model_dir):
     result = run("generate", "--model", str(tiny_model_dir("llama")), "--prompt", "-", "--max-tokens", "3",
                  "--json", input="from stdin")
@@ -104,6 +120,11 @@ def test_pull_and_models_list_the_cache(tiny_model_dir, tmp_path):
         (["generate", "--model", "TINY", "--prompt", "x", "--cache", "full:budget=3"], "bad option"),
         (["generate", "--model", "TINY", "--prompt", "word " * 400], "context is 256"),
         (["generate", "--model", "TINY"], "--prompt"),
+        (["generate", "--model", "TINY", "--prompt", "x", "--kv-bits", "3"], "--kv-bits"),
+        (["generate", "--model", "TINY", "--prompt", "x", "--kv-bits", "2", "--kv-group-size", "24"], "multiple of 16"),
+        (["generate", "--model", "TINY", "--prompt", "x", "--kv-residual", "8"], "need --kv-bits"),
+        (["generate", "--model", "TINY", "--prompt", "x", "--kv-bits", "2", "--cache", "full"], "not both"),
+        (["generate", "--model", "TINY", "--prompt", "x", "--cache", "full+ott"], "follows an eviction method"),
         (["pull", "/no/such.gguf"], "no such file or folder"),
         (["frobnicate"], "No such command"),
     ],

@@ -214,11 +214,14 @@ def test_a_ratio_too_small_for_the_prompt_is_a_clear_error(runtime):
 
 
 def test_spec_round_trips_and_the_flags_map_onto_it():
-    from kvrt.cli import cache_spec_from
+    from kvrt.cache_flags import cache_spec_from
 
     assert str(CacheSpec.parse("snapkv:budget=128+calidrop:theta1=0.7")) == "snapkv:budget=128+calidrop:theta1=0.7"
     assert cache_spec_from(None, "h2o", 64, True) == "h2o:budget=64+calidrop"
     assert cache_spec_from(None, None, None, False) == "full"
+    assert cache_spec_from(kv_bits=2) == "ott:bits=2"
+    assert cache_spec_from(None, "snapkv", 512, True, 2, 64, 16, 0) == \
+        "snapkv:budget=512+calidrop+ott:bits=2,group=64,residual=16,outliers=0"
 
 
 def test_chat_with_eviction_rebuilds_or_reuses_its_cache(tiny_model_dir):

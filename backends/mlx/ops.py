@@ -23,6 +23,13 @@ def check_qkv(q: mx.array, k: mx.array, v: mx.array) -> None:
         raise KvrtError(f"q {q.shape} does not fit k {k.shape}: batch and head dim must match, Hq a multiple of Hkv")
 
 
+def _shifts(bits: int, axis: int, ndim: int) -> mx.array:
+    """0, b, 2b, ... (one shift per code of a word) laid along `axis` of an ndim-array."""
+    shape = [1] * ndim
+    shape[axis] = 32 // bits
+    return mx.arange(0, 32, bits, dtype=mx.int32).reshape(shape)
+
+
 class MLXOps:
     name = "mlx"
     fused_prefill = False  # mlx's CPU attention may build the whole score matrix: keep query blocks
@@ -185,20 +192,21 @@ class MLXOps:
         return mx.where(scale == 0, 0, q).astype(mx.int32)
 
     def pack_codes(self, codes, bits, axis):
-        per = 32 // bits
-        c = mx.moveaxis(codes.astype(mx.int32), axis, -1)
-        c = c.reshape(*c.shape[:-1], c.shape[-1] // per, per)
-        words = c[..., 0]
-        for i in range(1, per):
-            words = mx.bitwise_or(words, mx.left_shift(c[..., i], i * bits))
-        return mx.moveaxis(words, -1, axis)
+        # the codes' bit fields are disjoint, so an int32 sum of the shifted codes is their OR
+        axis, per = axis % codes.ndim, 32 // bits
+        shape = codes.shape
+        c = codes.astype(mx.int32).reshape(*shape[:axis], shape[axis] // per, per, *shape[axis + 1 :])
+        return mx.sum(mx.left_shift(c, _shifts(bits, axis + 1, c.ndim)), axis=axis + 1).astype(mx.int32)
 
     def unpack_codes(self, words, bits, axis, length):
-        per, mask = 32 // bits, (1 << bits) - 1
-        w = mx.moveaxis(words, axis, -1)
-        codes = mx.stack([mx.bitwise_and(mx.right_shift(w, i * bits), mask) for i in range(per)], axis=-1)
-        codes = codes.reshape(*w.shape[:-1], w.shape[-1] * per)[..., :length]
-        return mx.moveaxis(codes, -1, axis)
+        axis, per = axis % words.ndim, 32 // bits
+        shifted = mx.right_shift(mx.expand_dims(words, axis + 1), _shifts(bits, axis + 1, words.ndim + 1))
+        codes = mx.bitwise_and(shifted, (1 << bits) - 1)
+        shape = words.shape
+        codes = codes.reshape(*shape[:axis], shape[axis] * per, *shape[axis + 1 :])
+        if codes.shape[axis] == length:
+            return codes
+        return mx.take(codes, mx.arange(length), axis=axis)
 
     def argmax_last(self, logits):
         return int(mx.argmax(logits.reshape(-1)).item())

@@ -14,6 +14,13 @@ def causal_mask(t: int, s: int, causal_offset: int, device) -> torch.Tensor:
     return torch.arange(s, device=device)[None, :] <= rows
 
 
+def _shifts(bits: int, axis: int, ndim: int, device) -> torch.Tensor:
+    """0, b, 2b, ... (one shift per code of a word) laid along `axis` of an ndim-array."""
+    shape = [1] * ndim
+    shape[axis] = 32 // bits
+    return torch.arange(0, 32, bits, dtype=torch.int32, device=device).view(shape)
+
+
 class TorchOps:
     name = "torch"
     fused_prefill = True  # SDPA's flash kernels (CPU and CUDA) work through the queries in tiles
@@ -166,20 +173,16 @@ class TorchOps:
         return torch.where(scale == 0, torch.zeros_like(q), q).to(torch.int32)
 
     def pack_codes(self, codes, bits, axis):
-        per = 32 // bits
-        c = torch.movedim(codes.to(torch.int32), axis, -1)
-        c = c.reshape(*c.shape[:-1], c.shape[-1] // per, per)
-        words = c[..., 0].clone()
-        for i in range(1, per):
-            words |= c[..., i] << (i * bits)
-        return torch.movedim(words, -1, axis).contiguous()
+        # the codes' bit fields are disjoint, so an int32 sum of the shifted codes is their OR
+        axis, per = axis % codes.ndim, 32 // bits
+        c = codes.to(torch.int32).unflatten(axis, (codes.shape[axis] // per, per))
+        return (c << _shifts(bits, axis + 1, c.ndim, c.device)).sum(dim=axis + 1, dtype=torch.int32)
 
     def unpack_codes(self, words, bits, axis, length):
-        per, mask = 32 // bits, (1 << bits) - 1
-        w = torch.movedim(words, axis, -1)
-        codes = torch.stack([(w >> (i * bits)) & mask for i in range(per)], dim=-1)
-        codes = codes.reshape(*w.shape[:-1], w.shape[-1] * per)[..., :length]
-        return torch.movedim(codes, -1, axis).contiguous()
+        axis, per = axis % words.ndim, 32 // bits
+        codes = (words.unsqueeze(axis + 1) >> _shifts(bits, axis + 1, words.ndim + 1, words.device)) & ((1 << bits) - 1)
+        codes = codes.flatten(axis, axis + 1)
+        return codes if codes.shape[axis] == length else codes.narrow(axis, 0, length)
 
     def argmax_last(self, logits):
         return int(torch.argmax(logits))

@@ -138,6 +138,15 @@ class TracedTier(QuantizedTier):
             parts.append(ops.partial_attention(q, k, v, scale, None, True, bias))
         return parts
 
+    def traced_per_head(self) -> float:
+        """Tokens held in the outlier and overflow pools, averaged over KV heads (for --verbose)."""
+        if self.pool_norm is None:
+            return 0.0
+        members = self.ops.to_numpy(self.pool_norm < INF).sum(axis=-1)
+        if self.over_valid is not None:
+            members = members + self.ops.to_numpy(self.over_valid).sum(axis=-1)
+        return float(members.mean())
+
     def arrays(self) -> list[Array]:
         extra = (self.pool_k, self.pool_v, self.pool_norm, self.over_k, self.over_v, self.over_valid, self.slots.data)
         return super().arrays() + [a for a in extra if a is not None]
