@@ -1,9 +1,11 @@
-"""Speed and memory of eviction at ~4k context: decode tok/s, KV bytes, prefill scoring cost,
-peak KV memory during prefill. All specs run in one process, one after the other, on the
-same prompt (fp32, one thread); timings are the median of `--repeats` runs.
+"""Speed and memory of cache specs (eviction, quantization) at long context: decode tok/s, KV
+bytes, prefill compression cost, peak KV memory during prefill. All specs run in one process,
+one after the other, on the same prompt (fp32, one thread); timings are the median of
+`--repeats` runs.
 
     python bench/evict_speed.py
     python bench/evict_speed.py --specs full,snapkv:budget=256,snapkv:budget=256+calidrop --length 4096
+    python bench/evict_speed.py --specs full,ott:bits=2,kivi:bits=2 --length 8000
 """
 
 from __future__ import annotations
@@ -25,18 +27,19 @@ from kvrt.tokenizer import Tokenizer
 def instrumented_prefill(runtime, spec, ids):
     """Prefill under `spec`; returns (cache, logits, seconds, seconds spent compressing, peak KV bytes).
 
+    Compressing is eviction (scoring, selection, gathers) plus quantization (tracing, packing).
     The peak is read just before each layer compresses: every earlier layer already
     compressed, this one still holding its whole prompt KV.
     """
     cache = runtime.new_cache(spec)
     spent, peak = [0.0], [0]
     for layer in cache.layers:
-        def evict(q, scale, layer=layer, original=layer._evict):
+        def compress(q, scale, layer=layer, original=layer._compress):
             peak[0] = max(peak[0], cache.nbytes())
             start = time.perf_counter()
             original(q, scale)
             spent[0] += time.perf_counter() - start
-        layer._evict = evict
+        layer._compress = compress
     start = time.perf_counter()
     logits = runtime.forward(ids, cache)
     seconds = time.perf_counter() - start

@@ -30,6 +30,7 @@ from texts import haystack_ids, natural_passages
 
 from kvrt.backends.torch.runtime import TorchRuntime
 from kvrt.model_store import resolve_model
+from kvrt.spec import CacheSpec
 from kvrt.tokenizer import Tokenizer
 
 
@@ -51,9 +52,12 @@ def cache_for(runtime, spec, captured):
 
 def stepwise(spec: str) -> bool:
     """Whether scoring must go one decode step at a time: decode-time eviction (streaming, H2O),
-    KIVI's group flushes and CaliDrop's per-step proxy updates change later steps; otherwise (full,
-    SnapKV, PyramidKV) a decode step only appends, so one multi-token forward gives the same logits."""
-    return spec.split(":")[0] in ("streaming", "h2o", "kivi") or "calidrop" in spec
+    quantization's group flushes (KIVI, OTT) and CaliDrop's per-step proxy updates change later
+    steps; otherwise (full, SnapKV, PyramidKV) a decode step only appends, so one multi-token
+    forward gives the same logits."""
+    parsed = CacheSpec.parse(spec)
+    eviction, calibration, quantization = parsed.build()
+    return parsed.method.name in ("streaming", "h2o") or calibration is not None or quantization is not None
 
 
 def continuation_nll(runtime, cache, first_logits, continuation, spec: str) -> float:
