@@ -15,9 +15,10 @@ Shapes: B batch, Hq query heads, Hkv KV heads (Hq = G·Hkv), T queries, S keys, 
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
-import numpy as np
+if TYPE_CHECKING:  # policy code never needs numpy itself
+    import numpy as np
 
 Array = Any  # a torch.Tensor or an mx.array, never mixed within one backend
 

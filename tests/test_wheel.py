@@ -19,8 +19,13 @@ def test_wheel_installs_into_a_fresh_venv_and_imports_all_three(tmp_path):
         check=True, capture_output=True,
     )
     (wheel,) = (tmp_path / "dist").glob("kvrt-*.whl")
-    top_level = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    names = zipfile.ZipFile(wheel).namelist()
+    top_level = {name.split("/")[0] for name in names}
     assert top_level == {"kvrt", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info"}
+    # every package of the source tree ships (kvrt/methods once did not)
+    sources = {p.parent.relative_to(REPO / "kvrt").as_posix() for p in (REPO / "kvrt").rglob("__init__.py")}
+    shipped = {Path(n).parent.relative_to("kvrt").as_posix() for n in names if n.startswith("kvrt/") and n.endswith("__init__.py")}
+    assert sources <= shipped, sources - shipped
 
     env_dir = tmp_path / "fresh"
     venv.create(env_dir, with_pip=True)
@@ -29,6 +34,7 @@ def test_wheel_installs_into_a_fresh_venv_and_imports_all_three(tmp_path):
                    capture_output=True)
     probe = (
         "import kvrt, kvrt.backends, kvrt.backends.torch, kvrt.backends.mlx, kvrt.kernels_cuda, kvrt.kernels_metal;"
+        "from kvrt.spec import CacheSpec; CacheSpec.parse('snapkv:budget=64+calidrop:offload=int2+ott:bits=2');"
         "import importlib.util as u; print(kvrt.backends.__file__);"
         "print(u.find_spec('backends') is None and u.find_spec('kernels_cuda') is None)"
     )
