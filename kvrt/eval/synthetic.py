@@ -14,10 +14,9 @@ import itertools
 import random
 import string
 import uuid
-from dataclasses import dataclass, field
-
 from kvrt.errors import KvrtError
 from kvrt.eval.haystack import sentence_stream
+from kvrt.eval.sample import Frame, Sample
 
 NOISE = ["The river keeps running to the sea.", "The hills stay where they have always been.",
          "Here we go again.", "Round and round the seasons turn."]
@@ -27,31 +26,6 @@ NOUNS = ["anchor", "badger", "candle", "dragon", "engine", "falcon", "garden", "
          "kettle", "lantern", "meadow", "needle", "orchid", "pepper", "quarry", "ribbon", "saddle", "tunnel"]
 COMMON_POOL = ["apple", "bridge", "cloud", "desk", "forest", "guitar", "hammer", "ink", "jungle", "kite",
                "lemon", "mirror", "notebook", "ocean", "pillow", "rocket", "spoon", "tiger", "violin", "window"]
-
-
-@dataclass
-class Sample:
-    id: str
-    prompt_ids: list[int]
-    answers: list[str]
-    meta: dict = field(default_factory=dict)
-
-
-class Frame:
-    """The token pieces around the task text: the chat template's, or just BOS."""
-
-    MARK = "\x00kvrt-body\x00"
-
-    def __init__(self, tokenizer, chat: bool):
-        if chat:
-            if not tokenizer.has_chat_template:
-                raise KvrtError("this task uses the chat template, but the model has none")
-            text = tokenizer.apply_chat_template([{"role": "user", "content": self.MARK}])
-            before, after = text.split(self.MARK)
-            self.prefix = tokenizer.encode(before, add_special_tokens=False)
-            self.suffix = tokenizer.encode(after, add_special_tokens=False)
-        else:
-            self.prefix, self.suffix = tokenizer.encode("", add_special_tokens=True), []
 
 
 class Builder:

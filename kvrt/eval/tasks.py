@@ -1,0 +1,82 @@
+"""The task registry and kvrt eval's one standard setting.
+
+A task makes its samples (synthetic ones at a token length, LongBench ones from local JSONL),
+states its metric, generation budget and whether the chat template wraps the prompt, and
+post-processes predictions before scoring. Decoding is greedy everywhere; the seed fixes the
+synthetic samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvrt.errors import KvrtError
+from kvrt.eval import longbench, synthetic
+from kvrt.eval.sample import Sample, framed_prompt
+
+# The chat template, per task, in one place: synthetic tasks end in an answer prefix that
+# any model (base or instruct) completes; LongBench follows its own convention.
+CHAT_TEMPLATE = {**{name: False for name in synthetic.TASKS},
+                 **{name: ds.chat for name, ds in longbench.DATASETS.items()}}
+
+SUITES = {
+    # retrieval (passkey, single/multi-key/multi-value needles), multi-hop tracing, aggregation
+    "lite": ["passkey", "niah_single_2", "niah_multikey", "niah_multivalue", "vt", "fwe"],
+    "ruler": [name for name in synthetic.TASKS if name != "passkey"],
+    "longbench": list(longbench.DATASETS),
+}
+LITE_LENGTHS = [512, 1024]
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    metric: str
+    max_new_tokens: int
+    synthetic: bool
+
+    @property
+    def chat(self) -> bool:
+        return CHAT_TEMPLATE[self.name]
+
+    def samples(self, tokenizer, length: int | None, limit: int, seed: int, max_length: int,
+                haystack: list[str] | None = None, data_dir: str | None = None) -> list[Sample]:
+        """The first `limit` samples: synthetic ones generated at `length` tokens, LongBench
+        ones read from `data_dir` (and middle-truncated to `max_length` with the answer's room)."""
+        if self.synthetic:
+            task = synthetic.TASKS[self.name]
+            return [synthetic.make_sample(task, tokenizer, length, i, seed, self.chat, haystack) for i in range(limit)]
+        if data_dir is None:
+            raise KvrtError(f"LongBench task '{self.name}' reads local files: pass --data DIR holding {self.name}.jsonl")
+        ds = longbench.dataset(self.name)
+        out = []
+        for record in longbench.read_jsonl(Path(data_dir) / f"{self.name}.jsonl")[:limit]:
+            ids, cut = framed_prompt(tokenizer, longbench.prompt_text(ds, record), self.chat, max_length,
+                                     self.max_new_tokens)
+            meta = {"length": record.get("length"), "all_classes": record.get("all_classes"), "truncated": cut}
+            out.append(Sample(str(record.get("_id", len(out))), ids, [str(a) for a in record["answers"]], meta))
+        return out
+
+    def scored_text(self, prediction: str) -> str:
+        return prediction if self.synthetic else longbench.first_line(longbench.dataset(self.name), prediction)
+
+
+def get_task(name: str) -> Task:
+    if name in synthetic.TASKS:
+        t = synthetic.TASKS[name]
+        return Task(name, t.metric, t.max_new_tokens, synthetic=True)
+    if name in longbench.DATASETS or name in longbench.CHINESE:
+        ds = longbench.dataset(name)
+        return Task(name, ds.metric, ds.max_new_tokens, synthetic=False)
+    known = ", ".join([*synthetic.TASKS, *longbench.DATASETS])
+    raise KvrtError(f"unknown task '{name}'; available: {known}")
+
+
+def resolve(tasks: str | None, suite: str | None) -> list[Task]:
+    """Tasks named by --tasks (comma-separated) or --suite."""
+    if tasks:
+        return [get_task(n.strip()) for n in tasks.split(",") if n.strip()]
+    if suite not in SUITES:
+        raise KvrtError(f"unknown suite '{suite}'; available: {', '.join(SUITES)}")
+    return [get_task(n) for n in SUITES[suite]]
