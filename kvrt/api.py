@@ -80,6 +80,14 @@ class Model:
             max_tokens, stop, self.last_stats,
         )
 
+    def generate_ids(self, ids: Sequence[int], *, max_tokens: int, cache: str | CacheSpec = "full",
+                     params: SamplingParams | None = None, stop: Sequence[str] = ()) -> Generation:
+        """Complete already-tokenized prompt ids (kvrt eval builds its prompts to exact lengths)."""
+        self.last_stats = GenerationStats()
+        pieces = stream_text(self.runtime, self.tokenizer, list(ids), self.runtime.new_cache(CacheSpec.parse(cache)),
+                             params or SamplingParams(), max_tokens, stop, self.last_stats)
+        return Generation("".join(pieces), self.last_stats)
+
     def generate(self, prompt: str, **kwargs) -> Generation:
         """The whole completion at once, with its stats."""
         text = "".join(self.stream(prompt, **kwargs))

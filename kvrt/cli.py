@@ -175,6 +175,43 @@ def chat(model, backend, dtype, system_prompt, max_tokens, temp, top_p, top_k, m
             sys.exit(130)
 
 
+@cli.command("eval")
+@model_options
+@click.option("--suite", default="lite", show_default=True, help="Task suite: lite, ruler, longbench.")
+@click.option("--tasks", default=None, help="Comma-separated tasks instead of a suite.")
+@click.option("--cache", "caches", multiple=True, help="Cache spec to evaluate (repeatable) [full].")
+@click.option("--lengths", default=None, help="Synthetic prompt lengths in tokens, comma-separated [512,1024].")
+@click.option("--limit", type=click.IntRange(min=1), default=5, show_default=True, help="Samples per task and length.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-length", type=click.IntRange(min=16), default=None,
+              help="LongBench prompts are cut in the middle to this, answer included [model context].")
+@click.option("--haystack", multiple=True, help="Text file(s) to build haystacks from (default: kvrt's sentences).")
+@click.option("--data", "data_dir", default=None, help="Folder of LongBench JSONL files (<dataset>.jsonl).")
+@click.option("--out", required=True, help="Run folder; rerunning the same command resumes it.")
+@click.option("--overwrite", is_flag=True, help="Replace a run folder made with other settings.")
+def eval_command(model, backend, dtype, suite, tasks, caches, lengths, limit, seed, max_length, haystack, data_dir,
+                 out, overwrite):
+    """Evaluate cache specs side by side on long-context tasks (resumable)."""
+    from pathlib import Path
+
+    from kvrt.cache_flags import cache_spec_from
+    from kvrt.eval.runner import Settings, run_eval
+    from kvrt.eval.tasks import LITE_LENGTHS, resolve
+
+    chosen = resolve(tasks, None if tasks else suite)
+    try:
+        sizes = [int(x) for x in lengths.split(",")] if lengths else LITE_LENGTHS
+    except ValueError:
+        raise click.UsageError(f"--lengths takes comma-separated integers, got '{lengths}'") from None
+    specs = [cache_spec_from(c) for c in caches] or ["full"]
+    settings = Settings(model=model, caches=specs, tasks=[t.name for t in chosen], lengths=sizes, limit=limit,
+                        seed=seed, backend=backend, dtype=dtype, max_length=max_length, haystack=list(haystack),
+                        data_dir=data_dir)
+    m = load_model(model, backend, dtype)
+    summary = run_eval(m, settings, Path(out), overwrite=overwrite, progress=True, report=log)
+    log(f"{summary['written']} samples written over {summary['cells']} cells into {out}")
+
+
 @cli.command()
 @click.argument("name")
 def pull(name):

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from kvrt.errors import KvrtError
-from kvrt.eval.sample import middle_truncated
+from kvrt.api import truncate_middle
 from kvrt.eval.tasks import SUITES, get_task, resolve
 from kvrt.tokenizer import Tokenizer
 
@@ -20,9 +20,9 @@ def write_jsonl(path, records):
 
 
 def test_middle_truncation_keeps_both_ends():
-    assert middle_truncated(list(range(10)), 4) == [0, 1, 8, 9]
-    assert middle_truncated(list(range(10)), 5) == [0, 1, 7, 8, 9]
-    assert middle_truncated([1, 2], 5) == [1, 2]
+    assert truncate_middle(list(range(10)), 4) == [0, 1, 8, 9]
+    assert truncate_middle(list(range(10)), 5) == [0, 1, 7, 8, 9]
+    assert truncate_middle([1, 2], 5) == [1, 2]
 
 
 def test_longbench_records_become_framed_truncated_samples(tokenizer, tmp_path):

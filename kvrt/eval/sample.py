@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kvrt.api import truncate_middle
 from kvrt.errors import KvrtError
 
 
@@ -34,15 +35,6 @@ class Frame:
             self.prefix, self.suffix = tokenizer.encode("", add_special_tokens=True), []
 
 
-def middle_truncated(ids: list[int], budget: int) -> list[int]:
-    """Keep the first and last halves of `budget` tokens when ids are longer (the question sits
-    at one end, the instructions at the other; the middle is the least needed)."""
-    if len(ids) <= budget:
-        return ids
-    head = budget // 2
-    return ids[:head] + ids[len(ids) - (budget - head):]
-
-
 def framed_prompt(tokenizer, text: str, chat: bool, max_length: int, max_new_tokens: int) -> tuple[list[int], bool]:
     """Prompt ids for `text` in the standard setting, with the body cut in the middle so that
     prompt + generation fit `max_length`; also whether it was cut."""
@@ -51,5 +43,5 @@ def framed_prompt(tokenizer, text: str, chat: bool, max_length: int, max_new_tok
     budget = max_length - max_new_tokens - len(frame.prefix) - len(frame.suffix)
     if budget <= 0:
         raise KvrtError(f"max length {max_length} leaves no room for a prompt after {max_new_tokens} new tokens")
-    cut = middle_truncated(body, budget)
+    cut = truncate_middle(body, budget)
     return frame.prefix + cut + frame.suffix, len(cut) < len(body)

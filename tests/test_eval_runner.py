@@ -1,0 +1,126 @@
+"""kvrt eval's runner: resume after a kill equals an uninterrupted run, torn lines are repaired,
+settings mismatches are refused, unreachable lengths are skipped and counted."""
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+import kvrt
+from kvrt.cli import cli
+from kvrt.errors import KvrtError
+from kvrt.eval import runner
+from kvrt.eval.runner import Settings, finished, run_eval
+
+VOLATILE = ("time", "prompt_tps", "generation_tps")
+
+
+@pytest.fixture(scope="module")
+def long_tiny(tiny_model_dir, tmp_path_factory):
+    """The tiny model with a 1024-token context (its tokenizer spends a token on nearly every character)."""
+    folder = tmp_path_factory.mktemp("tiny-long")
+    shutil.copytree(tiny_model_dir("llama"), folder, dirs_exist_ok=True)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model(long_tiny):
+    return kvrt.load(str(long_tiny), backend="torch")
+
+
+def settings(**changes):
+    base = dict(model="tiny", caches=["full", "streaming:budget=300"], tasks=["passkey", "vt"], lengths=[350, 400],
+                limit=3)
+    return Settings(**{**base, **changes})
+
+
+def records(out):
+    """Every written record without its timing fields, keyed by (cache, task file, id)."""
+    got = {}
+    for path in sorted((out / "predictions").rglob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            got[(path.parent.name, path.name, r["id"])] = {k: v for k, v in r.items() if k not in VOLATILE}
+    return got
+
+
+def test_a_killed_run_resumes_to_exactly_the_uninterrupted_one(model, tmp_path, monkeypatch):
+    whole = tmp_path / "whole"
+    assert run_eval(model, settings(), whole, progress=False)["written"] == 2 * 2 * 2 * 3
+    expected = records(whole)
+
+    resumed, calls = tmp_path / "resumed", [0]
+    real = runner.run_sample
+
+    def dies_on_the_seventh(*args):
+        calls[0] += 1
+        if calls[0] == 7:
+            raise KeyboardInterrupt  # killed mid-sample: nothing of it is written
+        return real(*args)
+
+    monkeypatch.setattr(runner, "run_sample", dies_on_the_seventh)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(model, settings(), resumed, progress=False)
+    assert len(records(resumed)) == 6
+    monkeypatch.setattr(runner, "run_sample", real)
+    assert run_eval(model, settings(), resumed, progress=False)["written"] == 24 - 6
+    assert records(resumed) == expected
+    assert run_eval(model, settings(), resumed, progress=False)["written"] == 0  # a finished run stays finished
+
+
+def test_a_torn_last_line_is_cut_and_its_sample_redone(model, tmp_path):
+    out = tmp_path / "run"
+    run_eval(model, settings(caches=["full"], tasks=["passkey"], lengths=[350]), out, progress=False)
+    (path,) = (out / "predictions").rglob("*.jsonl")
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:2]) + lines[2][:25])  # killed while writing the third line
+    assert len(finished(path)) == 2 and path.read_bytes() == b"".join(lines[:2])
+    assert run_eval(model, settings(caches=["full"], tasks=["passkey"], lengths=[350]), out,
+                    progress=False)["written"] == 1
+    assert [json.loads(x)["id"] for x in path.read_text().splitlines()] == [json.loads(x)["id"] for x in lines]
+
+
+def test_other_settings_are_refused_unless_overwriting(model, tmp_path):
+    out = tmp_path / "run"
+    run_eval(model, settings(caches=["full"], tasks=["passkey"], lengths=[350], limit=1), out, progress=False)
+    with pytest.raises(KvrtError, match="other settings"):
+        run_eval(model, settings(caches=["full"], tasks=["passkey"], lengths=[350], limit=2), out, progress=False)
+    done = run_eval(model, settings(caches=["full"], tasks=["passkey"], lengths=[350], limit=2), out,
+                    overwrite=True, progress=False)
+    assert done["written"] == 2
+    (tmp_path / "stranger").mkdir()
+    (tmp_path / "stranger" / "notes.txt").write_text("mine")
+    with pytest.raises(KvrtError, match="not a kvrt eval folder"):
+        run_eval(model, settings(), tmp_path / "stranger", progress=False)
+
+
+def test_lengths_beyond_the_context_are_skipped_and_counted(model, tmp_path):
+    said = []
+    done = run_eval(model, settings(caches=["full"], tasks=["passkey"], lengths=[350, 1010], limit=1), tmp_path / "r",
+                    progress=False, report=said.append)
+    assert done == {"cells": 1, "written": 1}
+    assert said and "skipped 1" in said[0] and "context of 1024" in said[0]
+
+
+def test_records_hold_scores_answers_and_cache_stats(model, tmp_path):
+    run_eval(model, settings(caches=["snapkv:budget=64+ott:bits=2,group=16,residual=8"], tasks=["vt"],
+                             lengths=[400], limit=1), tmp_path / "r", progress=False)
+    (record,) = records(tmp_path / "r").values()
+    assert 0.0 <= record["score"] <= 1.0 and len(record["answers"]) == 5
+    assert record["prompt_tokens"] == 400 and record["kv_bytes"] > 0 and record["length"] == 400
+
+
+def test_the_cli_runs_and_resumes(long_tiny, tmp_path):
+    args = ["eval", "--model", str(long_tiny), "--backend", "torch", "--tasks", "passkey",
+            "--lengths", "350", "--limit", "2", "--cache", "full", "--cache", "h2o:budget=64", "--out",
+            str(tmp_path / "run")]
+    first = CliRunner().invoke(cli, args)
+    assert first.exit_code == 0, first.output
+    assert "4 samples written" in first.stderr
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0 and "0 samples written" in again.stderr
+    bad = CliRunner().invoke(cli, args[:-1] + [str(tmp_path / "run"), "--tasks", "nope"])
+    assert bad.exit_code != 0 and "unknown task 'nope'" in bad.stderr and "Traceback" not in bad.output
