@@ -210,6 +210,25 @@ def eval_command(model, backend, dtype, suite, tasks, caches, lengths, limit, se
     m = load_model(model, backend, dtype)
     summary = run_eval(m, settings, Path(out), overwrite=overwrite, progress=True, report=log)
     log(f"{summary['written']} samples written over {summary['cells']} cells into {out}")
+    report_run(out)
+
+
+@cli.command()
+@click.argument("run")
+def report(run):
+    """Tables (report.md, results.json, results.csv) and plots from an eval run folder."""
+    report_run(run)
+
+
+def report_run(run: str) -> None:
+    from pathlib import Path
+
+    from kvrt.eval.report import write_report
+
+    summary = write_report(Path(run))
+    click.echo((Path(run) / "report.md").read_text().split("## By length")[0].rstrip())
+    plots = ", ".join(summary["plots"]) or "none (install matplotlib: pip install 'kvrt[eval]')"
+    log(f"report: {Path(run) / 'report.md'}; plots: {plots}")
 
 
 @cli.command()

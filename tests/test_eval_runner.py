@@ -124,3 +124,24 @@ def test_the_cli_runs_and_resumes(long_tiny, tmp_path):
     assert again.exit_code == 0 and "0 samples written" in again.stderr
     bad = CliRunner().invoke(cli, args[:-1] + [str(tmp_path / "run"), "--tasks", "nope"])
     assert bad.exit_code != 0 and "unknown task 'nope'" in bad.stderr and "Traceback" not in bad.output
+
+
+def test_report_files_are_written_and_parse(model, tmp_path):
+    from kvrt.eval.report import write_report
+
+    out = tmp_path / "r"
+    run_eval(model, settings(caches=["full", "snapkv:budget=200", "snapkv:budget=300"], tasks=["passkey", "vt"],
+                             lengths=[350, 400], limit=2), out, progress=False)
+    summary = write_report(out)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["overall"].keys() == {"full", "snapkv:budget=200", "snapkv:budget=300"}
+    assert all(0 <= v <= 100 for v in saved["overall"].values())
+    rows = (out / "results.csv").read_text().splitlines()
+    assert rows[0] == "cache,task,length,n,score" and len(rows) == 1 + 3 * 2 * 2
+    report = (out / "report.md").read_text()
+    assert "| passkey |" in report and "KV bytes / token" in report and "| vt | 400 |" in report
+    assert set(summary["plots"]) == {"niah_full.png", "niah_snapkv_budget_200.png", "niah_snapkv_budget_300.png",
+                                     "score_vs_budget.png"}
+    assert all((out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in summary["plots"])
+    full, snap = saved["cost"]["full"]["kv_bytes_per_token"], saved["cost"]["snapkv:budget=200"]["kv_bytes_per_token"]
+    assert snap < full

@@ -174,7 +174,8 @@ def run_sample(model, cell: Cell, sample) -> dict:
     score = score_sample(cell.task.metric, cell.task.scored_text(prediction), sample.answers, sample.meta)
     s = gen.stats
     return {
-        "id": sample.id, "cache": cell.spec, "task": cell.task.name, "length": cell.length or len(sample.prompt_ids),
+        "id": sample.id, "cache": cell.spec, "task": cell.task.name, "synthetic": cell.task.synthetic,
+        "length": cell.length or len(sample.prompt_ids),
         "prediction": prediction, "answers": sample.answers, "score": score,
         "prompt_tokens": s.prompt_tokens, "generation_tokens": s.generation_tokens,
         "prompt_tps": s.prompt_tps, "generation_tps": s.generation_tps, "kv_bytes": s.kv_bytes,

@@ -1,0 +1,197 @@
+"""`kvrt report RUN`: tables and plots from a run folder's predictions.
+
+Scores are means × 100 per (cache spec, task, length); a task's score is over all its
+samples, and a spec's overall score is the sample-weighted mean over tasks (as LOOM-Scope
+reports). Beside the scores, per spec: KV bytes per token held at the end of generation and
+decode tok/s (means over samples; timings are as noisy as the machine was).
+
+Writes results.json, results.csv, report.md and, with matplotlib, PNG plots: a depth ×
+length heatmap per spec for the needle tasks, and score against budget per method.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from kvrt.errors import KvrtError
+
+NEEDLE_TASKS = ("passkey", "niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey", "niah_multivalue",
+                "niah_multiquery")
+BUCKETS = [(0, 8_000, "0-8k"), (8_000, 16_000, "8-16k"), (16_000, 32_000, "16-32k"), (32_000, 64_000, "32-64k"),
+           (64_000, 128_000, "64-128k"), (128_000, float("inf"), ">128k")]
+DEPTH_BINS = 5
+
+
+def load_records(run: Path) -> tuple[dict, list[dict]]:
+    settings_path = run / "settings.json"
+    if not settings_path.exists():
+        raise KvrtError(f"{run} is not a kvrt eval folder (no settings.json)")
+    settings = json.loads(settings_path.read_text())
+    records = []
+    for path in sorted((run / "predictions").rglob("*.jsonl")):
+        lines = path.read_text().splitlines()
+        for number, line in enumerate(lines, start=1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number != len(lines):  # a torn last line is left for the resume to cut
+                    raise KvrtError(f"{path}:{number}: not valid JSON") from None
+    return settings, records
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
+def bucket(record: dict) -> str:
+    """Synthetic samples by their exact length, LongBench ones by LOOM-Scope's length buckets."""
+    if record.get("synthetic", True):
+        return str(record["length"])
+    return next(label for lo, hi, label in BUCKETS if lo <= record["prompt_tokens"] < hi)
+
+
+def summarize(settings: dict, records: list[dict]) -> dict:
+    caches = settings["caches"]
+    by = defaultdict(list)
+    for r in records:
+        by[(r["cache"], r["task"], bucket(r))].append(r)
+    cells = [{"cache": c, "task": t, "length": b, "n": len(rs), "score": 100 * mean(r["score"] for r in rs)}
+             for (c, t, b), rs in sorted(by.items())]
+    tasks = sorted({r["task"] for r in records}, key=lambda t: settings["tasks"].index(t)
+                   if t in settings["tasks"] else 99)
+    per_task = {c: {} for c in caches}
+    overall, cost = {}, {}
+    for c in caches:
+        mine = [r for r in records if r["cache"] == c]
+        for t in tasks:
+            rs = [r for r in mine if r["task"] == t]
+            if rs:
+                per_task[c][t] = 100 * mean(r["score"] for r in rs)
+        overall[c] = 100 * mean(r["score"] for r in mine)  # sample-weighted over tasks
+        cost[c] = {
+            "kv_bytes_per_token": mean(r["kv_bytes"] / max(r["prompt_tokens"] + r["generation_tokens"], 1) for r in mine),
+            "decode_tps": mean(r["generation_tps"] for r in mine if r["generation_tokens"] > 1),
+            "samples": len(mine),
+        }
+    return {"settings": settings, "tasks": tasks, "cells": cells, "per_task": per_task, "overall": overall,
+            "cost": cost}
+
+
+def markdown(summary: dict) -> str:
+    caches, s = summary["settings"]["caches"], summary["settings"]
+    head = "| task | " + " | ".join(f"`{c}`" for c in caches) + " |\n|---|" + "---|" * len(caches)
+    lines = [f"# kvrt eval: {s['model']}", "",
+             f"kvrt {s.get('kvrt_version', '?')}; greedy decoding; seed {s['seed']}; {s['limit']} samples per task "
+             f"and length; lengths {s['lengths']} tokens.", "", "## Scores (mean × 100)", "", head]
+    fmt = lambda v: "" if v is None or v != v else f"{v:.1f}"  # noqa: E731 - blank for missing cells
+    for t in summary["tasks"]:
+        lines.append(f"| {t} | " + " | ".join(fmt(summary["per_task"][c].get(t)) for c in caches) + " |")
+    lines.append("| **overall** | " + " | ".join(f"**{fmt(summary['overall'][c])}**" for c in caches) + " |")
+    lines.append("| KV bytes / token | " + " | ".join(f"{summary['cost'][c]['kv_bytes_per_token']:,.0f}"
+                                                       for c in caches) + " |")
+    lines.append("| decode tok/s | " + " | ".join(fmt(summary["cost"][c]["decode_tps"]) for c in caches) + " |")
+    lengths = sorted({cell["length"] for cell in summary["cells"]}, key=lambda b: (len(b), b))
+    lines += ["", "## By length", "", "| task | length | " + " | ".join(f"`{c}`" for c in caches) + " |",
+              "|---|---|" + "---|" * len(caches)]
+    table = {(x["cache"], x["task"], x["length"]): x["score"] for x in summary["cells"]}
+    for t in summary["tasks"]:
+        for b in lengths:
+            if any((c, t, b) in table for c in caches):
+                lines.append(f"| {t} | {b} | " + " | ".join(fmt(table.get((c, t, b))) for c in caches) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def budget_of(spec: str) -> tuple[str, int] | None:
+    """(the spec without its budget, the budget) for specs that set budget=N, else None."""
+    from kvrt.spec import CacheSpec, Part
+
+    parsed = CacheSpec.parse(spec)
+    options = dict(parsed.method.options)
+    if "budget" not in options:
+        return None
+    budget = options.pop("budget")
+    return "+".join(str(p) for p in (Part(parsed.method.name, options), *parsed.modifiers)), budget
+
+
+def plots(summary: dict, records: list[dict], out: Path) -> list[str]:
+    """PNG files written (none without matplotlib: the tables are the results)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    needles = [r for r in records if r["task"] in NEEDLE_TASKS and "depth" in r.get("meta", {})]
+    lengths = sorted({r["length"] for r in needles})
+    for cache in summary["settings"]["caches"]:
+        mine = [r for r in needles if r["cache"] == cache]
+        if not mine:
+            continue
+        grid = [[float("nan")] * len(lengths) for _ in range(DEPTH_BINS)]
+        for i in range(DEPTH_BINS):
+            for j, length in enumerate(lengths):
+                cell = [r["score"] for r in mine if r["length"] == length
+                        and min(int(r["meta"]["depth"] * DEPTH_BINS), DEPTH_BINS - 1) == i]
+                grid[i][j] = 100 * mean(cell) if cell else float("nan")
+        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 3.2))
+        image = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [str(x) for x in lengths])
+        ax.set_yticks(range(DEPTH_BINS), [f"{100 * i // DEPTH_BINS}-{100 * (i + 1) // DEPTH_BINS}%"
+                                          for i in range(DEPTH_BINS)])
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylabel("needle depth")
+        ax.set_title(cache, fontsize=8)
+        fig.colorbar(image, ax=ax)
+        name = f"niah_{re.sub(r'[^A-Za-z0-9.+-]+', '_', cache)}.png"
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+    curves = defaultdict(list)
+    for cache, score in summary["overall"].items():
+        parsed = budget_of(cache)
+        if parsed:
+            curves[parsed[0]].append((parsed[1], score))
+    if curves:
+        fig, ax = plt.subplots(figsize=(5, 3.4))
+        for method, points in sorted(curves.items()):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+        for cache, score in summary["overall"].items():
+            if not budget_of(cache):
+                ax.axhline(score, linestyle="--", linewidth=0.8, color="gray")
+                ax.annotate(cache, (ax.get_xlim()[0], score), fontsize=7, color="gray")
+        ax.set_xlabel("budget (tokens per layer and KV head)")
+        ax.set_ylabel("overall score")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "score_vs_budget.png", dpi=110)
+        plt.close(fig)
+        written.append("score_vs_budget.png")
+    return written
+
+
+def write_report(run: Path) -> dict:
+    """Write results.json, results.csv, report.md and the plots into the run folder."""
+    settings, records = load_records(run)
+    summary = summarize(settings, records)
+    summary["plots"] = plots(summary, records, run)
+    tmp = run / "results.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1))
+    tmp.replace(run / "results.json")
+    with (run / "results.csv.tmp").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["cache", "task", "length", "n", "score"])
+        writer.writeheader()
+        writer.writerows(summary["cells"])
+    (run / "results.csv.tmp").replace(run / "results.csv")
+    text = markdown(summary) + "".join(f"\n![{p}]({p})\n" for p in summary["plots"])
+    (run / "report.md.tmp").write_text(text)
+    (run / "report.md.tmp").replace(run / "report.md")
+    return summary
