@@ -189,8 +189,11 @@ def chat(model, backend, dtype, system_prompt, max_tokens, temp, top_p, top_k, m
 @click.option("--data", "data_dir", default=None, help="Folder of LongBench JSONL files (<dataset>.jsonl).")
 @click.option("--out", required=True, help="Run folder; rerunning the same command resumes it.")
 @click.option("--overwrite", is_flag=True, help="Replace a run folder made with other settings.")
+@click.option("--ray", "ray_address", default=None,
+              help="Shard over Ray: a cluster ADDRESS, 'auto' (the running cluster) or 'local' (start one).")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Ray workers (one model each).")
 def eval_command(model, backend, dtype, suite, tasks, caches, lengths, limit, seed, max_length, haystack, data_dir,
-                 out, overwrite):
+                 out, overwrite, ray_address, workers):
     """Evaluate cache specs side by side on long-context tasks (resumable)."""
     from pathlib import Path
 
@@ -208,7 +211,8 @@ def eval_command(model, backend, dtype, suite, tasks, caches, lengths, limit, se
                         seed=seed, backend=backend, dtype=dtype, max_length=max_length, haystack=list(haystack),
                         data_dir=data_dir)
     m = load_model(model, backend, dtype)
-    summary = run_eval(m, settings, Path(out), overwrite=overwrite, progress=True, report=log)
+    summary = run_eval(m, settings, Path(out), overwrite=overwrite, progress=True, report=log,
+                       ray_address=ray_address, workers=workers)
     log(f"{summary['written']} samples written over {summary['cells']} cells into {out}")
     report_run(out)
 

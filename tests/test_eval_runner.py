@@ -145,3 +145,18 @@ def test_report_files_are_written_and_parse(model, tmp_path):
     assert all((out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in summary["plots"])
     full, snap = saved["cost"]["full"]["kv_bytes_per_token"], saved["cost"]["snapkv:budget=200"]["kv_bytes_per_token"]
     assert snap < full
+
+
+@pytest.mark.slow
+def test_a_ray_run_equals_the_local_run(model, long_tiny, tmp_path):
+    pytest.importorskip("ray")
+    import ray
+
+    chosen = settings(model=str(long_tiny), backend="torch", limit=2)
+    run_eval(model, chosen, tmp_path / "local", progress=False)
+    try:
+        done = run_eval(model, chosen, tmp_path / "ray", progress=False, ray_address="local", workers=2)
+    finally:
+        ray.shutdown()
+    assert done["written"] == 2 * 2 * 2 * 2
+    assert records(tmp_path / "ray") == records(tmp_path / "local")

@@ -143,8 +143,10 @@ def cells(settings: Settings, context_length: int, report: Callable[[str], None]
 
 
 def run_eval(model, settings: Settings, out: Path, overwrite: bool = False, progress: bool = True,
-             report: Callable[[str], None] = print) -> dict:
-    """Run (or resume) every cell; returns {"done": n, "skipped_cells": n, "written": n}."""
+             report: Callable[[str], None] = print, ray_address: str | None = None, workers: int = 2) -> dict:
+    """Run (or resume) every cell, here or sharded over Ray workers (`ray_address`: a cluster's
+    address, "auto" for the running one, "local" to start one with `workers` workers); this
+    process alone writes the files. Returns {"cells": n, "written": n}."""
     prepare_out(out, settings, overwrite)
     todo = cells(settings, model.context_length, report)
     max_length = settings.max_length or model.context_length
@@ -155,15 +157,21 @@ def run_eval(model, settings: Settings, out: Path, overwrite: bool = False, prog
         path = out / "predictions" / spec_slug(cell.spec) / f"{cell.name}.jsonl"
         done = finished(path)
         plan.append((cell, path, [s for s in samples if s.id not in done]))
-    total = sum(len(rest) for _, _, rest in plan)
+    work = [(cell, path, sample) for cell, path, rest in plan for sample in rest]
+    for _, path, _ in work:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    if ray_address:
+        from kvrt.eval.distributed import ray_records
+
+        results = ray_records(ray_address, workers, settings, [(cell, sample) for cell, _, sample in work])
+    else:
+        results = ((i, run_sample(model, cell, sample)) for i, (cell, _, sample) in enumerate(work))
     written = 0
-    with _bar(total, progress) as bar:
-        for cell, path, rest in plan:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            for sample in rest:
-                append_record(path, run_sample(model, cell, sample))
-                written += 1
-                bar.update(1)
+    with _bar(len(work), progress) as bar:
+        for i, record in results:  # in completion order; each record goes to its own cell's file
+            append_record(work[i][1], record)
+            written += 1
+            bar.update(1)
     return {"cells": len(todo), "written": written}
 
 

@@ -1,0 +1,45 @@
+"""Sharding kvrt eval over Ray: each worker loads the model once and runs (cache spec, task,
+sample) items; results stream back to the driver, which alone writes the prediction files
+(so resume and atomic appends work exactly as in a local run)."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from kvrt.errors import KvrtError
+
+
+def ray_records(address: str, workers: int, settings, items: list) -> Iterator[tuple[int, dict]]:
+    """Yield (item index, record) for each (cell, sample) item as workers finish them."""
+    try:
+        import ray
+        from ray.util import ActorPool
+    except ImportError:
+        raise KvrtError("--ray needs Ray: pip install 'kvrt[ray]'") from None
+    if not ray.is_initialized():
+        if address == "local":
+            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        else:
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False)
+            except ConnectionError as exc:
+                raise KvrtError(f"cannot reach a Ray cluster at '{address}': {exc}") from None
+
+    @ray.remote(num_cpus=1)
+    class Worker:
+        def __init__(self, model: str, backend: str, dtype):
+            import kvrt
+
+            self.model = kvrt.load(model, backend=backend, dtype=dtype)
+
+        def run(self, index: int, cell, sample) -> tuple[int, dict]:
+            from kvrt.eval.runner import run_sample
+
+            return index, run_sample(self.model, cell, sample)
+
+    if not items:
+        return
+    pool = ActorPool([Worker.remote(settings.model, settings.backend, settings.dtype)
+                      for _ in range(min(workers, len(items)))])
+    yield from pool.map_unordered(lambda actor, job: actor.run.remote(*job),
+                                  [(i, cell, sample) for i, (cell, sample) in enumerate(items)])
