@@ -160,3 +160,21 @@ def test_a_ray_run_equals_the_local_run(model, long_tiny, tmp_path):
         ray.shutdown()
     assert done["written"] == 2 * 2 * 2 * 2
     assert records(tmp_path / "ray") == records(tmp_path / "local")
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--suite", "bogus"], "unknown suite 'bogus'"),
+    (["--tasks", "passkey", "--lengths", "12k"], "--lengths takes comma-separated integers"),
+    (["--tasks", "hotpotqa", "--data", "DATA"], "hotpotqa.jsonl:2: not valid JSON"),
+    (["--tasks", "hotpotqa"], "pass --data DIR"),
+    (["--tasks", "passkey", "--cache", "snapkv"], "snapkv needs exactly one of budget"),
+])
+def test_bad_eval_input_is_one_line(long_tiny, tmp_path, extra, needle):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "hotpotqa.jsonl").write_text('{"input": "q", "context": "c", "answers": ["a"]}\n{oops\n')
+    args = ["eval", "--model", str(long_tiny), "--backend", "torch", "--out", str(tmp_path / "run"), "--limit", "1"]
+    result = CliRunner().invoke(cli, args + [str(data) if a == "DATA" else a for a in extra])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and needle in errors[0], result.stderr
