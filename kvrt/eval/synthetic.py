@@ -37,13 +37,19 @@ class Builder:
     def ids(self, text: str, lead: str = " ") -> list[int]:
         return self.tok.encode(lead + text, add_special_tokens=False)
 
+    def head(self, intro: str) -> list[int]:
+        return self.frame.prefix + self.ids(intro, lead="")
+
+    def tail(self, question: str, answer_prefix: str) -> list[int]:
+        """The question, the frame's end and the answer prefix the model completes."""
+        lead = "" if self.frame.suffix else " "  # a chat frame ends the turn; plain text runs on
+        return self.ids(question, lead="\n") + self.frame.suffix + self.ids(answer_prefix, lead=lead)
+
     def build(self, intro: str, needles: list[str], depths: list[float], question: str, answer_prefix: str,
               sentences) -> tuple[list[int], list[int]]:
         """Prompt ids with each needle at the sentence boundary nearest its depth (0..1); also
         the haystack token offsets where the needles went."""
-        head = self.frame.prefix + self.ids(intro, lead="")
-        tail = self.ids(question, lead="\n") + self.frame.suffix + self.ids(answer_prefix, lead="" if
-                                                                           self.frame.suffix else " ")
+        head, tail = self.head(intro), self.tail(question, answer_prefix)
         needle_ids = [self.ids(n) for n in needles]
         room = self.length - len(head) - len(tail) - sum(map(len, needle_ids))
         if room < 0:
@@ -176,12 +182,9 @@ class WordCounting(Task):
         self.name, self.zipf, self.top, self.max_new_tokens = name, zipf, top, max_new_tokens
 
     def sample(self, builder, rng, seed, haystack):
-        head = builder.frame.prefix + builder.ids("Below is a numbered list of words. Count how often each appears.",
-                                                  lead="")
-        tail = (builder.ids(f"Which {self.top} words appear most often in the list above? Answer with the words only.",
-                            lead="\n")
-                + builder.frame.suffix
-                + builder.ids(f"The {self.top} most frequent words are:", lead="" if builder.frame.suffix else " "))
+        head = builder.head("Below is a numbered list of words. Count how often each appears.")
+        tail = builder.tail(f"Which {self.top} words appear most often in the list above? Answer with the words only.",
+                            f"The {self.top} most frequent words are:")
         room = builder.length - len(head) - len(tail)
         capacity = room // len(builder.ids("100. abcdef"))  # entries that fit, about
         first, answers = self.first_block(rng, capacity)
