@@ -1,0 +1,76 @@
+"""Triton kernels against their reference twins, on CPU: under TRITON_INTERPRET=1 for values,
+and compiled ahead of time for sm_80 and sm_90 (no GPU needed) for what the interpreter lets
+through (layouts, register shapes, types)."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton builds the kernels below
+
+import pytest
+import torch
+
+from kvrt.backends.torch.ops import TorchOps
+from kvrt.quant import dequantize_keys, dequantize_values, quantize_keys, quantize_values
+
+pytestmark = pytest.mark.kernels
+triton = pytest.importorskip("triton")
+OPS = TorchOps()
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("d,g,hkv", [(64, 1, 2), (64, 3, 1), (128, 4, 2), (64, 7, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("biased", [False, True])
+def test_quantized_decode_attention_equals_its_reference(bits, d, g, hkv, dtype, biased):
+    from kvrt.kernels_cuda.quantized_decode import quantized_decode_attention
+
+    gen = torch.Generator().manual_seed(bits * 1000 + d + g)
+    s = 112  # 7 groups of 16; not a multiple of the 32-token block
+    k, v = (torch.randn(1, hkv, s, d, generator=gen).to(dtype) for _ in range(2))
+    q = torch.randn(1, hkv * g, 1, d, generator=gen).to(dtype)
+    keys, values = quantize_keys(OPS, k, bits, 16), quantize_values(OPS, v, bits, 32)
+    bias = None
+    if biased:  # OTT hides traced slots: -inf on a few tokens
+        bias = torch.zeros(1, hkv, s)
+        bias[:, :, torch.randperm(s, generator=gen)[:9]] = float("-inf")
+    ref_out, ref_lse = OPS.partial_attention(q, dequantize_keys(OPS, keys), dequantize_values(OPS, values), 0.125,
+                                             key_bias=bias)
+    out, lse = quantized_decode_attention(q, keys, values, 0.125, key_bias=bias, splits=3)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    assert out.dtype == dtype and out.shape == ref_out.shape
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+
+
+def test_a_split_with_every_key_hidden_weighs_nothing():
+    from kvrt.kernels_cuda.quantized_decode import quantized_decode_attention
+
+    k, v, q = torch.randn(1, 1, 64, 64), torch.randn(1, 1, 64, 64), torch.randn(1, 2, 1, 64)
+    keys, values = quantize_keys(OPS, k, 2, 16), quantize_values(OPS, v, 2, 64)
+    bias = torch.zeros(1, 1, 64)
+    bias[..., :32] = float("-inf")  # the whole first split
+    out, lse = quantized_decode_attention(q, keys, values, 0.125, key_bias=bias, splits=2)
+    ref_out, ref_lse = OPS.partial_attention(q, dequantize_keys(OPS, keys)[..., 32:, :],
+                                             dequantize_values(OPS, values)[..., 32:, :], 0.125)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cc", [80, 90])
+def test_quantized_decode_compiles_ahead_of_time(cc):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import kvrt.kernels_cuda.quantized_decode as module
+
+    kernel = module._quantized_decode_split
+    # under the interpreter the kernel is an InterpretedFunction: compile the same source as a JITFunction
+    fn = kernel if isinstance(kernel, triton.runtime.JITFunction) else triton.runtime.JITFunction(kernel.fn)
+    pointers = {"q_ptr": "*fp16", "kc_ptr": "*i32", "ks_ptr": "*fp16", "kz_ptr": "*fp16", "vc_ptr": "*i32",
+                "vs_ptr": "*fp16", "vz_ptr": "*fp16", "bias_ptr": "*fp32", "out_ptr": "*fp32", "lse_ptr": "*fp32"}
+    constants = dict(BITS=2, GROUP=128, VGROUP=128, D=128, BLOCK_R=4, BLOCK_N=32, HAS_BIAS=True)
+    signature = {n: pointers.get(n) or ("constexpr" if n in constants else "fp32" if n == "scale" else "i32")
+                 for n in fn.arg_names}
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants),
+                              target=GPUTarget("cuda", cc, 32))
+    assert "cubin" in compiled.asm and compiled.asm["ptx"]
