@@ -209,6 +209,9 @@ class KVCache:
             traced = [t.traced_per_head() for t in quantized if hasattr(t, "traced_per_head")]
             stats["quantized"] = {"tokens": max(t.length for t in quantized), "of": held,
                                   "traced": sum(traced) / len(traced) if traced else 0.0}
+        paths = getattr(self.ops, "paths", None)
+        if paths:
+            stats["kernels"] = dict(paths)
         return stats
 
     def __iter__(self) -> Iterable[LayerCache]:

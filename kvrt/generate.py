@@ -56,6 +56,9 @@ class GenerationStats:
         if quantized:
             text += (f" | quantized {quantized['tokens']}/{quantized['of']} tokens per layer, "
                      f"{quantized['traced']:.1f} outliers per traced KV head")
+        kernels = self.cache.get("kernels")
+        if kernels:
+            text += " | kernels: " + ", ".join(f"{k} {v}" for k, v in kernels.items())
         return text
 
 

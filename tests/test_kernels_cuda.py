@@ -74,3 +74,28 @@ def test_quantized_decode_compiles_ahead_of_time(cc):
     compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants),
                               target=GPUTarget("cuda", cc, 32))
     assert "cubin" in compiled.asm and compiled.asm["ptx"]
+
+
+def test_kernels_dispatch_on_cuda_unless_turned_off(monkeypatch):
+    from types import SimpleNamespace
+
+    cuda, cpu = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
+    assert OPS.kernels_on(cuda) and not OPS.kernels_on(cpu)
+    monkeypatch.setenv("KVRT_KERNELS", "off")
+    assert not OPS.kernels_on(cuda)
+
+
+def test_a_model_decodes_the_same_through_the_kernel(tiny_model_dir, monkeypatch):
+    """The whole decode path with the Triton kernel (interpreted on CPU) gives the reference logits."""
+    from cache_runs import run_spec, token_ids
+    from kvrt.backends.torch.ops import TorchOps
+    from kvrt.backends.torch.runtime import TorchRuntime
+
+    runtime = TorchRuntime(tiny_model_dir("llama"))
+    spec, ids = "ott:bits=2,group=16,residual=8,skip_layers=1", token_ids(70, seed=9)
+    reference, cache = run_spec(runtime, spec, ids, 50)
+    assert cache.stats()["kernels"] == {"quantized decode": "reference"}
+    monkeypatch.setattr(TorchOps, "kernels_on", lambda self, x: True)
+    fused, cache = run_spec(runtime, spec, ids, 50)
+    assert cache.stats()["kernels"] == {"quantized decode": "triton"}
+    torch.testing.assert_close(fused, reference, atol=1e-4, rtol=1e-4)

@@ -34,6 +34,13 @@ class MLXOps:
     name = "mlx"
     fused_prefill = False  # mlx's CPU attention may build the whole score matrix: keep query blocks
 
+    def __init__(self):
+        self.paths = {}  # kernel -> the path that ran last, for --verbose
+
+    def quantized_partial(self, q, keys, values, scale, key_bias):
+        self.paths["quantized decode"] = "reference"  # the Metal kernel is still to come
+        return None
+
     def alloc_seq(self, like, capacity):
         return mx.zeros((*like.shape[:-2], capacity, like.shape[-1]), dtype=like.dtype)
 

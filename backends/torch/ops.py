@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Sequence
 
 import torch
@@ -24,6 +26,25 @@ def _shifts(bits: int, axis: int, ndim: int, device) -> torch.Tensor:
 class TorchOps:
     name = "torch"
     fused_prefill = True  # SDPA's flash kernels (CPU and CUDA) work through the queries in tiles
+
+    def __init__(self):
+        self.paths = {}  # kernel -> the path that ran last ("triton" or "reference"), for --verbose
+
+    def kernels_on(self, x) -> bool:
+        """Triton kernels run on CUDA tensors when triton imports, unless KVRT_KERNELS=off."""
+        if not x.is_cuda or os.environ.get("KVRT_KERNELS", "auto") == "off":
+            return False
+        return importlib.util.find_spec("triton") is not None
+
+    def quantized_partial(self, q, keys, values, scale, key_bias):
+        decode = q.shape[2] * (q.shape[1] // keys.shape[1]) <= 16  # the kernel holds all query rows in registers
+        if not (decode and self.kernels_on(q)):
+            self.paths["quantized decode"] = "reference"
+            return None
+        from kvrt.kernels_cuda.quantized_decode import quantized_decode_attention
+
+        self.paths["quantized decode"] = "triton"
+        return quantized_decode_attention(q, keys, values, scale, key_bias=key_bias)
 
     def alloc_seq(self, like, capacity):
         return like.new_zeros(*like.shape[:-2], capacity, like.shape[-1])

@@ -76,8 +76,8 @@ class QuantizedTier:
         self.length += k.shape[2]
         self.shape = (k.shape[0], k.shape[1], k.shape[3])
 
-    def block(self, first: int, last: int) -> tuple[Array, Array]:
-        """Dequantized keys and values of groups first..last-1: [B, Hkv, (last-first)·G, D] each."""
+    def stored(self, first: int, last: int) -> tuple[QuantizedKeys, QuantizedValues]:
+        """Groups first..last-1 as stored (views of the packed words, scales and zeros)."""
         cfg, buf = self.config, self.buffers
         per, g = codes_per_word(cfg.bits), cfg.group
         b, h, d = self.shape
@@ -87,13 +87,23 @@ class QuantizedTier:
                              buf["k_zero"].view()[..., first:last, :], cfg.bits, g, (b, h, s, d))
         values = QuantizedValues(buf["v_codes"].view()[..., a:z, :], buf["v_scale"].view()[..., a:z, :],
                                  buf["v_zero"].view()[..., a:z, :], cfg.bits, cfg.value_group_for(d), (b, h, s, d))
+        return keys, values
+
+    def block(self, first: int, last: int) -> tuple[Array, Array]:
+        """Dequantized keys and values of groups first..last-1: [B, Hkv, (last-first)·G, D] each."""
+        keys, values = self.stored(first, last)
         return dequantize_keys(self.ops, keys), dequantize_values(self.ops, values)
 
     def partial(self, q: Array, scale: float, causal_offset: int | None, with_lse: bool, heads: list[int] | None = None):
-        """(out, lse) of q over every flushed token, a block of groups at a time (no causal mask:
-        flushed tokens precede every query). `heads`: only these KV heads (q holds just their
-        query heads), as CaliDrop's recompute asks."""
+        """(out, lse) of q over every flushed token (no causal mask: flushed tokens precede every
+        query): one fused kernel where the backend has one for this device, else a block of
+        groups at a time, dequantized and merged by lse. `heads`: only these KV heads (q holds
+        just their query heads), as CaliDrop's recompute asks."""
         ops, groups = self.ops, self.length // self.config.group
+        if heads is None:
+            fused = ops.quantized_partial(q, *self.stored(0, groups), scale, self.block_bias(0, groups))
+            if fused is not None:
+                return merge_partials(ops, [fused] + self.extra_partials(q, scale, None))
         parts = []
         for first in range(0, groups, self.BLOCK_GROUPS):
             last = min(first + self.BLOCK_GROUPS, groups)
