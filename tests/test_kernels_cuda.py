@@ -56,24 +56,39 @@ def test_a_split_with_every_key_hidden_weighs_nothing():
     torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
 
 
+AOT = """
+import sys, triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import importlib
+module, kernel, cc = sys.argv[1], sys.argv[2], int(sys.argv[3])
+fn = getattr(importlib.import_module(module), kernel)
+pointers, constants = eval(sys.argv[4]), eval(sys.argv[5])
+signature = {n: pointers.get(n) or ("constexpr" if n in constants else "fp32" if n == "scale" else "i32")
+             for n in fn.arg_names}
+compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants), target=GPUTarget("cuda", cc, 32))
+assert "cubin" in compiled.asm and compiled.asm["ptx"]
+"""
+
+
+def compile_ahead_of_time(module: str, kernel: str, cc: int, pointers: dict, constants: str) -> None:
+    """Compile for a CUDA target in a fresh process: the interpreter this file runs under would
+    otherwise stand in for the compiler."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", AOT, module, kernel, str(cc), repr(pointers), constants],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 @pytest.mark.parametrize("cc", [80, 90])
 def test_quantized_decode_compiles_ahead_of_time(cc):
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    import kvrt.kernels_cuda.quantized_decode as module
-
-    kernel = module._quantized_decode_split
-    # under the interpreter the kernel is an InterpretedFunction: compile the same source as a JITFunction
-    fn = kernel if isinstance(kernel, triton.runtime.JITFunction) else triton.runtime.JITFunction(kernel.fn)
     pointers = {"q_ptr": "*fp16", "kc_ptr": "*i32", "ks_ptr": "*fp16", "kz_ptr": "*fp16", "vc_ptr": "*i32",
                 "vs_ptr": "*fp16", "vz_ptr": "*fp16", "bias_ptr": "*fp32", "out_ptr": "*fp32", "lse_ptr": "*fp32"}
-    constants = dict(BITS=2, GROUP=128, VGROUP=128, D=128, BLOCK_R=4, BLOCK_N=32, HAS_BIAS=True)
-    signature = {n: pointers.get(n) or ("constexpr" if n in constants else "fp32" if n == "scale" else "i32")
-                 for n in fn.arg_names}
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants),
-                              target=GPUTarget("cuda", cc, 32))
-    assert "cubin" in compiled.asm and compiled.asm["ptx"]
+    compile_ahead_of_time("kvrt.kernels_cuda.quantized_decode", "_quantized_decode_split", cc, pointers,
+                          "dict(BITS=2, GROUP=128, VGROUP=128, D=128, BLOCK_R=4, BLOCK_N=32, HAS_BIAS=True)")
 
 
 def test_kernels_dispatch_on_cuda_unless_turned_off(monkeypatch):
@@ -99,3 +114,35 @@ def test_a_model_decodes_the_same_through_the_kernel(tiny_model_dir, monkeypatch
     fused, cache = run_spec(runtime, spec, ids, 50)
     assert cache.stats()["kernels"] == {"quantized decode": "triton"}
     torch.testing.assert_close(fused, reference, atol=1e-4, rtol=1e-4)
+
+
+def substituted_reference(k, traced):
+    """OTT's substitution as kvrt/methods/ott.py does it: traced slots take the mean of the others."""
+    b, h, s, d = k.shape
+    groups = k.float().reshape(b, h, s // 32, 32, d)
+    mask = traced.reshape(b, h, s // 32, 32, 1)
+    mean = torch.where(mask, 0.0, groups).sum(3, keepdim=True) / (32 - mask.float().sum(3, keepdim=True))
+    return torch.where(mask, mean.to(k.dtype).float(), groups).to(k.dtype).reshape(b, h, s, d)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_traced", [False, True])
+def test_quantize_keys_kernel_is_bit_exact(bits, dtype, with_traced):
+    from kvrt.kernels_cuda.quantize_keys import quantize_keys_fused
+
+    gen = torch.Generator().manual_seed(bits + 10 * with_traced)
+    k = (torch.randn(2, 3, 96, 64, generator=gen) * torch.rand(2, 3, 96, 1, generator=gen) * 5).to(dtype)
+    k[0, 1, 40:70, 7] = 0.5  # constant runs: scale 0, codes 0
+    traced = torch.rand(2, 3, 96, generator=gen) < 0.05 if with_traced else None
+    want = quantize_keys(OPS, substituted_reference(k, traced) if with_traced else k, bits, 32)
+    got = quantize_keys_fused(k, bits, 32, traced)
+    assert torch.equal(got.codes, want.codes) and torch.equal(got.scale, want.scale)
+    assert torch.equal(got.zero, want.zero)
+
+
+@pytest.mark.parametrize("cc", [80, 90])
+def test_quantize_keys_compiles_ahead_of_time(cc):
+    pointers = {"k_ptr": "*fp16", "traced_ptr": "*i8", "codes_ptr": "*i32", "scale_ptr": "*fp16", "zero_ptr": "*fp16"}
+    compile_ahead_of_time("kvrt.kernels_cuda.quantize_keys", "_quantize_key_group", cc, pointers,
+                          "dict(BITS=2, G=128, D=128, HAS_TRACED=True, INT=tl.int16, CAP=2.0**127)")
