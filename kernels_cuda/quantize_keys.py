@@ -18,6 +18,20 @@ INT_OF = {torch.float16: tl.int16, torch.bfloat16: tl.int16, torch.float32: tl.i
 
 
 @triton.jit
+def _scale_up(wanted, dtype: tl.constexpr, INT: tl.constexpr):
+    """wanted (float32, >= 0) in the model dtype, rounded up where conversion rounded down."""
+    scale = wanted.to(dtype)
+    up = (scale.to(INT, bitcast=True) + 1).to(dtype, bitcast=True)  # next representable value up
+    return tl.where(scale.to(tl.float32) < wanted, up, scale)
+
+
+@triton.jit
+def _round_half_even(x):
+    r = tl.floor(x + 0.5)
+    return tl.where((r - x == 0.5) & (r - 2.0 * tl.floor(r * 0.5) == 1.0), r - 1.0, r)
+
+
+@triton.jit
 def _quantize_key_group(k_ptr, traced_ptr, codes_ptr, scale_ptr, zero_ptr,
                         s_k_bh, s_k_t, s_t_bh, s_c_bh, s_c_w, s_s_bh, s_s_g,
                         BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, HAS_TRACED: tl.constexpr,
@@ -38,15 +52,10 @@ def _quantize_key_group(k_ptr, traced_ptr, codes_ptr, scale_ptr, zero_ptr,
     lo = tl.min(k, axis=0)
     hi = tl.max(k, axis=0)
     span = tl.minimum(hi.to(tl.float32) - lo.to(tl.float32), CAP)
-    wanted = span / TOP
-    scale = wanted.to(k.dtype)
-    up = (scale.to(INT, bitcast=True) + 1).to(k.dtype, bitcast=True)  # next representable value up
-    scale = tl.where(scale.to(tl.float32) < wanted, up, scale)
+    scale = _scale_up(span / TOP, k.dtype, INT)
     s32 = scale.to(tl.float32)
     x = (k.to(tl.float32) - lo.to(tl.float32)[None, :]) / tl.where(s32 == 0.0, 1.0, s32)[None, :]
-    r = tl.floor(x + 0.5)
-    r = tl.where((r - x == 0.5) & (r - 2.0 * tl.floor(r * 0.5) == 1.0), r - 1.0, r)  # round half to even
-    codes = tl.where(s32[None, :] == 0.0, 0.0, tl.minimum(tl.maximum(r, 0.0), TOP)).to(tl.int32)
+    codes = tl.where(s32[None, :] == 0.0, 0.0, tl.minimum(tl.maximum(_round_half_even(x), 0.0), TOP)).to(tl.int32)
     shifts = (tl.arange(0, PER) * BITS)[None, :, None]
     words = tl.sum(tl.reshape(codes, [G // PER, PER, D]) << shifts, axis=1)  # disjoint bit fields: sum = OR
     rows = group * (G // PER) + tl.arange(0, G // PER)

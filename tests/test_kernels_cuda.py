@@ -146,3 +146,24 @@ def test_quantize_keys_compiles_ahead_of_time(cc):
     pointers = {"k_ptr": "*fp16", "traced_ptr": "*i8", "codes_ptr": "*i32", "scale_ptr": "*fp16", "zero_ptr": "*fp16"}
     compile_ahead_of_time("kvrt.kernels_cuda.quantize_keys", "_quantize_key_group", cc, pointers,
                           "dict(BITS=2, G=128, D=128, HAS_TRACED=True, INT=tl.int16, CAP=2.0**127)")
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("d,group", [(64, 32), (128, 128)])
+def test_quantize_values_kernel_is_bit_exact(bits, dtype, d, group):
+    from kvrt.kernels_cuda.quantize_values import quantize_values_fused
+
+    gen = torch.Generator().manual_seed(bits + d)
+    v = (torch.randn(1, 2, 37, d, generator=gen) * 4).to(dtype)  # 37 tokens: not a block multiple
+    v[0, 0, 5, :] = -2.0  # a constant token: scale 0
+    want, got = quantize_values(OPS, v, bits, group), quantize_values_fused(v, bits, group)
+    assert torch.equal(got.codes, want.codes) and torch.equal(got.scale, want.scale)
+    assert torch.equal(got.zero, want.zero)
+
+
+@pytest.mark.parametrize("cc", [80, 90])
+def test_quantize_values_compiles_ahead_of_time(cc):
+    pointers = {"v_ptr": "*fp16", "codes_ptr": "*i32", "scale_ptr": "*fp16", "zero_ptr": "*fp16"}
+    compile_ahead_of_time("kvrt.kernels_cuda.quantize_values", "_quantize_value_block", cc, pointers,
+                          "dict(BITS=2, GV=128, D=128, BLOCK_T=16, INT=tl.int16, CAP=2.0**127)")
