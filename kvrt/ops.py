@@ -144,10 +144,11 @@ class Ops(Protocol):
     def unpack_codes(self, words: Array, bits: int, axis: int, length: int) -> Array:
         """The inverse of pack_codes: int32 codes along `axis`, the first `length` of them."""
 
-    def quantized_partial(self, q: Array, keys, values, scale: float, key_bias: Array | None):
-        """(out, lse) of q over a whole quantized tier (kvrt.quant.QuantizedKeys / QuantizedValues)
-        from a fused kernel, or None where this device has none (the tier then dequantizes block
-        by block: the reference twin). Records which path ran in `self.paths` for --verbose."""
+    def quantized_kernel(self, q: Array, kv_heads: int):
+        """A fused kernel for attention of q over a whole quantized tier, called as
+        kernel(q, QuantizedKeys, QuantizedValues, scale, key_bias=...) -> (out, lse); or None where
+        this device has none (the tier then dequantizes block by block: the reference twin).
+        Records which path runs in `self.paths` for --verbose."""
 
     # --- host boundary -------------------------------------------------------------
     def argmax_last(self, logits: Array) -> int:

@@ -37,7 +37,7 @@ class MLXOps:
     def __init__(self):
         self.paths = {}  # kernel -> the path that ran last, for --verbose
 
-    def quantized_partial(self, q, keys, values, scale, key_bias):
+    def quantized_kernel(self, q, kv_heads):
         self.paths["quantized decode"] = "reference"  # the Metal kernel is still to come
         return None
 

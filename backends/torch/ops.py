@@ -36,15 +36,15 @@ class TorchOps:
             return False
         return importlib.util.find_spec("triton") is not None
 
-    def quantized_partial(self, q, keys, values, scale, key_bias):
-        decode = q.shape[2] * (q.shape[1] // keys.shape[1]) <= 16  # the kernel holds all query rows in registers
+    def quantized_kernel(self, q, kv_heads):
+        decode = q.shape[2] * (q.shape[1] // kv_heads) <= 16  # the kernel holds all query rows in registers
         if not (decode and self.kernels_on(q)):
             self.paths["quantized decode"] = "reference"
             return None
         from kvrt.kernels_cuda.quantized_decode import quantized_decode_attention
 
         self.paths["quantized decode"] = "triton"
-        return quantized_decode_attention(q, keys, values, scale, key_bias=key_bias)
+        return quantized_decode_attention
 
     def alloc_seq(self, like, capacity):
         return like.new_zeros(*like.shape[:-2], capacity, like.shape[-1])
@@ -200,7 +200,7 @@ class TorchOps:
         return (c << _shifts(bits, axis + 1, c.ndim, c.device)).sum(dim=axis + 1, dtype=torch.int32)
 
     def unpack_codes(self, words, bits, axis, length):
-        axis, per = axis % words.ndim, 32 // bits
+        axis = axis % words.ndim
         codes = (words.unsqueeze(axis + 1) >> _shifts(bits, axis + 1, words.ndim + 1, words.device)) & ((1 << bits) - 1)
         codes = codes.flatten(axis, axis + 1)
         return codes if codes.shape[axis] == length else codes.narrow(axis, 0, length)

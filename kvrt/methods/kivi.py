@@ -100,10 +100,10 @@ class QuantizedTier:
         groups at a time, dequantized and merged by lse. `heads`: only these KV heads (q holds
         just their query heads), as CaliDrop's recompute asks."""
         ops, groups = self.ops, self.length // self.config.group
-        if heads is None:
-            fused = ops.quantized_partial(q, *self.stored(0, groups), scale, self.block_bias(0, groups))
-            if fused is not None:
-                return merge_partials(ops, [fused] + self.extra_partials(q, scale, None))
+        kernel = ops.quantized_kernel(q, self.shape[1]) if heads is None else None
+        if kernel is not None:
+            fused = kernel(q, *self.stored(0, groups), scale, key_bias=self.block_bias(0, groups))
+            return merge_partials(ops, [fused] + self.extra_partials(q, scale, None))
         parts = []
         for first in range(0, groups, self.BLOCK_GROUPS):
             last = min(first + self.BLOCK_GROUPS, groups)
