@@ -74,19 +74,21 @@ class Model:
         """
         spec = CacheSpec.parse(cache)
         ids = self.encode_prompt(prompt, system_prompt, chat_template, max_tokens, truncate)
-        self.last_stats = GenerationStats()
-        yield from stream_text(
-            self.runtime, self.tokenizer, ids, self.runtime.new_cache(spec), params or SamplingParams(**sampling),
-            max_tokens, stop, self.last_stats,
-        )
+        yield from self.stream_ids(ids, max_tokens=max_tokens, cache=spec, params=params or SamplingParams(**sampling),
+                                   stop=stop)
 
-    def generate_ids(self, ids: Sequence[int], *, max_tokens: int, cache: str | CacheSpec = "full",
-                     params: SamplingParams | None = None, stop: Sequence[str] = ()) -> Generation:
-        """Complete already-tokenized prompt ids (kvrt eval builds its prompts to exact lengths)."""
+    def stream_ids(self, ids: Sequence[int], *, max_tokens: int, cache: str | CacheSpec = "full",
+                   params: SamplingParams | None = None, stop: Sequence[str] = ()) -> Iterator[str]:
+        """Stream the completion of already-tokenized prompt ids (kvrt eval builds its prompts to
+        exact lengths); stats land in `self.last_stats`."""
         self.last_stats = GenerationStats()
-        pieces = stream_text(self.runtime, self.tokenizer, list(ids), self.runtime.new_cache(CacheSpec.parse(cache)),
-                             params or SamplingParams(), max_tokens, stop, self.last_stats)
-        return Generation("".join(pieces), self.last_stats)
+        yield from stream_text(self.runtime, self.tokenizer, list(ids), self.runtime.new_cache(CacheSpec.parse(cache)),
+                               params or SamplingParams(), max_tokens, stop, self.last_stats)
+
+    def generate_ids(self, ids: Sequence[int], **kwargs) -> Generation:
+        """The whole completion of prompt ids at once, with its stats."""
+        text = "".join(self.stream_ids(ids, **kwargs))
+        return Generation(text, self.last_stats)
 
     def generate(self, prompt: str, **kwargs) -> Generation:
         """The whole completion at once, with its stats."""
