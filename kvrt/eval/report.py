@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 from collections import defaultdict
 from pathlib import Path
 
 from kvrt.errors import KvrtError
+from kvrt.eval.runner import spec_slug
 
-NEEDLE_TASKS = ("passkey", "niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey", "niah_multivalue",
-                "niah_multiquery")
 BUCKETS = [(0, 8_000, "0-8k"), (8_000, 16_000, "8-16k"), (16_000, 32_000, "16-32k"), (32_000, 64_000, "32-64k"),
            (64_000, 128_000, "64-128k"), (128_000, float("inf"), ">128k")]
 DEPTH_BINS = 5
@@ -128,7 +126,7 @@ def plots(summary: dict, records: list[dict], out: Path) -> list[str]:
     except ImportError:
         return []
     written = []
-    needles = [r for r in records if r["task"] in NEEDLE_TASKS and "depth" in r.get("meta", {})]
+    needles = [r for r in records if "depth" in r.get("meta", {})]  # the needle tasks record their depth
     lengths = sorted({r["length"] for r in needles})
     for cache in summary["settings"]["caches"]:
         mine = [r for r in needles if r["cache"] == cache]
@@ -149,7 +147,7 @@ def plots(summary: dict, records: list[dict], out: Path) -> list[str]:
         ax.set_ylabel("needle depth")
         ax.set_title(cache, fontsize=8)
         fig.colorbar(image, ax=ax)
-        name = f"niah_{re.sub(r'[^A-Za-z0-9.+-]+', '_', cache)}.png"
+        name = f"niah_{spec_slug(cache)}.png"
         fig.tight_layout()
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
