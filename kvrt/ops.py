@@ -72,6 +72,12 @@ class Ops(Protocol):
     def attention_probs(self, q: Array, k: Array, scale: float, causal_offset: int | None = None) -> Array:
         """softmax(q·kᵀ·scale) over keys in float32, grouped by KV head: [B, Hkv, G, T, S]."""
 
+    def window_scores(self, q: Array, k: Array, scale: float) -> Array:
+        """SnapKV's observation-window scores, float32 [B, Hkv, S]: the attention of the newest
+        W queries q [B, Hq, W, D] over all keys k [B, Hkv, S, D] (query t sees keys up to
+        S − W + t), softmax in float32, summed over the W queries and averaged over each KV
+        head's G query heads. Records which path ran in `self.paths`."""
+
     def sum(self, x: Array, axis: int) -> Array: ...
 
     def mean(self, x: Array, axis: int) -> Array: ...
@@ -149,6 +155,13 @@ class Ops(Protocol):
         kernel(q, QuantizedKeys, QuantizedValues, scale, key_bias=...) -> (out, lse); or None where
         this device has none (the tier then dequantizes block by block: the reference twin).
         Records which path runs in `self.paths` for --verbose."""
+
+    def quantizers(self, x: Array):
+        """Fused quantize-and-pack kernels for arrays like x, as a pair
+        (keys(k, bits, group, traced) -> QuantizedKeys, values(v, bits, group) -> QuantizedValues),
+        or None where this device has none (kvrt.quant's ops path is the reference twin).
+        `traced` is None or bool [B, Hkv, S]: those key slots first take the float32 mean of the
+        untraced keys of their group, cast to the model dtype (OTT). Records the path in `self.paths`."""
 
     # --- host boundary -------------------------------------------------------------
     def argmax_last(self, logits: Array) -> int:

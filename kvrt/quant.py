@@ -165,3 +165,16 @@ def dequantize_values(ops: Ops, qv: QuantizedValues) -> Array:
     scale = qv.scale.reshape(b, h, s, d // qv.group, 1)
     zero = qv.zero.reshape(b, h, s, d // qv.group, 1)
     return _dequantize(ops, codes, scale, zero).reshape(b, h, s, d)
+
+
+def mean_substituted(ops: Ops, k: Array, traced: Array, group: int) -> Array:
+    """OTT (arXiv 2505.10938): keys [B, Hkv, n·G, D] whose traced slots (bool [B, Hkv, n·G]) take
+    the float32 mean of their group's untraced keys, cast to the model dtype, so a traced outlier
+    widens no group's range. The reference twin of the fused quantize kernels' substitution."""
+    b, h, s, d = k.shape
+    grouped = ops.to_float32(k).reshape(b, h, s // group, group, d)
+    hit = traced.reshape(b, h, s // group, group, 1)
+    kept = ops.where(hit, 0.0, grouped)
+    rest = group - ops.sum(ops.where(hit, 1.0, 0.0), axis=3)  # [B, Hkv, n, 1]: OTT traces fewer than G
+    mean = ops.sum(kept, axis=3)[:, :, :, None, :] / rest[..., None]
+    return ops.cast_like(ops.where(hit, mean, grouped), k).reshape(b, h, s, d)

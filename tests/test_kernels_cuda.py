@@ -75,7 +75,8 @@ def test_kernels_dispatch_on_cuda_unless_turned_off(monkeypatch):
 
 
 def test_a_model_decodes_the_same_through_the_kernel(tiny_model_dir, monkeypatch):
-    """The whole decode path with the Triton kernel (interpreted on CPU) gives the reference logits."""
+    """The whole decode path with the Triton kernels (interpreted on CPU: quantize with OTT's
+    substitution, fused decode attention) gives the reference logits."""
     from cache_runs import run_spec, token_ids
     from kvrt.backends.torch.ops import TorchOps
     from kvrt.backends.torch.runtime import TorchRuntime
@@ -83,10 +84,10 @@ def test_a_model_decodes_the_same_through_the_kernel(tiny_model_dir, monkeypatch
     runtime = TorchRuntime(tiny_model_dir("llama"))
     spec, ids = "ott:bits=2,group=16,residual=8,skip_layers=1", token_ids(70, seed=9)
     reference, cache = run_spec(runtime, spec, ids, 50)
-    assert cache.stats()["kernels"] == {"quantized decode": "reference"}
+    assert cache.stats()["kernels"] == {"quantized decode": "reference", "quantize": "reference"}
     monkeypatch.setattr(TorchOps, "kernels_on", lambda self, x: True)
     fused, cache = run_spec(runtime, spec, ids, 50)
-    assert cache.stats()["kernels"] == {"quantized decode": "triton"}
+    assert cache.stats()["kernels"] == {"quantized decode": "triton", "quantize": "triton"}
     torch.testing.assert_close(fused, reference, atol=1e-4, rtol=1e-4)
 
 

@@ -41,6 +41,15 @@ class MLXOps:
         self.paths["quantized decode"] = "reference"  # the Metal kernel is still to come
         return None
 
+    def quantizers(self, x):
+        self.paths["quantize"] = "reference"  # Metal quantize kernels still to come
+        return None
+
+    def window_scores(self, q, k, scale):
+        self.paths["window scores"] = "reference"
+        probs = self.attention_probs(q, k, scale, causal_offset=k.shape[2] - q.shape[2])
+        return probs.sum(axis=3).mean(axis=2)
+
     def alloc_seq(self, like, capacity):
         return mx.zeros((*like.shape[:-2], capacity, like.shape[-1]), dtype=like.dtype)
 

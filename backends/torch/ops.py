@@ -46,6 +46,21 @@ class TorchOps:
         self.paths["quantized decode"] = "triton"
         return quantized_decode_attention
 
+    def quantizers(self, x):
+        if not self.kernels_on(x):
+            self.paths["quantize"] = "reference"
+            return None
+        from kvrt.kernels_cuda.quantize_keys import quantize_keys_fused
+        from kvrt.kernels_cuda.quantize_values import quantize_values_fused
+
+        self.paths["quantize"] = "triton"
+        return quantize_keys_fused, quantize_values_fused
+
+    def window_scores(self, q, k, scale):
+        self.paths["window scores"] = "reference"
+        probs = self.attention_probs(q, k, scale, causal_offset=k.shape[2] - q.shape[2])
+        return probs.sum(dim=3).mean(dim=2)
+
     def alloc_seq(self, like, capacity):
         return like.new_zeros(*like.shape[:-2], capacity, like.shape[-1])
 

@@ -77,13 +77,6 @@ class EvictionMethod:
         raise NotImplementedError
 
 
-def window_attention(ops: Ops, q: Array, k: Array, scale: float) -> Array:
-    """Attention of the last queries over all keys, summed over those queries and averaged over
-    each KV head's query heads: float32 [B, Hkv, S]. q: [B, Hq, W, D], the newest W tokens of k."""
-    probs = ops.attention_probs(q, k, scale, causal_offset=k.shape[2] - q.shape[2])
-    return ops.mean(ops.sum(probs, axis=3), axis=2)
-
-
 def selection(ops: Ops, scores: Array, budget: int) -> tuple[Array, Array]:
     """(kept indices ascending, evicted indices) per KV head: the `budget` highest scores win."""
     order = ops.argsort_desc(scores)

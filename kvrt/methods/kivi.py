@@ -18,7 +18,7 @@ from kvrt.buffer import SeqBuffer
 from kvrt.errors import KvrtError
 from kvrt.ops import Array, Ops
 from kvrt.quant import QuantizedKeys, QuantizedValues, codes_per_word, dequantize_keys, dequantize_values
-from kvrt.quant import quantize_keys, quantize_values
+from kvrt.quant import mean_substituted, quantize_keys, quantize_values
 
 
 class KIVI:
@@ -63,14 +63,20 @@ class QuantizedTier:
         self.length = 0
         self.shape = None  # (B, Hkv, D)
 
-    def add(self, k: Array, v: Array) -> None:
-        """Quantize and store whole groups: k, v [B, Hkv, n·G, D]."""
-        cfg = self.config
-        qk = quantize_keys(self.ops, k, cfg.bits, cfg.group)
+    def add(self, k: Array, v: Array, traced: Array | None = None) -> None:
+        """Quantize and store whole groups: k, v [B, Hkv, n·G, D]; traced (bool [B, Hkv, n·G]) marks
+        OTT's outlier slots, which take the mean of their group's other keys first. A fused kernel
+        quantizes where the device has one; kvrt.quant's ops path is its reference twin."""
+        cfg, ops = self.config, self.ops
         value_group = cfg.value_group_for(v.shape[3])
         if v.shape[3] % value_group:
             raise KvrtError(f"{cfg.name}: value_group {value_group} must divide the head dim {v.shape[3]}")
-        qv = quantize_values(self.ops, v, cfg.bits, value_group)
+        kernels = ops.quantizers(k)
+        if kernels is not None:
+            qk, qv = kernels[0](k, cfg.bits, cfg.group, traced), kernels[1](v, cfg.bits, value_group)
+        else:
+            keys = k if traced is None else mean_substituted(ops, k, traced, cfg.group)
+            qk, qv = quantize_keys(ops, keys, cfg.bits, cfg.group), quantize_values(ops, v, cfg.bits, value_group)
         for name, array in zip(self.buffers, (qk.codes, qk.scale, qk.zero, qv.codes, qv.scale, qv.zero)):
             self.buffers[name].append(array)
         self.length += k.shape[2]

@@ -64,12 +64,12 @@ class TracedTier(QuantizedTier):
         g, o = self.config.group, self.config.outliers
         if o == 0:
             return super().add(k, v)
-        keys = [self._trace(k[..., i : i + g, :], v[..., i : i + g, :]) for i in range(0, k.shape[2], g)]
-        super().add(keys[0] if len(keys) == 1 else self.ops.concat(keys, axis=2), v)
+        traced = [self._trace(k[..., i : i + g, :], v[..., i : i + g, :]) for i in range(0, k.shape[2], g)]
+        super().add(k, v, traced[0] if len(traced) == 1 else self.ops.concat(traced, axis=2))
 
     def _trace(self, k: Array, v: Array) -> Array:
-        """Update the pools with one group k/v [B, Hkv, G, D]; returns its keys with traced slots
-        replaced by the mean of the rest, and records those slots."""
+        """Update the pools with one group k/v [B, Hkv, G, D] and record its traced slots; returns
+        them as bool [B, Hkv, G] (the quantizer replaces them by the mean of the rest)."""
         ops, o = self.ops, self.config.outliers
         b, h, g, d = k.shape
         if self.pool_k is None:  # an empty pool: every slot +inf, so the first group fills it
@@ -91,11 +91,7 @@ class TracedTier(QuantizedTier):
         self.pool_v = ops.gather_seq(ops.concat([self.pool_v, v], axis=2), chosen)
         self.pool_norm = ops.gather_seq(candidates, chosen)
         self.slots.append(ops.where(slots >= 0, slots, -1).reshape(b, h, 1, o))
-        traced = picked[..., o:, None]  # [B, Hkv, G, 1]
-        kf = ops.where(traced, 0.0, ops.to_float32(k))
-        rest = g - ops.sum(ops.where(traced, 1.0, 0.0), axis=2)  # [B, Hkv, 1]
-        mean = ops.sum(kf, axis=2)[:, :, None, :] / rest[..., None]
-        return ops.cast_like(ops.where(traced, mean, kf), k)
+        return picked[..., o:]
 
     def _overflow(self, pushed: Array) -> None:
         """Append the pushed-out members (bool [B, Hkv, O]) to the overflow pool, compacted so each

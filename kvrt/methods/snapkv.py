@@ -12,7 +12,7 @@ later multi-token chunk (a chat turn) compresses again with its own window.
 from __future__ import annotations
 
 from kvrt.errors import KvrtError
-from kvrt.methods.base import INF, Candidates, EvictionMethod, window_attention
+from kvrt.methods.base import INF, Candidates, EvictionMethod
 from kvrt.ops import Array, Ops
 
 
@@ -38,7 +38,7 @@ class SnapKV(EvictionMethod):
 
     def scores(self, ops: Ops, c: Candidates) -> Array:
         w = min(self.window, c.q.shape[2], c.k.shape[2])
-        attention = window_attention(ops, c.q[:, :, -w:], c.k, c.scale)
+        attention = ops.window_scores(c.q[:, :, -w:], c.k, c.scale)
         prefix = attention[..., : c.k.shape[2] - w]
         pooled = ops.pool1d(prefix, self.kernel, self.pool)
         b, h = pooled.shape[0], pooled.shape[1]
