@@ -1,8 +1,9 @@
 """Fused decode attention over kvrt's quantized tier (format: kvrt/quant.py), split over the
 sequence (flash-decoding): each program reads one KV head's packed key and value words with
 their scales and zeros, dequantizes them in registers, and runs an online softmax for all the
-query rows of that KV head (GQA: the head's data is read once). Each split returns its
-(out, lse); the splits merge by log-sum-exp like any other tiers.
+query rows of that KV head (GQA: the head's data is read once), with tl.dot for q·kᵀ and p·v on
+the dequantized tiles rounded to the model dtype, as the reference dequantizes. Each split
+returns its (out, lse); the splits merge by log-sum-exp like any other tiers.
 
 Reference twin: QuantizedTier.partial (dequantize a block, then Ops.partial_attention).
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from kvrt.kernels_cuda.decode import exact_dot
 
 
 @triton.jit
@@ -28,14 +31,14 @@ def _quantized_decode_split(
     split = tl.program_id(1)
     PER: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
-    rows = tl.arange(0, BLOCK_R)
+    R: tl.constexpr = BLOCK_R if BLOCK_R >= 16 else 16  # tl.dot needs 16 rows: pad
+    rows = tl.arange(0, R)
     dims = tl.arange(0, D)
     row_ok = rows < ROWS
     q = tl.load(q_ptr + bh * s_q_bh + rows[:, None] * s_q_r + dims[None, :], mask=row_ok[:, None], other=0.0)
-    q = q.to(tl.float32) * scale
-    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_R], tl.float32)
-    acc = tl.zeros([BLOCK_R, D], tl.float32)
+    m = tl.full([R], float("-inf"), tl.float32)
+    l = tl.zeros([R], tl.float32)
+    acc = tl.zeros([R, D], tl.float32)
     start = split * split_len
     stop = tl.minimum(start + split_len, S)
     for n0 in range(start, stop, BLOCK_N):
@@ -46,8 +49,8 @@ def _quantized_decode_split(
         codes = (words >> ((tok % PER) * BITS)[:, None]) & MASK
         ks = tl.load(ks_ptr + bh * s_ks_bh + (tok // GROUP)[:, None] * s_ks_g + dims[None, :], mask=ok[:, None], other=0.0)
         kz = tl.load(kz_ptr + bh * s_ks_bh + (tok // GROUP)[:, None] * s_ks_g + dims[None, :], mask=ok[:, None], other=0.0)
-        k = codes.to(tl.float32) * ks.to(tl.float32) + kz.to(tl.float32)  # [BLOCK_N, D]
-        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [BLOCK_R, BLOCK_N]
+        k = (codes.to(tl.float32) * ks.to(tl.float32) + kz.to(tl.float32)).to(ks.dtype)  # as dequantize_keys rounds
+        scores = exact_dot(q, tl.trans(k)) * scale  # [R, BLOCK_N]
         if HAS_BIAS:
             scores += tl.load(bias_ptr + bh * s_b_bh + tok, mask=ok, other=0.0)[None, :]
         scores = tl.where(ok[None, :], scores, float("-inf"))
@@ -56,13 +59,13 @@ def _quantized_decode_split(
         vcodes = (vwords >> ((dims % PER) * BITS)[None, :]) & MASK
         vs = tl.load(vs_ptr + bh * s_vs_bh + tok[:, None] * s_vs_t + (dims // VGROUP)[None, :], mask=ok[:, None], other=0.0)
         vz = tl.load(vz_ptr + bh * s_vs_bh + tok[:, None] * s_vs_t + (dims // VGROUP)[None, :], mask=ok[:, None], other=0.0)
-        v = vcodes.to(tl.float32) * vs.to(tl.float32) + vz.to(tl.float32)  # [BLOCK_N, D]
+        v = (vcodes.to(tl.float32) * vs.to(tl.float32) + vz.to(tl.float32)).to(vs.dtype)  # [BLOCK_N, D]
         m_new = tl.maximum(m, tl.max(scores, axis=1))
         safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
         p = tl.exp(scores - safe[:, None])
         correction = tl.exp(tl.where(m == float("-inf"), float("-inf"), m - safe))
         l = l * correction + tl.sum(p, axis=1)
-        acc = acc * correction[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        acc = acc * correction[:, None] + exact_dot(p.to(v.dtype), v)  # p rounds as the reference's does
         m = m_new
     empty = l == 0.0
     out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l)[:, None])

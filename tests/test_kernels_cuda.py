@@ -76,7 +76,8 @@ def test_kernels_dispatch_on_cuda_unless_turned_off(monkeypatch):
 
 def test_a_model_decodes_the_same_through_the_kernel(tiny_model_dir, monkeypatch):
     """The whole decode path with the Triton kernels (interpreted on CPU: quantize with OTT's
-    substitution, fused decode attention) gives the reference logits."""
+    substitution, fused decode attention over the packed tier and over the full-precision
+    residual and pools) gives the reference logits."""
     from cache_runs import run_spec, token_ids
     from kvrt.backends.torch.ops import TorchOps
     from kvrt.backends.torch.runtime import TorchRuntime
@@ -84,10 +85,10 @@ def test_a_model_decodes_the_same_through_the_kernel(tiny_model_dir, monkeypatch
     runtime = TorchRuntime(tiny_model_dir("llama"))
     spec, ids = "ott:bits=2,group=16,residual=8,skip_layers=1", token_ids(70, seed=9)
     reference, cache = run_spec(runtime, spec, ids, 50)
-    assert cache.stats()["kernels"] == {"quantized decode": "reference", "quantize": "reference"}
+    assert cache.stats()["kernels"] == {"quantized decode": "reference", "quantize": "reference", "decode": "reference"}
     monkeypatch.setattr(TorchOps, "kernels_on", lambda self, x: True)
     fused, cache = run_spec(runtime, spec, ids, 50)
-    assert cache.stats()["kernels"] == {"quantized decode": "triton", "quantize": "triton"}
+    assert cache.stats()["kernels"] == {"quantized decode": "triton", "quantize": "triton", "decode": "triton"}
     torch.testing.assert_close(fused, reference, atol=1e-4, rtol=1e-4)
 
 
