@@ -23,6 +23,11 @@ def _shifts(bits: int, axis: int, ndim: int, device) -> torch.Tensor:
     return torch.arange(0, 32, bits, dtype=torch.int32, device=device).view(shape)
 
 
+def decode_sized(q, kv_heads: int) -> bool:
+    """Whether a KV head's query rows (G·T) fit the decode kernels, which hold them all in registers."""
+    return q.shape[2] * (q.shape[1] // kv_heads) <= 16
+
+
 class TorchOps:
     name = "torch"
     fused_prefill = True  # SDPA's flash kernels (CPU and CUDA) work through the queries in tiles
@@ -37,8 +42,7 @@ class TorchOps:
         return importlib.util.find_spec("triton") is not None
 
     def quantized_kernel(self, q, kv_heads):
-        decode = q.shape[2] * (q.shape[1] // kv_heads) <= 16  # the kernel holds all query rows in registers
-        if not (decode and self.kernels_on(q)):
+        if not (decode_sized(q, kv_heads) and self.kernels_on(q)):
             self.paths["quantized decode"] = "reference"
             return None
         from kvrt.kernels_cuda.quantized_decode import quantized_decode_attention
@@ -57,6 +61,11 @@ class TorchOps:
         return quantize_keys_fused, quantize_values_fused
 
     def window_scores(self, q, k, scale):
+        if self.kernels_on(q):
+            from kvrt.kernels_cuda.window_scores import window_scores
+
+            self.paths["window scores"] = "triton"
+            return window_scores(q, k, scale)
         self.paths["window scores"] = "reference"
         probs = self.attention_probs(q, k, scale, causal_offset=k.shape[2] - q.shape[2])
         return probs.sum(dim=3).mean(dim=2)
@@ -79,11 +88,21 @@ class TorchOps:
         hkv, s = k.shape[1], k.shape[2]
         square = causal_offset == 0 and s == t  # a fresh prompt: SDPA's own (top-left) causal mask fits
         mask = None if causal_offset is None or square else causal_mask(t, s, causal_offset, q.device)
+        decode = decode_sized(q, hkv)
         if not with_lse and key_bias is None:  # no merge follows: the fused SDPA kernel is fastest and needs no lse
+            if decode:
+                self.paths["decode"] = "sdpa"
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=square, scale=scale, enable_gqa=hq != hkv
             )
             return out, None
+        if decode and self.kernels_on(q):
+            from kvrt.kernels_cuda.decode import decode_attention
+
+            self.paths["decode"] = "triton"
+            return decode_attention(q, k, v, scale, causal_offset, key_bias)
+        if decode:
+            self.paths["decode"] = "reference"
         g = hq // hkv
         # GQA without repeat_kv: fold each KV head's G query heads into the query axis
         qg = q.reshape(b, hkv, g * t, d)

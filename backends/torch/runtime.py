@@ -67,6 +67,22 @@ class TorchRuntime:
         self.ops = TorchOps()
         self.model = self._build()
 
+    @classmethod
+    def with_random_weights(cls, args: ModelArgs, dtype: str = "bfloat16", device: str | None = None,
+                            seed: int = 0) -> "TorchRuntime":
+        """A model of `args`' shape with random weights (torch's default init): speed benches of
+        shapes whose checkpoints this machine cannot download (Llama-3-8B on a GPU)."""
+        runtime = cls.__new__(cls)
+        runtime.folder, runtime.args, runtime.ops = None, args, TorchOps()
+        runtime.device, runtime.dtype = torch.device(device or default_device()), DTYPES[dtype]
+        torch.manual_seed(seed)
+        with torch.device(runtime.device):
+            model = Transformer(args).to(runtime.dtype)
+        model.inv_freq = model.inv_freq.float()  # the rope table stays float32, as _build computes it
+        model.tie_weights()
+        runtime.model = model.eval()
+        return runtime
+
     def _build(self) -> Transformer:
         state = load_state_dict(self.folder)
         state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
