@@ -1,0 +1,35 @@
+"""Decode attention over full-precision keys and values (decode.metal), split over the sequence and
+merged by log-sum-exp. Reference twin: MLXOps.partial_attention."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from kvrt.kernels_metal import splits as split_merge
+from kvrt.kernels_metal.quantized_decode import fits  # the same register layout and row limit
+from kvrt.kernels_metal.sources import launch, meta, placeholder, scalar
+
+__all__ = ["decode_attention", "fits"]
+
+
+def decode_attention(q, k, v, scale: float, causal_offset: int | None = None, key_bias=None,
+                     splits: int | None = None):
+    """(out [B, Hq, T, D] in q's dtype, lse [B, Hq, T] float32) of q over k/v [B, Hkv, S, D]; query t
+    sees keys 0 .. causal_offset + t (all when None); key_bias float32 [B, Hkv, S] or None."""
+    b, hq, t, d = q.shape
+    _, hkv, s, _ = k.shape
+    rows, bh = (hq // hkv) * t, b * hkv
+    if s == 0:
+        return mx.zeros(q.shape, dtype=q.dtype), mx.full((b, hq, t), -mx.inf, dtype=mx.float32)
+    span, n = split_merge.plan(s, splits)
+    offset = s if causal_offset is None else causal_offset  # offset s: every key visible to every query
+    inputs = [
+        q.reshape(bh, rows, d), k.reshape(bh, s, d), v.reshape(bh, s, d),
+        key_bias.reshape(bh, s).astype(mx.float32) if key_bias is not None else placeholder(mx.float32),
+        meta(s, span, n, offset), scalar(scale),
+    ]
+    template = [("D", d), ("ROWS", rows), ("TQ", t), ("HAS_BIAS", key_bias is not None)]
+    out, lse = launch("decode", inputs, template, grid=(32 * bh, n, 1), threadgroup=(32, 1, 1),
+                      outputs=[((bh, n, rows, d), mx.float32), ((bh, n, rows), mx.float32)])
+    out, lse = split_merge.merge(out, lse)
+    return out.reshape(b, hq, t, d).astype(q.dtype), lse.reshape(b, hq, t)

@@ -1,0 +1,43 @@
+"""Decode attention over a whole quantized tier (quantized_decode.metal), split over the sequence and
+merged by log-sum-exp. Reference twin: QuantizedTier.partial's dequantize-a-block path."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from kvrt.kernels_metal import splits as split_merge
+from kvrt.kernels_metal.sources import launch, meta, placeholder, scalar
+from kvrt.quant import codes_per_word
+
+MAX_ROWS = 16  # query rows per KV head held in registers (G·T at decode)
+
+
+def fits(q: mx.array, kv_heads: int) -> bool:
+    """Shapes the kernel handles: decode-sized rows, lanes owning D / 32 channels each."""
+    d = q.shape[3]
+    return q.shape[2] * (q.shape[1] // kv_heads) <= MAX_ROWS and d % 32 == 0 and d <= 256
+
+
+def quantized_decode_attention(q, keys, values, scale: float, key_bias=None, splits: int | None = None):
+    """(out [B, Hq, T, D] in q's dtype, lse [B, Hq, T] float32) of q over kvrt.quant.QuantizedKeys /
+    QuantizedValues of S tokens; key_bias float32 [B, Hkv, S] or None (−inf hides a key)."""
+    b, hq, t, d = q.shape
+    _, hkv, s, _ = keys.shape
+    rows, bh = (hq // hkv) * t, b * hkv
+    if s == 0:
+        return mx.zeros(q.shape, dtype=q.dtype), mx.full((b, hq, t), -mx.inf, dtype=mx.float32)
+    per = codes_per_word(keys.bits)
+    span, n = split_merge.plan(s, splits)
+    inputs = [
+        q.reshape(bh, rows, d),
+        keys.codes.reshape(bh, s // per, d), keys.scale.reshape(bh, -1, d), keys.zero.reshape(bh, -1, d),
+        values.codes.reshape(bh, s, d // per), values.scale.reshape(bh, s, -1), values.zero.reshape(bh, s, -1),
+        key_bias.reshape(bh, s).astype(mx.float32) if key_bias is not None else placeholder(mx.float32),
+        meta(s, span, n), scalar(scale),
+    ]
+    template = [("KT", keys.scale.dtype), ("D", d), ("ROWS", rows), ("BITS", keys.bits), ("GROUP", keys.group),
+                ("VGROUP", values.group), ("HAS_BIAS", key_bias is not None)]
+    out, lse = launch("quantized_decode", inputs, template, grid=(32 * bh, n, 1), threadgroup=(32, 1, 1),
+                      outputs=[((bh, n, rows, d), mx.float32), ((bh, n, rows), mx.float32)])
+    out, lse = split_merge.merge(out, lse)
+    return out.reshape(b, hq, t, d).astype(q.dtype), lse.reshape(b, hq, t)
