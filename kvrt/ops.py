@@ -150,10 +150,11 @@ class Ops(Protocol):
     def unpack_codes(self, words: Array, bits: int, axis: int, length: int) -> Array:
         """The inverse of pack_codes: int32 codes along `axis`, the first `length` of them."""
 
-    def quantized_kernel(self, q: Array, kv_heads: int):
-        """A fused kernel for attention of q over a whole quantized tier, called as
-        kernel(q, QuantizedKeys, QuantizedValues, scale, key_bias=...) -> (out, lse); or None where
-        this device has none (the tier then dequantizes block by block: the reference twin).
+    def quantized_kernel(self, q: Array, kv_heads: int, key_group: int, value_group: int):
+        """A faster path for attention of q over a whole quantized tier stored with these group
+        sizes, called as kernel(q, QuantizedKeys, QuantizedValues, scale, key_bias=...) -> (out, lse):
+        a fused kernel, or a framework op that computes the format exactly; None where the backend
+        has neither (the tier then dequantizes block by block: the reference twin).
         Records which path runs in `self.paths` for --verbose."""
 
     def quantizers(self, x: Array):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import mlx.core as mx
@@ -30,6 +31,11 @@ def _shifts(bits: int, axis: int, ndim: int) -> mx.array:
     return mx.arange(0, 32, bits, dtype=mx.int32).reshape(shape)
 
 
+DECODE_ROWS = 16  # query rows per KV head (G·T) up to which partial_attention takes the decode kernel
+QMM_ROWS = 16  # query rows per KV head up to which the quantized tier runs on mx.quantized_matmul off Metal
+QMM_GROUPS = (32, 64, 128)  # the group sizes mx.quantized_matmul takes
+
+
 class MLXOps:
     name = "mlx"
     fused_prefill = False  # mlx's CPU attention may build the whole score matrix: keep query blocks
@@ -37,15 +43,66 @@ class MLXOps:
     def __init__(self):
         self.paths = {}  # kernel -> the path that ran last, for --verbose
 
-    def quantized_kernel(self, q, kv_heads):
-        self.paths["quantized decode"] = "reference"  # the Metal kernel is still to come
+    def kernels_on(self, x=None) -> bool:
+        """Metal kernels (kernels_metal) run where MLX has Metal and the default device is the GPU, unless
+        KVRT_KERNELS=off, which also turns off the quantized_matmul path below (the reference twins run).
+        `x` is unused: with unified memory an array has no device, the stream decides (torch's takes one)."""
+        if os.environ.get("KVRT_KERNELS", "auto") == "off":
+            return False
+        return mx.metal.is_available() and mx.default_device().type == mx.gpu
+
+    def quantized_kernel(self, q, kv_heads, key_group, value_group):
+        from kvrt.kernels_metal.quantized_decode import fits, quantized_decode_attention
+
+        if fits(q, kv_heads) and self.kernels_on(q):
+            self.paths["quantized decode"] = "metal"
+            return quantized_decode_attention
+        decode = q.shape[2] * (q.shape[1] // kv_heads) <= QMM_ROWS
+        exact = key_group in QMM_GROUPS and value_group in QMM_GROUPS
+        if decode and exact and os.environ.get("KVRT_KERNELS", "auto") != "off":
+            self.paths["quantized decode"] = "quantized_matmul"
+            return self._quantized_matmul_attention
+        self.paths["quantized decode"] = "reference"
         return None
 
+    def _quantized_matmul_attention(self, q, keys, values, scale, key_bias=None):
+        """(out, lse) over a whole quantized tier with mx.quantized_matmul, which computes kvrt's format
+        exactly: values are MLX's affine layout as stored (per token, groups of gv channels along the last
+        axis, codes little-end-first in 32-bit words, x̂ = q·scale + zero); keys are too once the packed
+        words are transposed to [D, S/P] (each channel's groups of G tokens then run along the last axis).
+        No dequantized copy of the tier is made; scales go float32 so the scores are float32 [rows, S]."""
+        b, hq, t, d = q.shape
+        hkv = keys.shape[1]
+        qg = q.reshape(b, hkv, (hq // hkv) * t, d).astype(mx.float32) * scale
+        words = mx.view(keys.codes, mx.uint32).swapaxes(-1, -2)  # [B, Hkv, D, S/P]
+        k_scale, k_zero = (x.astype(mx.float32).swapaxes(-1, -2) for x in (keys.scale, keys.zero))
+        scores = mx.quantized_matmul(qg, words, k_scale, k_zero, transpose=False, group_size=keys.group,
+                                     bits=keys.bits)
+        if key_bias is not None:
+            scores = scores + mx.expand_dims(key_bias, 2)
+        lse = mx.logsumexp(scores, axis=-1, keepdims=True)
+        probs = mx.exp(scores - mx.where(mx.isinf(lse), 0.0, lse))  # an all-hidden row: weights 0, not nan
+        out = mx.quantized_matmul(probs, mx.view(values.codes, mx.uint32), values.scale.astype(mx.float32),
+                                  values.zero.astype(mx.float32), transpose=False, group_size=values.group,
+                                  bits=values.bits)
+        return out.reshape(b, hq, t, d).astype(q.dtype), lse.reshape(b, hq, t)
+
     def quantizers(self, x):
-        self.paths["quantize"] = "reference"  # Metal quantize kernels still to come
+        if x.shape[-1] <= 1024 and self.kernels_on(x):
+            from kvrt.kernels_metal.quantize_keys import quantize_keys_metal
+            from kvrt.kernels_metal.quantize_values import quantize_values_metal
+
+            self.paths["quantize"] = "metal"
+            return quantize_keys_metal, quantize_values_metal
+        self.paths["quantize"] = "reference"
         return None
 
     def window_scores(self, q, k, scale):
+        if q.shape[2] <= k.shape[2] and self.kernels_on(q):
+            from kvrt.kernels_metal.window_scores import window_scores_metal
+
+            self.paths["window scores"] = "metal"
+            return window_scores_metal(q, k, scale)
         self.paths["window scores"] = "reference"
         probs = self.attention_probs(q, k, scale, causal_offset=k.shape[2] - q.shape[2])
         return probs.sum(axis=3).mean(axis=2)
@@ -71,6 +128,7 @@ class MLXOps:
         check_qkv(q, k, v)
         b, hq, t, d = q.shape
         hkv, s = k.shape[1], k.shape[2]
+        g = hq // hkv
         if not with_lse and key_bias is None:  # no merge follows: the fused kernel (GQA-aware, float32 softmax) needs no lse
             if causal_offset is None:
                 mask = None
@@ -78,8 +136,17 @@ class MLXOps:
                 mask = "causal"
             else:
                 mask = causal_mask(t, s, causal_offset)
+            if g * t <= DECODE_ROWS:
+                self.paths["decode"] = "sdpa"
             return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask), None
-        g = hq // hkv
+        if g * t <= DECODE_ROWS:  # decode-sized: the Metal kernel reads each KV head once for its G·T rows
+            from kvrt.kernels_metal.decode import decode_attention, fits
+
+            if fits(q, hkv) and self.kernels_on(q):
+                self.paths["decode"] = "metal"
+                out, lse = decode_attention(q, k, v, scale, causal_offset, key_bias)
+                return out, lse if with_lse else None
+            self.paths["decode"] = "reference"
         # GQA without repeat_kv: fold each KV head's G query heads into the query axis
         qg = q.reshape(b, hkv, g * t, d).astype(mx.float32)
         # scores in float32 so the lse of one tier is as exact as the merge needs

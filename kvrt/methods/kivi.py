@@ -106,7 +106,9 @@ class QuantizedTier:
         groups at a time, dequantized and merged by lse. `heads`: only these KV heads (q holds
         just their query heads), as CaliDrop's recompute asks."""
         ops, groups = self.ops, self.length // self.config.group
-        kernel = ops.quantized_kernel(q, self.shape[1]) if heads is None else None
+        cfg = self.config
+        kernel = None if heads is not None else ops.quantized_kernel(q, self.shape[1], cfg.group,
+                                                                     cfg.value_group_for(self.shape[2]))
         if kernel is not None:
             fused = kernel(q, *self.stored(0, groups), scale, key_bias=self.block_bias(0, groups))
             return merge_partials(ops, [fused] + self.extra_partials(q, scale, None))
