@@ -41,7 +41,7 @@ class TorchOps:
             return False
         return importlib.util.find_spec("triton") is not None
 
-    def quantized_kernel(self, q, kv_heads):
+    def quantized_kernel(self, q, kv_heads, key_group, value_group):
         if not (decode_sized(q, kv_heads) and self.kernels_on(q)):
             self.paths["quantized decode"] = "reference"
             return None

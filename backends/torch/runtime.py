@@ -78,7 +78,8 @@ class TorchRuntime:
         torch.manual_seed(seed)
         with torch.device(runtime.device):
             model = Transformer(args).to(runtime.dtype)
-        model.inv_freq = model.inv_freq.float()  # the rope table stays float32, as _build computes it
+        # from_numpy ignores the device context: move the rope table over, float32 as _build has it
+        model.inv_freq = model.inv_freq.to(runtime.device, torch.float32)
         model.tie_weights()
         runtime.model = model.eval()
         return runtime
