@@ -23,10 +23,11 @@ def decode_attention(q, k, v, scale: float, causal_offset: int | None = None, ke
         return mx.zeros(q.shape, dtype=q.dtype), mx.full((b, hq, t), -mx.inf, dtype=mx.float32)
     span, n = split_merge.plan(s, splits)
     offset = s if causal_offset is None else causal_offset  # offset s: every key visible to every query
+    # every array goes in as it is, no reshape: the kernel reads them through their strides (sources.py builds
+    # it with ensure_row_contiguous=False), so a SeqBuffer's view of the cache is not copied at each step
     inputs = [
-        q.reshape(bh, rows, d), k.reshape(bh, s, d), v.reshape(bh, s, d),
-        key_bias.reshape(bh, s).astype(mx.float32) if key_bias is not None else placeholder(mx.float32),
-        meta(s, span, n, offset), scalar(scale),
+        q, k, v, key_bias.astype(mx.float32) if key_bias is not None else placeholder(mx.float32),
+        meta(s, span, n, offset, hkv), scalar(scale),
     ]
     template = [("D", d), ("ROWS", rows), ("TQ", t), ("HAS_BIAS", key_bias is not None)]
     out, lse = launch("decode", inputs, template, grid=(32 * bh, n, 1), threadgroup=(32, 1, 1),

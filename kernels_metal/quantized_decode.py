@@ -7,7 +7,6 @@ import mlx.core as mx
 
 from kvrt.kernels_metal import splits as split_merge
 from kvrt.kernels_metal.sources import launch, meta, placeholder, scalar
-from kvrt.quant import codes_per_word
 
 MAX_ROWS = 16  # query rows per KV head held in registers (G·T at decode)
 
@@ -26,14 +25,13 @@ def quantized_decode_attention(q, keys, values, scale: float, key_bias=None, spl
     rows, bh = (hq // hkv) * t, b * hkv
     if s == 0:
         return mx.zeros(q.shape, dtype=q.dtype), mx.full((b, hq, t), -mx.inf, dtype=mx.float32)
-    per = codes_per_word(keys.bits)
     span, n = split_merge.plan(s, splits)
+    # every array goes in as it is, no reshape: the kernel reads them through their strides (sources.py builds
+    # it with ensure_row_contiguous=False), so the tier's views of its SeqBuffers are not copied at each step
     inputs = [
-        q.reshape(bh, rows, d),
-        keys.codes.reshape(bh, s // per, d), keys.scale.reshape(bh, -1, d), keys.zero.reshape(bh, -1, d),
-        values.codes.reshape(bh, s, d // per), values.scale.reshape(bh, s, -1), values.zero.reshape(bh, s, -1),
-        key_bias.reshape(bh, s).astype(mx.float32) if key_bias is not None else placeholder(mx.float32),
-        meta(s, span, n), scalar(scale),
+        q, keys.codes, keys.scale, keys.zero, values.codes, values.scale, values.zero,
+        key_bias.astype(mx.float32) if key_bias is not None else placeholder(mx.float32),
+        meta(s, span, n, hkv, t), scalar(scale),
     ]
     template = [("KT", keys.scale.dtype), ("D", d), ("ROWS", rows), ("BITS", keys.bits), ("GROUP", keys.group),
                 ("VGROUP", values.group), ("HAS_BIAS", key_bias is not None)]

@@ -21,15 +21,20 @@ class Kernel:
     name: str  # the .metal file holding the body
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+    # strided: built with ensure_row_contiguous=False, so MLX passes every input as it lies (a view's own
+    # buffer and offset) and the body indexes each array through `<name>_strides`; otherwise MLX first copies
+    # every input that is not row-contiguous, and the body indexes them as dense row-major arrays
+    strided: bool = False
 
 
 KERNELS = {k.name: k for k in (
-    Kernel("quantized_decode", ("q", "kc", "ks", "kz", "vc", "vs", "vz", "bias", "meta", "qscale"), ("out", "lse")),
-    Kernel("decode", ("q", "keys", "values", "bias", "meta", "qscale"), ("out", "lse")),
+    Kernel("quantized_decode", ("q", "kc", "ks", "kz", "vc", "vs", "vz", "bias", "meta", "qscale"), ("out", "lse"),
+           strided=True),
+    Kernel("decode", ("q", "keys", "values", "bias", "meta", "qscale"), ("out", "lse"), strided=True),
     Kernel("quantize_keys", ("k", "traced", "meta"), ("codes", "scales", "zeros")),
     Kernel("quantize_values", ("v", "meta"), ("codes", "scales", "zeros")),
-    Kernel("window_lse", ("q", "k", "meta", "qscale"), ("lse",)),
-    Kernel("window_scores", ("q", "k", "lse", "meta", "qscale"), ("out",)),
+    Kernel("window_lse", ("q", "k", "meta", "qscale"), ("lse",), strided=True),
+    Kernel("window_scores", ("q", "k", "lse", "meta", "qscale"), ("out",), strided=True),
 )}
 
 _built: dict = {}
@@ -47,7 +52,7 @@ def build(name: str):
     if key not in _built:
         spec = KERNELS[name]
         _built[key] = maker(name=f"kvrt_{name}", input_names=list(spec.inputs), output_names=list(spec.outputs),
-                            source=source(name), header=source(HEADER))
+                            source=source(name), header=source(HEADER), ensure_row_contiguous=not spec.strided)
     return _built[key]
 
 

@@ -15,10 +15,11 @@ def window_scores_metal(q, k, scale: float) -> mx.array:
     b, hq, w, d = q.shape
     _, hkv, s, _ = k.shape
     g, bh = hq // hkv, b * hkv
-    qr, kr = q.reshape(bh, g * w, d), k.reshape(bh, s, d)
-    (lse,) = launch("window_lse", [qr, kr, meta(s), scalar(scale)], [("D", d), ("W", w), ("ROWS", g * w)],
+    # q and k go in as they are (a slice of the chunk's queries; at a prompt, a view of the newest tier's
+    # buffer): both kernels read them through their strides, so neither is copied
+    (lse,) = launch("window_lse", [q, k, meta(s, hkv), scalar(scale)], [("D", d), ("W", w), ("ROWS", g * w)],
                     grid=(32, g * w, bh), threadgroup=(32, 1, 1), outputs=[((bh, g * w), mx.float32)])
-    (out,) = launch("window_scores", [qr, kr, lse, meta(s), scalar(scale)],
+    (out,) = launch("window_scores", [q, k, lse, meta(s, hkv), scalar(scale)],
                     [("D", d), ("W", w), ("ROWS", g * w), ("G", g)],
                     grid=(s, 1, bh), threadgroup=(min(s, 256), 1, 1), outputs=[((bh, s), mx.float32)])
     return out.reshape(b, hkv, s)

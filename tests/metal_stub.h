@@ -11,6 +11,7 @@
 
 typedef unsigned int uint;
 typedef unsigned short ushort;
+// int64_t, the type of the `<name>_strides` arrays MLX passes (element strides), is <cstdint>'s, as in Metal
 typedef _Float16 half;  // IEEE binary16; g++ >= 12 on x86_64 converts with round-to-nearest-even
 typedef half float16_t;
 

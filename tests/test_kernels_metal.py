@@ -18,13 +18,19 @@ mx.fast.metal_kernel runs only on a Metal GPU, so the kernels are checked three 
     grids, split merge), and their outputs are compared with the MLX reference twins on random inputs
     (bits 2/4/8, head dim 32-128, GQA 1/3/4/7, lengths no split or block multiple, float32, float16 and
     bfloat16, with and without −inf key bias, traced OTT slots, constant groups): the quantizers bit-exact,
-    attention and window scores within float tolerance. Guard bands of 0xFF around every buffer turn an
+    attention and window scores within float tolerance. The decode and window kernels are built with
+    ensure_row_contiguous=False and read their inputs through `<name>_strides`; their tests hand them the
+    cache's arrays as the cache does, views of larger capacity buffers along the token axis (SeqBuffer.view),
+    q as a slice or a transpose, and the emulator passes each view as MLX would (its own element strides,
+    a pointer to its first element) with every byte the view skips set to 0xFF, so an index that ignores a
+    stride reads NaN. Guard bands of 0xFF around every buffer turn an
     out-of-bounds read into NaN and report an out-of-bounds write; outputs start as 0xFF, so an element
     no thread writes shows; a barrier or simd operation after a thread of the group returned is reported.
 (c) Dispatch: without Metal (or with KVRT_KERNELS=off) MLXOps takes its reference twins (the quantized
     tier: mx.quantized_matmul, itself checked against the twin); with the kernels forced on, each wrapper
     builds its mx.fast.metal_kernel call with a grid, threadgroup, template and outputs that agree with
-    the shapes the kernel source indexes.
+    the shapes the kernel source indexes, and the strided kernels receive the cache's views themselves
+    (same memory, same strides: no copy on the way, none by MLX).
 
 What this cannot check:
 - that Apple's Metal compiler accepts the code: g++ is not the Metal front end. MSL is C++14-based with its
@@ -39,6 +45,10 @@ What this cannot check:
   device-memory ordering or atomics are not exercised. The quantizers' bit-exactness on a GPU rests on
   Metal's default (safe) math mode, where float division is correctly rounded and rint rounds half to
   even, as here.
+- that a view is read in place on a Mac: the tests check that each wrapper hands mx.fast.metal_kernel the
+  cache's views themselves and builds the kernel with ensure_row_contiguous=False; that MLX's GPU slice then
+  shares the buffer (and passes the view's own strides, as its custom_kernel.cpp does) is MLX's behaviour,
+  not exercised here.
 - performance: nothing here measures speed, occupancy or register pressure.
 """
 
@@ -49,12 +59,13 @@ import pytest
 
 mx = pytest.importorskip("mlx.core")
 
-from metal_emulator import EmulatedKernel, Recorder, Toolchain, compile_check, source_for, to_numpy  # noqa: E402
+from metal_emulator import (EmulatedKernel, Recorder, Toolchain, as_mlx_holds_it, compile_check,  # noqa: E402
+                            row_contiguous, source_for, to_numpy)
 
 from kvrt.backends.mlx.ops import MLXOps  # noqa: E402
 from kvrt.kernels_metal import sources  # noqa: E402
-from kvrt.quant import (dequantize_keys, dequantize_values, mean_substituted, quantize_keys,  # noqa: E402
-                        quantize_values)
+from kvrt.quant import (QuantizedKeys, QuantizedValues, dequantize_keys, dequantize_values,  # noqa: E402
+                        mean_substituted, quantize_keys, quantize_values)
 
 pytestmark = pytest.mark.kernels
 
@@ -108,6 +119,47 @@ def same_bits(got, want):
     assert np.array_equal(to_numpy(got), to_numpy(want))
 
 
+def other_rows(rng, shape, dtype):
+    """Data unlike any test input: what sits past a view's end in its capacity buffer."""
+    if dtype in (mx.int32, mx.uint32):
+        return mx.array(rng.integers(-2**31, 2**31 - 1, shape, dtype=np.int64).astype(np.int32)).astype(dtype)
+    return rand(rng, shape, dtype, scale=100.0)
+
+
+def in_capacity(rng, x, extra=13, before=0, axis=-2):
+    """x as the cache hands it over: a view of a larger buffer along `axis` (the token axis), with `before`
+    and `extra` rows of other data around it, as SeqBuffer.view() slices its capacity (before=0) and
+    QuantizedTier.stored slices that view again."""
+    axis = axis % x.ndim
+
+    def rows(n):
+        shape = list(x.shape)
+        shape[axis] = n
+        return other_rows(rng, shape, x.dtype)
+
+    buf = mx.concatenate([rows(before), x, rows(extra)], axis=axis)
+    mx.eval(buf)
+    view = buf[(slice(None),) * axis + (slice(before, before + x.shape[axis]),)]
+    assert not row_contiguous(*layout(view)), "a view the kernel could read without its strides"
+    return view
+
+
+def layout(x):
+    """(shape, element strides) of x as MLX holds it."""
+    a, strides = as_mlx_holds_it(x)
+    return a.shape, strides
+
+
+def address(x) -> int:
+    """Where x's first element lies: equal for a view and whatever shares its memory."""
+    return as_mlx_holds_it(x)[0].__array_interface__["data"][0]
+
+
+def passed_as_is(got, view) -> bool:
+    """The kernel received `view` itself: the same memory, shape and strides (no copy on the way)."""
+    return address(got) == address(view) and layout(got) == layout(view)
+
+
 def hidden_bias(rng, b, hkv, s, count):
     """float32 [B, Hkv, S]: 0, with −inf on `count` random slots per head (OTT's traced slots)."""
     bias = np.zeros((b, hkv, s), np.float32)
@@ -159,6 +211,73 @@ def test_only_the_intended_thread_attributes_reach_the_signature():
         assert used[name] == {"thread_position_in_grid"}, name
 
 
+STRIDED = {  # kernel: the inputs its body reads through `<name>_strides` (the rest: small, dense, MLX's own)
+    "quantized_decode": {"q", "kc", "ks", "kz", "vc", "vs", "vz", "bias"},
+    "decode": {"q", "keys", "values", "bias"},
+    "window_lse": {"q", "k"},
+    "window_scores": {"q", "k"},
+}
+
+
+def test_the_strided_kernels_take_every_cache_array_with_its_strides():
+    """MLX adds `const constant int64_t* <name>_strides` after an input the body names so (and _shape /
+    _ndim likewise); the kernels built with ensure_row_contiguous=False are exactly those reading strides."""
+    import re
+
+    for name, spec in sources.KERNELS.items():
+        _, text = source_for(f"kvrt_{name}", spec.inputs, spec.outputs, sources.source(name), sources.source("common"),
+                             [], [mx.float32] * len(spec.inputs), [4096] * len(spec.inputs), [4] * len(spec.inputs),
+                             [mx.float32] * len(spec.outputs))
+        strided = set(re.findall(r"const constant int64_t\* (\w+)_strides \[\[buffer", text))
+        assert strided == STRIDED.get(name, set()), name
+        assert spec.strided == bool(strided), name  # no body indexes an array MLX may hand over as a view
+        assert not re.search(r"_(shape|ndim) \[\[buffer", text), name
+        slots = [int(i) for i in re.findall(r"\[\[buffer\((\d+)\)\]\]", text)]
+        assert slots == list(range(len(spec.inputs) + len(strided) + len(spec.outputs))), name
+
+
+STRIDED_COPY = """
+const uint i = thread_position_in_grid.x;
+if (i < uint(x_shape[0] * x_shape[1])) {
+  const int r = int(i) / x_shape[1], c = int(i) % x_shape[1];
+  out[i] = x_ndim == 2 ? x[r * x_strides[0] + c * x_strides[1]] : -1.0f;
+}
+"""
+FLAT_COPY = """
+const uint i = thread_position_in_grid.x;
+if (i < 21) {
+  out[i] = x[i];
+}
+"""
+
+
+def test_the_emulator_hands_inputs_over_as_mlx_does(emulated):
+    """ensure_row_contiguous=False: a view as it lies (its element strides, a pointer to its first element,
+    the bytes it skips 0xFF); True: a row-major copy of an input that is not row-contiguous."""
+    rng = np.random.default_rng(8)
+    base = rand(rng, (5, 12))
+    x = base[1:4, 2:9]  # starts inside its buffer; rows 12 elements apart
+    want = np.array(x).reshape(-1)
+    run = dict(inputs=[x], output_shapes=[(21,)], output_dtypes=[mx.float32], grid=(21, 1, 1), threadgroup=(32, 1, 1))
+    strided = mx.fast.metal_kernel(name="strided", input_names=["x"], output_names=["out"], source=STRIDED_COPY,
+                                   ensure_row_contiguous=False)
+    (got,) = strided(**run)
+    assert strided.calls[-1]["strides"] == {"x": [12, 1]}
+    np.testing.assert_array_equal(np.array(got), want)
+    flat = mx.fast.metal_kernel(name="flat", input_names=["x"], output_names=["out"], source=FLAT_COPY,
+                                ensure_row_contiguous=False)
+    (got,) = flat(**run)
+    np.testing.assert_array_equal(np.array(got)[:7], want[:7])  # the first row, then the gap after it
+    assert np.isnan(np.array(got)[7:12]).all()
+    copied = mx.fast.metal_kernel(name="flat", input_names=["x"], output_names=["out"], source=FLAT_COPY)
+    (got,) = copied(**run)
+    assert copied.calls[-1]["strides"] == {"x": [7, 1]}
+    np.testing.assert_array_equal(np.array(got), want)
+    (got,) = strided(**{**run, "inputs": [mx.array(want).reshape(7, 3).T]})  # a transpose: strides [1, 3]
+    assert strided.calls[-1]["strides"] == {"x": [1, 3]}
+    np.testing.assert_array_equal(np.array(got), want.reshape(7, 3).T.reshape(-1))
+
+
 # --- (b) execution against the reference twins -----------------------------------------------
 
 DECODE_CASES = [  # bits, d, g (query heads per KV head), hkv, t (queries), dtype, biased
@@ -177,11 +296,19 @@ def test_quantized_decode_equals_its_reference(emulated, bits, d, g, hkv, t, dty
 
     rng = np.random.default_rng(bits * 100 + d + g)
     s, dt = 112, DTYPES[dtype]  # 7 groups of 16; 3 splits of 38 tokens, the last one short
-    k, v, q = rand(rng, (2, hkv, s, d), dt), rand(rng, (2, hkv, s, d), dt), rand(rng, (2, hkv * g, t, d), dt)
+    k, v = rand(rng, (2, hkv, s, d), dt), rand(rng, (2, hkv, s, d), dt)
+    q = rand(rng, (2, t, hkv * g, d), dt).swapaxes(1, 2)  # as a model lays it out: [B, T, Hq, D] transposed
     keys, values = quantize_keys(OPS, k, bits, 16), quantize_values(OPS, v, bits, 32)
     bias = hidden_bias(rng, 2, hkv, s, 9) if biased else None
     want_out, want_lse = OPS.partial_attention(q, dequantize_keys(OPS, keys), dequantize_values(OPS, values), 0.125,
                                                key_bias=bias)
+    # the tier's arrays as QuantizedTier.stored hands them over: views of their capacity buffers
+    before = 2 if bits == 4 else 0  # stored(first, ...) with first > 0 also starts inside the buffer
+    keys = QuantizedKeys(*(in_capacity(rng, x, before=before) for x in (keys.codes, keys.scale, keys.zero)),
+                         keys.bits, keys.group, keys.shape)
+    values = QuantizedValues(*(in_capacity(rng, x, before=before) for x in (values.codes, values.scale, values.zero)),
+                             values.bits, values.group, values.shape)
+    bias = in_capacity(rng, bias, axis=-1) if biased else None
     out, lse = quantized_decode_attention(q, keys, values, 0.125, key_bias=bias, splits=3)
     assert out.dtype == dt and out.shape == q.shape and lse.dtype == mx.float32
     close(out, want_out, TOL[dtype])
@@ -220,10 +347,14 @@ def test_full_precision_decode_equals_partial_attention(emulated, d, g, hkv, t, 
     from kvrt.kernels_metal.decode import decode_attention
 
     rng = np.random.default_rng(d + g + t)
-    s, dt = 100, DTYPES[dtype]
-    k, v, q = rand(rng, (1, hkv, s, d), dt), rand(rng, (1, hkv, s, d), dt), rand(rng, (1, hkv * g, t, d), dt)
-    bias = hidden_bias(rng, 1, hkv, s, 7) if biased else None
+    s, dt, b = 100, DTYPES[dtype], 3 - hkv  # B·Hkv = 2: the view skips rows between heads or batches
+    k, v = rand(rng, (b, hkv, s, d), dt), rand(rng, (b, hkv, s, d), dt)
+    q = rand(rng, (b, t, hkv * g, d), dt).swapaxes(1, 2)  # as a model lays it out: [B, T, Hq, D] transposed
+    bias = hidden_bias(rng, b, hkv, s, 7) if biased else None
     want_out, want_lse = OPS.partial_attention(q, k, v, 0.1, causal_offset, True, bias)
+    # k and v as FullPrecisionTier.partial hands them over: SeqBuffer views of their capacity buffers
+    k, v = in_capacity(rng, k, extra=28), in_capacity(rng, v, extra=5)
+    bias = in_capacity(rng, bias, axis=-1) if biased else None
     out, lse = decode_attention(q, k, v, 0.1, causal_offset, bias, splits=3)
     assert out.dtype == dt and lse.dtype == mx.float32
     close(out, want_out, TOL[dtype])
@@ -271,9 +402,9 @@ def test_window_scores_equal_the_reference(emulated, g, w, d, dtype):
 
     rng = np.random.default_rng(g * w + d)
     s, dt = 300, DTYPES[dtype]  # two threadgroups of keys, the second one short
-    k, q = rand(rng, (2, 2, s, d), dt), rand(rng, (2, 2 * g, w, d), dt)
+    k, q = rand(rng, (2, 2, s, d), dt), rand(rng, (2, 2 * g, w + 3, d), dt)[:, :, -w:]  # SnapKV: c.q[:, :, -w:]
     want = OPS.window_scores(q, k, 0.125)
-    got = window_scores_metal(q, k, 0.125)
+    got = window_scores_metal(q, in_capacity(rng, k, extra=20), 0.125)  # at a prompt, the newest tier's view
     assert got.dtype == mx.float32 and got.shape == (2, 2, s)
     close(got, want, 1e-5)
 
@@ -367,39 +498,82 @@ def test_groups_quantized_matmul_cannot_take_leave_the_tier_its_twin():
 def test_the_quantized_decode_call_matches_its_indexing(recorder):
     rng = np.random.default_rng(1)
     keys, values = quantized_tier(rng, b=2, hkv=2, s=1000 // 32 * 32, d=128, bits=4, group=32, value_group=64)
+    keys = QuantizedKeys(*(in_capacity(rng, x) for x in (keys.codes, keys.scale, keys.zero)), keys.bits, keys.group,
+                         keys.shape)
+    values = QuantizedValues(*(in_capacity(rng, x) for x in (values.codes, values.scale, values.zero)), values.bits,
+                             values.group, values.shape)
     s, q = keys.shape[2], rand(rng, (2, 6, 2, 128), mx.float16)
+    bias = in_capacity(rng, mx.zeros((2, 2, s)), axis=-1)
     ops = MLXOps()
     kernel = ops.quantized_kernel(q, 2, 32, 64)
     assert ops.paths["quantized decode"] == "metal"
-    out, lse = kernel(q, keys, values, 0.1, key_bias=mx.zeros((2, 2, s)))
+    out, lse = kernel(q, keys, values, 0.1, key_bias=bias)
     assert out.shape == q.shape and out.dtype == mx.float16 and lse.shape == (2, 6, 2) and lse.dtype == mx.float32
     (call,) = recorder.calls
     bh, rows, d, per = 4, 6, 128, 8
-    s_len, span, n = call["inputs"]["meta"].tolist()
+    s_len, span, n, hkv, t = call["inputs"]["meta"].tolist()
     assert s_len == s and span * n >= s > span * (n - 1)  # the splits cover every token, none empty
+    assert (hkv, t) == (2, 2)
     assert call["grid"] == (32 * bh, n, 1) and call["threadgroup"] == (32, 1, 1)  # one simdgroup per (head, split)
     assert call["template"] == {"KT": mx.float32, "D": d, "ROWS": rows, "BITS": 4, "GROUP": 32, "VGROUP": 64,
                                 "HAS_BIAS": True}
     shapes = {name: x.shape for name, x in call["inputs"].items()}
-    assert shapes == {"q": (bh, rows, d), "kc": (bh, s // per, d), "ks": (bh, s // 32, d), "kz": (bh, s // 32, d),
-                      "vc": (bh, s, d // per), "vs": (bh, s, d // 64), "vz": (bh, s, d // 64), "bias": (bh, s),
-                      "meta": (3,), "qscale": (1,)}
+    assert shapes == {"q": (2, 6, 2, d), "kc": (2, 2, s // per, d), "ks": (2, 2, s // 32, d), "kz": (2, 2, s // 32, d),
+                      "vc": (2, 2, s, d // per), "vs": (2, 2, s, d // 64), "vz": (2, 2, s, d // 64),
+                      "bias": (2, 2, s), "meta": (5,), "qscale": (1,)}
     assert call["outputs"] == [((bh, n, rows, d), mx.float32), ((bh, n, rows), mx.float32)]
+    # the tier's views reach the kernel as they are, and MLX is told not to copy them either
+    assert call["ensure_row_contiguous"] is False
+    sent = dict(zip(("kc", "ks", "kz", "vc", "vs", "vz"), (keys.codes, keys.scale, keys.zero, values.codes,
+                                                            values.scale, values.zero)), q=q, bias=bias)
+    for name, view in sent.items():
+        assert passed_as_is(call["inputs"][name], view), name
 
 
 def test_full_precision_decode_dispatch(recorder):
     rng = np.random.default_rng(2)
     ops = MLXOps()
-    q, k = rand(rng, (1, 8, 2, 64)), rand(rng, (1, 2, 50, 64))
+    q, k = rand(rng, (1, 8, 2, 64)), in_capacity(rng, rand(rng, (1, 2, 50, 64)), extra=14)  # a SeqBuffer view
     out, lse = ops.partial_attention(q, k, k, 0.125, causal_offset=48)
     assert ops.paths["decode"] == "metal" and lse.shape == (1, 8, 2)
     (call,) = recorder.calls
     assert call["name"] == "kvrt_decode" and call["template"] == {"D": 64, "ROWS": 8, "TQ": 2, "HAS_BIAS": False}
-    assert call["inputs"]["meta"].tolist()[3] == 48 and call["grid"][0] == 32 * 2
+    assert call["inputs"]["meta"].tolist()[3:] == [48, 2] and call["grid"][0] == 32 * 2
+    assert call["ensure_row_contiguous"] is False  # MLX passes the views as they lie
+    assert passed_as_is(call["inputs"]["keys"], k) and passed_as_is(call["inputs"]["values"], k)
+    assert passed_as_is(call["inputs"]["q"], q)
     ops.partial_attention(q, k, k, 0.125, with_lse=False)  # no lse wanted: mlx's fused attention, no kernel
     ops.partial_attention(rand(rng, (1, 8, 5, 64)), k, k, 0.125)  # 20 rows per KV head: the reference
     ops.partial_attention(rand(rng, (1, 8, 1, 48)), rand(rng, (1, 2, 50, 48)), rand(rng, (1, 2, 50, 48)), 0.1)  # D % 32
     assert len(recorder.calls) == 1 and ops.paths["decode"] == "reference"
+
+
+def test_a_decode_step_hands_the_kernels_the_caches_own_buffers(recorder):
+    """Through the cache itself: the full-precision tier's SeqBuffer views and the quantized tier's stored
+    views reach mx.fast.metal_kernel un-copied."""
+    from kvrt.methods.kivi import KIVI, QuantizedTier
+    from kvrt.tiers import FullPrecisionTier
+
+    rng, ops = np.random.default_rng(6), MLXOps()
+    full = FullPrecisionTier(ops)
+    full.append(rand(rng, (1, 2, 70, 64)), rand(rng, (1, 2, 70, 64)))
+    q = rand(rng, (1, 4, 1, 64))
+    full.partial(q, 0.125, None, True)
+    (call,) = recorder.calls
+    assert full.keys.capacity > full.length  # the view skips the buffer's unused rows
+    assert passed_as_is(call["inputs"]["keys"], full.keys.view()) and passed_as_is(call["inputs"]["values"],
+                                                                                   full.values.view())
+    tier = QuantizedTier(ops, KIVI(bits=2, group=32, residual=0))
+    tier.add(rand(rng, (1, 2, 512, 64)), rand(rng, (1, 2, 512, 64)))  # (the recorder's quantizers give zeros)
+    tier.add(rand(rng, (1, 2, 32, 64)), rand(rng, (1, 2, 32, 64)))  # grows each buffer by an eighth: slack
+    tier.partial(q, 0.125, None, True)
+    call = recorder.calls[-1]
+    assert call["name"] == "kvrt_quantized_decode" and call["ensure_row_contiguous"] is False
+    keys, values = tier.stored(0, 17)
+    for name, view in zip(("kc", "ks", "kz", "vc", "vs", "vz"), (keys.codes, keys.scale, keys.zero, values.codes,
+                                                                 values.scale, values.zero)):
+        assert passed_as_is(call["inputs"][name], view), name
+    assert any(not row_contiguous(*layout(view)) for view in (keys.codes, values.codes)), "nothing to skip"
 
 
 def test_quantizer_and_window_calls_match_their_indexing(recorder):
@@ -417,9 +591,14 @@ def test_quantizer_and_window_calls_match_their_indexing(recorder):
     assert vcall["grid"] == (32, 64, 3) and vcall["threadgroup"] == (32, 1, 1)  # a simdgroup per (token, head)
     assert vcall["outputs"] == [((3, 64, 16), mx.int32), ((3, 64, 4), mx.bfloat16), ((3, 64, 4), mx.bfloat16)]
     assert qk.codes.shape == (1, 3, 4, 128) and qv.scale.shape == (1, 3, 64, 4)
-    scores = ops.window_scores(rand(rng, (1, 6, 8, 128)), rand(rng, (1, 3, 300, 128)), 0.1)
+    assert kcall["ensure_row_contiguous"] and vcall["ensure_row_contiguous"]  # a chunk's k, v: MLX's own layout
+    q, k = rand(rng, (1, 6, 12, 128))[:, :, -8:], in_capacity(rng, rand(rng, (1, 3, 300, 128)))
+    scores = ops.window_scores(q, k, 0.1)
     assert ops.paths["window scores"] == "metal" and scores.shape == (1, 3, 300)
     lse_call, score_call = recorder.calls[2:]
+    for call in (lse_call, score_call):  # the query slice and the newest tier's view, as they are
+        assert call["ensure_row_contiguous"] is False and call["inputs"]["meta"].tolist() == [300, 3]
+        assert passed_as_is(call["inputs"]["q"], q) and passed_as_is(call["inputs"]["k"], k)
     assert lse_call["grid"] == (32, 16, 3) and lse_call["outputs"] == [((3, 16), mx.float32)]
     assert score_call["grid"] == (300, 1, 3) and score_call["threadgroup"] == (256, 1, 1)
     assert score_call["template"] == {"D": 128, "W": 8, "ROWS": 16, "G": 2}
