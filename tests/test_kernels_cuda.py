@@ -102,7 +102,7 @@ def substituted_reference(k, traced):
 
 
 @pytest.mark.parametrize("bits", [2, 4])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("with_traced", [False, True])
 def test_quantize_keys_kernel_is_bit_exact(bits, dtype, with_traced):
     from kvrt.kernels_cuda.quantize_keys import quantize_keys_fused
@@ -118,14 +118,16 @@ def test_quantize_keys_kernel_is_bit_exact(bits, dtype, with_traced):
 
 
 @pytest.mark.parametrize("cc", [80, 90])
-def test_quantize_keys_compiles_ahead_of_time(cc):
-    pointers = {"k_ptr": "*fp16", "traced_ptr": "*i8", "codes_ptr": "*i32", "scale_ptr": "*fp16", "zero_ptr": "*fp16"}
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])  # bf16: the model dtype on GPUs
+def test_quantize_keys_compiles_ahead_of_time(cc, dtype):
+    pointers = {"k_ptr": f"*{dtype}", "traced_ptr": "*i8", "codes_ptr": "*i32", "scale_ptr": f"*{dtype}",
+                "zero_ptr": f"*{dtype}"}
     compile_ahead_of_time("kvrt.kernels_cuda.quantize_keys", "_quantize_key_group", cc, pointers,
                           "dict(BITS=2, G=128, D=128, HAS_TRACED=True, INT=tl.int16, CAP=2.0**127)")
 
 
 @pytest.mark.parametrize("bits", [2, 4])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("d,group", [(64, 32), (128, 128)])
 def test_quantize_values_kernel_is_bit_exact(bits, dtype, d, group):
     from kvrt.kernels_cuda.quantize_values import quantize_values_fused
@@ -139,7 +141,8 @@ def test_quantize_values_kernel_is_bit_exact(bits, dtype, d, group):
 
 
 @pytest.mark.parametrize("cc", [80, 90])
-def test_quantize_values_compiles_ahead_of_time(cc):
-    pointers = {"v_ptr": "*fp16", "codes_ptr": "*i32", "scale_ptr": "*fp16", "zero_ptr": "*fp16"}
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_quantize_values_compiles_ahead_of_time(cc, dtype):
+    pointers = {"v_ptr": f"*{dtype}", "codes_ptr": "*i32", "scale_ptr": f"*{dtype}", "zero_ptr": f"*{dtype}"}
     compile_ahead_of_time("kvrt.kernels_cuda.quantize_values", "_quantize_value_block", cc, pointers,
                           "dict(BITS=2, GV=128, D=128, BLOCK_T=16, INT=tl.int16, CAP=2.0**127)")
