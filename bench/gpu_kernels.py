@@ -155,9 +155,13 @@ def correctness(shape: Shape, failures: list) -> None:
             values = quantize_values_fused(v[:, :, :whole], 2, d)
             r_keys = quantize_keys(ref, mean_substituted(ref, k[:, :, :whole], traced, shape.group), 2, shape.group)
             r_values = quantize_values(ref, v[:, :, :whole], 2, d)
-            exact = all(torch.equal(a, b) for a, b in ((keys.codes, r_keys.codes), (keys.scale, r_keys.scale),
-                                                       (keys.zero, r_keys.zero), (values.codes, r_values.codes),
-                                                       (values.scale, r_values.scale), (values.zero, r_values.zero)))
+            # bit-exact in all that attention reads: a traced slot's code (hidden by the key bias) rests
+            # on a float32 mean whose summation order differs between kernel and twin
+            shown = ~traced[..., None]
+            exact = torch.equal(dequantize_keys(ref, keys) * shown, dequantize_keys(ref, r_keys) * shown) and all(
+                torch.equal(a, b) for a, b in ((keys.scale, r_keys.scale), (keys.zero, r_keys.zero),
+                                               (values.codes, r_values.codes), (values.scale, r_values.scale),
+                                               (values.zero, r_values.zero)))
             rows.append([f"quantize keys+values {tag}", 0.0 if exact else float("nan"), 0.0,
                          "ok" if exact else "FAIL"])
             if not exact:
