@@ -102,11 +102,11 @@ class QuantizedTier:
 
     def partial(self, q: Array, scale: float, causal_offset: int | None, with_lse: bool, heads: list[int] | None = None):
         """(out, lse) of q over every flushed token (no causal mask: flushed tokens precede every
-        query): one fused kernel where the backend has one for this device, else a block of
-        groups at a time, dequantized and merged by lse. `heads`: only these KV heads (q holds
-        just their query heads), as CaliDrop's recompute asks."""
-        ops, groups = self.ops, self.length // self.config.group
-        cfg = self.config
+        query): the backend's fast path where it has one (a fused kernel, mx.quantized_matmul), else
+        a block of groups at a time, dequantized and merged by lse. `heads`: only these KV heads
+        (q holds just their query heads), as CaliDrop's recompute asks."""
+        ops, cfg = self.ops, self.config
+        groups = self.length // cfg.group
         kernel = None if heads is not None else ops.quantized_kernel(q, self.shape[1], cfg.group,
                                                                      cfg.value_group_for(self.shape[2]))
         if kernel is not None:
