@@ -42,6 +42,7 @@ from kvrt.kernels_cuda.quantize_values import quantize_values_fused  # noqa: E40
 from kvrt.kernels_cuda.quantized_decode import quantized_decode_attention  # noqa: E402
 from kvrt.kernels_cuda.window_scores import window_scores  # noqa: E402
 from kvrt.model_config import ModelArgs  # noqa: E402
+from kvrt.ops import kernels_allowed  # noqa: E402
 from kvrt.quant import dequantize_keys, dequantize_values, mean_substituted, quantize_keys, quantize_values  # noqa: E402
 
 
@@ -287,7 +288,7 @@ def main() -> int:
               file=sys.stderr)
         return 2
     if SMOKE:  # on CPU the ops would otherwise never pick a kernel
-        TorchOps.kernels_on = lambda self, x: os.environ.get("KVRT_KERNELS", "auto") != "off"
+        TorchOps.kernels_on = lambda self, x: kernels_allowed()
     shape = shape_for(SMOKE)
     name = "CPU (TRITON_INTERPRET=1, miniature shapes)" if SMOKE else torch.cuda.get_device_name()
     print(f"# kvrt kernels on {name}; torch {torch.__version__}")

@@ -15,12 +15,18 @@ Shapes: B batch, Hq query heads, Hkv KV heads (Hq = G·Hkv), T queries, S keys, 
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 if TYPE_CHECKING:  # policy code never needs numpy itself
     import numpy as np
 
 Array = Any  # a torch.Tensor or an mx.array, never mixed within one backend
+
+
+def kernels_allowed() -> bool:
+    """False when KVRT_KERNELS=off forces every op of every backend onto its reference twin."""
+    return os.environ.get("KVRT_KERNELS", "auto") != "off"
 
 
 class Ops(Protocol):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import mlx.core as mx
 import numpy as np
 
 from kvrt.errors import KvrtError
+from kvrt.ops import kernels_allowed
 
 
 def causal_mask(t: int, s: int, causal_offset: int) -> mx.array:
@@ -47,9 +47,7 @@ class MLXOps:
         """Metal kernels (kernels_metal) run where MLX has Metal and the default device is the GPU, unless
         KVRT_KERNELS=off, which also turns off the quantized_matmul path below (the reference twins run).
         `x` is unused: with unified memory an array has no device, the stream decides (torch's takes one)."""
-        if os.environ.get("KVRT_KERNELS", "auto") == "off":
-            return False
-        return mx.metal.is_available() and mx.default_device().type == mx.gpu
+        return kernels_allowed() and mx.metal.is_available() and mx.default_device().type == mx.gpu
 
     def quantized_kernel(self, q, kv_heads, key_group, value_group):
         from kvrt.kernels_metal.quantized_decode import fits, quantized_decode_attention
@@ -59,7 +57,7 @@ class MLXOps:
             return quantized_decode_attention
         decode = q.shape[2] * (q.shape[1] // kv_heads) <= QMM_ROWS
         exact = key_group in QMM_GROUPS and value_group in QMM_GROUPS
-        if decode and exact and os.environ.get("KVRT_KERNELS", "auto") != "off":
+        if decode and exact and kernels_allowed():
             self.paths["quantized decode"] = "quantized_matmul"
             return self._quantized_matmul_attention
         self.paths["quantized decode"] = "reference"

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from kvrt.ops import kernels_allowed
 
 
 def causal_mask(t: int, s: int, causal_offset: int, device) -> torch.Tensor:
@@ -37,7 +38,7 @@ class TorchOps:
 
     def kernels_on(self, x) -> bool:
         """Triton kernels run on CUDA tensors when triton imports, unless KVRT_KERNELS=off."""
-        if not x.is_cuda or os.environ.get("KVRT_KERNELS", "auto") == "off":
+        if not (x.is_cuda and kernels_allowed()):
             return False
         return importlib.util.find_spec("triton") is not None
 
