@@ -92,6 +92,14 @@ def split_count(programs: int, s: int, device, min_len: int = 256) -> int:
     return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(s, min_len), 256))
 
 
+def merge_splits(out, lse):
+    """The splits' (out [BH, splits, R, D], lse [BH, splits, R]) merged by log-sum-exp, as tiers
+    merge: (out [BH, R, D], lse [BH, R]); a row empty in every split keeps out 0 and lse -inf."""
+    total = torch.logsumexp(lse, dim=1)
+    weights = torch.exp(lse - torch.where(torch.isinf(total), 0.0, total)[:, None])
+    return (weights[..., None] * out).sum(dim=1), total
+
+
 def _channels_contiguous(x):
     return x if x.stride(-1) == 1 else x.contiguous()  # the kernel steps channels by 1
 
@@ -129,7 +137,5 @@ def decode_attention(q, k, v, scale: float, causal_offset: int | None = None, ke
         D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_R=triton.next_power_of_2(rows), BLOCK_N=block_n,
         HAS_BIAS=key_bias is not None, CAUSAL=causal_offset is not None,
     )
-    total = torch.logsumexp(lse, dim=1)  # merge the splits by lse
-    weights = torch.exp(lse - torch.where(torch.isinf(total), 0.0, total)[:, None])
-    merged = (weights[..., None] * out).sum(dim=1)
+    merged, total = merge_splits(out, lse)
     return merged.reshape(b, hq, t, d).to(q.dtype), total.reshape(b, hq, t)

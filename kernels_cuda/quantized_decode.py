@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvrt.kernels_cuda.decode import exact_dot
+from kvrt.kernels_cuda.decode import exact_dot, merge_splits
 
 
 @triton.jit
@@ -107,7 +107,5 @@ def quantized_decode_attention(q, keys, values, scale: float, key_bias=None, spl
         BITS=keys.bits, GROUP=keys.group, VGROUP=values.group, D=d, BLOCK_R=block_r, BLOCK_N=block_n,
         HAS_BIAS=key_bias is not None,
     )
-    total = torch.logsumexp(lse, dim=1)  # merge the splits by lse
-    weights = torch.exp(lse - torch.where(torch.isinf(total), 0.0, total)[:, None])
-    merged = (weights[..., None] * out).sum(dim=1)
+    merged, total = merge_splits(out, lse)
     return merged.reshape(b, hq, t, d).to(q.dtype), total.reshape(b, hq, t)
