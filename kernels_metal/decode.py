@@ -7,7 +7,7 @@ import mlx.core as mx
 
 from kvrt.kernels_metal import splits as split_merge
 from kvrt.kernels_metal.quantized_decode import fits  # the same register layout and row limit
-from kvrt.kernels_metal.sources import launch, meta, placeholder, scalar
+from kvrt.kernels_metal.sources import meta, placeholder, scalar
 
 __all__ = ["decode_attention", "fits"]
 
@@ -16,11 +16,10 @@ def decode_attention(q, k, v, scale: float, causal_offset: int | None = None, ke
                      splits: int | None = None):
     """(out [B, Hq, T, D] in q's dtype, lse [B, Hq, T] float32) of q over k/v [B, Hkv, S, D]; query t
     sees keys 0 .. causal_offset + t (all when None); key_bias float32 [B, Hkv, S] or None."""
-    b, hq, t, d = q.shape
+    _, hq, t, d = q.shape
     _, hkv, s, _ = k.shape
-    rows, bh = (hq // hkv) * t, b * hkv
     if s == 0:
-        return mx.zeros(q.shape, dtype=q.dtype), mx.full((b, hq, t), -mx.inf, dtype=mx.float32)
+        return split_merge.no_keys(q)
     span, n = split_merge.plan(s, splits)
     offset = s if causal_offset is None else causal_offset  # offset s: every key visible to every query
     # every array goes in as it is, no reshape: the kernel reads them through their strides (sources.py builds
@@ -29,8 +28,5 @@ def decode_attention(q, k, v, scale: float, causal_offset: int | None = None, ke
         q, k, v, key_bias.astype(mx.float32) if key_bias is not None else placeholder(mx.float32),
         meta(s, span, n, offset, hkv), scalar(scale),
     ]
-    template = [("D", d), ("ROWS", rows), ("TQ", t), ("HAS_BIAS", key_bias is not None)]
-    out, lse = launch("decode", inputs, template, grid=(32 * bh, n, 1), threadgroup=(32, 1, 1),
-                      outputs=[((bh, n, rows, d), mx.float32), ((bh, n, rows), mx.float32)])
-    out, lse = split_merge.merge(out, lse)
-    return out.reshape(b, hq, t, d).astype(q.dtype), lse.reshape(b, hq, t)
+    template = [("D", d), ("ROWS", (hq // hkv) * t), ("TQ", t), ("HAS_BIAS", key_bias is not None)]
+    return split_merge.launch_merged("decode", q, hkv, n, inputs, template)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from kvrt.kernels_metal import splits as split_merge
-from kvrt.kernels_metal.sources import launch, meta, placeholder, scalar
+from kvrt.kernels_metal.sources import meta, placeholder, scalar
 
 MAX_ROWS = 16  # query rows per KV head held in registers (G·T at decode)
 
@@ -20,11 +20,10 @@ def fits(q: mx.array, kv_heads: int) -> bool:
 def quantized_decode_attention(q, keys, values, scale: float, key_bias=None, splits: int | None = None):
     """(out [B, Hq, T, D] in q's dtype, lse [B, Hq, T] float32) of q over kvrt.quant.QuantizedKeys /
     QuantizedValues of S tokens; key_bias float32 [B, Hkv, S] or None (−inf hides a key)."""
-    b, hq, t, d = q.shape
+    _, hq, t, d = q.shape
     _, hkv, s, _ = keys.shape
-    rows, bh = (hq // hkv) * t, b * hkv
     if s == 0:
-        return mx.zeros(q.shape, dtype=q.dtype), mx.full((b, hq, t), -mx.inf, dtype=mx.float32)
+        return split_merge.no_keys(q)
     span, n = split_merge.plan(s, splits)
     # every array goes in as it is, no reshape: the kernel reads them through their strides (sources.py builds
     # it with ensure_row_contiguous=False), so the tier's views of its SeqBuffers are not copied at each step
@@ -33,9 +32,6 @@ def quantized_decode_attention(q, keys, values, scale: float, key_bias=None, spl
         key_bias.astype(mx.float32) if key_bias is not None else placeholder(mx.float32),
         meta(s, span, n, hkv, t), scalar(scale),
     ]
-    template = [("KT", keys.scale.dtype), ("D", d), ("ROWS", rows), ("BITS", keys.bits), ("GROUP", keys.group),
-                ("VGROUP", values.group), ("HAS_BIAS", key_bias is not None)]
-    out, lse = launch("quantized_decode", inputs, template, grid=(32 * bh, n, 1), threadgroup=(32, 1, 1),
-                      outputs=[((bh, n, rows, d), mx.float32), ((bh, n, rows), mx.float32)])
-    out, lse = split_merge.merge(out, lse)
-    return out.reshape(b, hq, t, d).astype(q.dtype), lse.reshape(b, hq, t)
+    template = [("KT", keys.scale.dtype), ("D", d), ("ROWS", (hq // hkv) * t), ("BITS", keys.bits),
+                ("GROUP", keys.group), ("VGROUP", values.group), ("HAS_BIAS", key_bias is not None)]
+    return split_merge.launch_merged("quantized_decode", q, hkv, n, inputs, template)
