@@ -88,27 +88,23 @@ inline T simd_sum(T x) {
   return all[0];
 }
 
-template <typename T>
-inline T simd_max(T x) {
+// the lanes' values folded in lane order by `pick` (which of two to keep)
+template <typename T, typename Pick>
+inline T kvrt_simd_fold(T x, Pick pick) {
   T all[32];
   const int n = kvrt_simd_gather(&x, sizeof(T), all);
-  T best = all[0];
+  T kept = all[0];
   for (int i = 1; i < n; ++i) {
-    best = metal::max(best, all[i]);
+    kept = pick(kept, all[i]);
   }
-  return best;
+  return kept;
 }
 
 template <typename T>
-inline T simd_min(T x) {
-  T all[32];
-  const int n = kvrt_simd_gather(&x, sizeof(T), all);
-  T best = all[0];
-  for (int i = 1; i < n; ++i) {
-    best = metal::min(best, all[i]);
-  }
-  return best;
-}
+inline T simd_max(T x) { return kvrt_simd_fold(x, [](T a, T b) { return metal::max(a, b); }); }
+
+template <typename T>
+inline T simd_min(T x) { return kvrt_simd_fold(x, [](T a, T b) { return metal::min(a, b); }); }
 
 template <typename T>
 inline T simd_shuffle(T x, ushort lane) {
