@@ -2,12 +2,15 @@
 
 The folder holds ``config.json``, ``model.safetensors``, ``tokenizer.json`` and
 ``tokenizer_config.json`` so that every backend (torch, mlx-lm, transformers)
-can load it the same way. Weights are dequantized with the ``gguf`` package.
+can load it the same way. Weights are dequantized with the ``gguf`` package, every
+tensor type it can dequantize; rope scaling (including Llama 3's ``rope_freqs`` tensor)
+becomes HF's ``rope_scaling``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -20,17 +23,14 @@ from safetensors.numpy import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from kvrt.errors import KvrtError
+from kvrt.model_config import llama3_scaled, yarn_attention_factor
+from kvrt.progress import Progress, quiet
 
 # GGUF architecture -> (HF architecture class, HF model_type)
 SUPPORTED_ARCHS = {
     "llama": ("LlamaForCausalLM", "llama"),
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
-}
-
-SUPPORTED_TYPES = {
-    GGMLQuantizationType[n]
-    for n in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 }
 
 # Per-layer GGUF tensor name suffix -> HF name suffix.
@@ -138,23 +138,135 @@ def gguf_config(reader: GGUFReader, n_vocab: int) -> dict:
     elif model_type == "llama":
         cfg["attention_bias"] = any(n.endswith("attn_q.bias") for n in names)
         cfg["mlp_bias"] = False
-    scaling = _rope_scaling(reader, arch)
+    scaling = _rope_scaling(reader, arch, cfg)
     if scaling:
         cfg["rope_scaling"] = scaling
     return cfg
 
 
-def _rope_scaling(reader: GGUFReader, arch: str) -> dict | None:
-    """Translate ``{arch}.rope.scaling.*`` into HF's rope_scaling dict."""
-    kind = field(reader, f"{arch}.rope.scaling.type")
-    factor = field(reader, f"{arch}.rope.scaling.factor")
-    if kind in (None, "none") or factor is None:
+# ------------------------------------------------------------------ rope scaling
+
+_LLAMA3_DEFAULT_CONTEXT = 8192  # what llama.cpp's converter assumes when a config names none
+_FACTOR_RTOL = 1e-5  # how closely a reconstructed llama3 config must reproduce rope_freqs
+
+
+def _rope_scaling(reader: GGUFReader, arch: str, cfg: dict) -> dict | None:
+    """HF's rope_scaling for the GGUF: from the ``rope_freqs`` tensor (Llama 3) or ``{arch}.rope.scaling.*``."""
+    key = f"{arch}.rope.scaling"
+    kind = field(reader, f"{key}.type") or "linear"  # llama.cpp reads an untyped factor as linear
+    if kind not in ("none", "linear", "yarn"):
+        raise KvrtError(f"unsupported GGUF rope scaling {kind!r}; supported: linear, yarn, llama3 (rope_freqs)")
+    # an old file's factor is rope.scale_linear; llama.cpp takes 0 (or none) as no scaling
+    factor = float(field(reader, f"{key}.factor") or field(reader, f"{arch}.rope.scale_linear") or 1.0)
+    scaled = kind != "none" and factor != 1.0
+    freqs = _rope_freqs(reader)
+    if freqs is not None:
+        if scaled:
+            raise KvrtError(f"GGUF has both a rope_freqs tensor and {kind} rope scaling; "
+                            "kvrt cannot carry both into one HF config")
+        original = int(field(reader, f"{key}.original_context_length", _LLAMA3_DEFAULT_CONTEXT))
+        return llama3_from_rope_freqs(freqs, cfg["head_dim"], cfg["rope_theta"], original)
+    if not scaled:
         return None
-    out = {"rope_type": str(kind), "type": str(kind), "factor": float(factor)}
-    orig = field(reader, f"{arch}.rope.scaling.original_context_length")
-    if orig is not None:
-        out["original_max_position_embeddings"] = int(orig)
+    attn_factor = float(field(reader, f"{key}.attn_factor", 1.0))  # llama.cpp multiplies cos/sin by it
+    if kind == "yarn":
+        return _yarn_scaling(reader, key, factor, attn_factor, cfg)
+    if attn_factor != 1.0:
+        raise KvrtError(f"GGUF linear rope scaling with attn_factor {attn_factor} has no HF rope_scaling equivalent")
+    return {"rope_type": "linear", "type": "linear", "factor": factor}
+
+
+def _yarn_scaling(reader: GGUFReader, key: str, factor: float, attn_factor: float, cfg: dict) -> dict:
+    """HF's yarn rope_scaling from the GGUF yarn keys: the inverse of llama.cpp's convert_hf_to_gguf mapping."""
+    ext = float(field(reader, f"{key}.yarn_ext_factor", 1.0))
+    if ext != 1.0:
+        # ggml mixes the YaRN ramp by ext_factor; HF's (and mlx-lm's) YaRN always uses the whole ramp
+        raise KvrtError(f"GGUF yarn_ext_factor {ext} has no HF rope_scaling equivalent (only 1.0 does)")
+    out = {"rope_type": "yarn", "type": "yarn", "factor": factor,
+           # llama.cpp falls back to the training context when the original length is not given
+           "original_max_position_embeddings": int(field(reader, f"{key}.original_context_length",
+                                                         cfg["max_position_embeddings"]))}
+    for gguf_key, hf_key in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow"),
+                             ("yarn_attn_factor", "attention_factor")):  # llama.cpp writes HF's attention_factor there
+        value = field(reader, f"{key}.{gguf_key}")
+        if value is not None:
+            out[hf_key] = float(value)
+    log_mul = field(reader, f"{key}.yarn_log_multiplier")
+    if log_mul:
+        # llama.cpp reads it as HF's mscale_all_dim and assumes mscale 1
+        out["mscale"], out["mscale_all_dim"] = 1.0, float(log_mul)
+    if attn_factor != 1.0:
+        # rope.scaling.attn_factor multiplies llama.cpp's YaRN scale: fold it into HF's attention_factor
+        out["attention_factor"] = yarn_attention_factor(out, cfg["max_position_embeddings"]) * attn_factor
     return out
+
+
+def _rope_freqs(reader: GGUFReader) -> np.ndarray | None:
+    """The ``rope_freqs.weight`` tensor (llama.cpp's per-pair frequency divisors) as float64, or None."""
+    for t in reader.tensors:
+        if t.name == "rope_freqs.weight":
+            return np.asarray(_dequantized(t), dtype=np.float64).reshape(-1)
+    return None
+
+
+def llama3_from_rope_freqs(factors: np.ndarray, head_dim: int, rope_theta: float, original: int) -> dict | None:
+    """HF's llama3 rope_scaling that reproduces llama.cpp's ``rope_freqs`` divisors [head_dim/2].
+
+    llama.cpp's converter writes, per rotary pair with x = original / wavelength, 1 where
+    x > high_freq_factor, `factor` where x < low_freq_factor, and 1/((1-s)/factor + s) on the
+    ramp s = (x - low)/(high - low); it divides each pair's frequency by it. Only the ratios are
+    identifiable, so `original` is fixed (the GGUF's original context length, else 8192) and
+    factor, low and high are solved for; the result is checked against the tensor, and a tensor
+    no llama3 config reproduces is one error."""
+    if factors.shape != (head_dim // 2,) or not np.all(np.isfinite(factors)) or factors.min() <= 0:
+        raise KvrtError(f"GGUF rope_freqs has {factors.size} values, expected {head_dim // 2} finite positive ones")
+    if np.allclose(factors, 1.0, rtol=0, atol=_FACTOR_RTOL):
+        return None  # no scaling at all
+    if factors.min() < 1 - _FACTOR_RTOL:
+        # llama3 only ever slows pairs down; anything else is some other scheme
+        raise KvrtError(f"GGUF rope_freqs has a factor below 1 ({factors.min():.4g}); "
+                        "it is not a Llama 3 rope scaling kvrt can reproduce")
+    inv_freq = 1.0 / (rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    x = original * inv_freq / (2 * math.pi)
+    factor = float(factors.max())
+    for low, high in _llama3_ramp_candidates(factors, x, factor):
+        if not 0 <= low < high:
+            continue  # an inverted ramp can fit factors that fall with wavelength; no Llama 3 does that
+        scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+                   "original_max_position_embeddings": original}
+        if np.allclose(inv_freq / llama3_scaled(inv_freq, scaling), factors, rtol=_FACTOR_RTOL, atol=0):
+            return scaling
+    raise KvrtError("GGUF rope_freqs tensor is not a Llama 3 rope scaling kvrt can reproduce "
+                    f"(factors {np.round(factors, 4).tolist()})")
+
+
+def _llama3_ramp_candidates(factors: np.ndarray, x: np.ndarray, factor: float):
+    """(low_freq_factor, high_freq_factor) guesses, most natural first: Llama 3's own (1, 4), the
+    line through the ramp pairs (rounded, then exact), else bounds inside the gap the pairs leave.
+
+    factors, x: [head_dim/2], x = original context / wavelength of each pair."""
+    yield 1.0, 4.0
+    ramp = (factors > 1 + _FACTOR_RTOL) & (factors < factor * (1 - _FACTOR_RTOL))
+    # on the ramp 1/factors is linear in x: 1/f = 1/factor + s (1 - 1/factor), s = (x - low)/(high - low)
+    s = (1 / factors - 1 / factor) / (1 - 1 / factor)
+    if ramp.sum() >= 2:
+        slope, intercept = np.polyfit(x[ramp], s[ramp], 1)
+        low, high = -intercept / slope, (1 - intercept) / slope
+        yield round(float(low), 4), round(float(high), 4)
+        yield float(low), float(high)
+        return
+    # fewer than two ramp pairs: any line through them that stays inside its neighbours fits
+    below = x[factors >= factor * (1 - _FACTOR_RTOL)]  # pairs at the full factor: x <= low
+    above = x[factors <= 1 + _FACTOR_RTOL]  # unscaled pairs: x >= high
+    floor_x = float(below.max()) if below.size else 0.0
+    ceil_x = float(above.min()) if above.size else 2 * float(x.max()) + 1
+    if ramp.sum() == 1:
+        x0, s0 = float(x[ramp][0]), float(s[ramp][0])
+        width = min((x0 - floor_x) / s0, (ceil_x - x0) / (1 - s0))
+        yield x0 - s0 * width, x0 + (1 - s0) * width
+    else:
+        gap = ceil_x - floor_x
+        yield floor_x + gap / 3, floor_x + 2 * gap / 3
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -164,7 +276,7 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def hf_name(gguf_name: str) -> str | None:
-    """Map a GGUF tensor name to its HF name (None = tensor to skip)."""
+    """Map a GGUF tensor name to its HF name (None = not a weight: rope_freqs, carried by the config)."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     if gguf_name == "rope_freqs.weight":
@@ -181,20 +293,29 @@ def _store_dtype(ggml_type: GGMLQuantizationType):
     return np.float32 if ggml_type == GGMLQuantizationType.F32 else np.float16
 
 
-def convert_tensors(reader: GGUFReader, cfg: dict, log=print) -> dict[str, np.ndarray]:
-    """Dequantize every tensor and rename it to HF conventions."""
+def _dequantized(t) -> np.ndarray:
+    """A GGUF tensor as float32 in numpy (row-major) shape, via the gguf package: every type it dequantizes."""
+    try:
+        data = dequantize(t.data, t.tensor_type)
+    except NotImplementedError:
+        raise KvrtError(f"unsupported GGUF tensor type {t.tensor_type.name} for {t.name} "
+                        "(the gguf package cannot dequantize it)") from None
+    # t.shape lists dims fastest-first (ggml order); numpy wants them reversed.
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    return np.asarray(data, dtype=np.float32).reshape(shape)
+
+
+def convert_tensors(reader: GGUFReader, cfg: dict, progress: Progress | None = None) -> dict[str, np.ndarray]:
+    """Dequantize every weight and rename it to HF conventions (`progress` counts the tensors)."""
     permuted = cfg["model_type"] == "llama"  # only llama.cpp's llama path permutes Q/K
     out = {}
     for t in reader.tensors:
+        if progress is not None:
+            progress.advance()
         name = hf_name(t.name)
         if name is None:
-            log(f"warning: skipping {t.name} (llama3-style rope scaling is not carried over)")
             continue
-        if t.tensor_type not in SUPPORTED_TYPES:
-            raise KvrtError(f"unsupported GGUF tensor type {t.tensor_type.name} for {t.name}")
-        # t.shape lists dims fastest-first (ggml order); numpy wants them reversed.
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+        w = _dequantized(t)
         if permuted and t.name.endswith("attn_q.weight"):
             w = _unpermute(w, cfg["num_attention_heads"])
         elif permuted and t.name.endswith("attn_k.weight"):
@@ -340,13 +461,15 @@ def build_tokenizer_files(reader: GGUFReader, log=print) -> tuple[str, dict, dic
 
 def convert_gguf(gguf_path: Path, out_dir: Path, log=print) -> Path:
     """Convert ``gguf_path`` into the HF folder ``out_dir`` (written atomically)."""
-    gguf_path, out_dir, log = Path(gguf_path), Path(out_dir), log or (lambda *a: None)
+    gguf_path, out_dir, log = Path(gguf_path), Path(out_dir), log or quiet
     reader = read_gguf(gguf_path)
     tokens = field(reader, "tokenizer.ggml.tokens") or []
     cfg = gguf_config(reader, len(tokens))
     log(f"converting {gguf_path.name} → {out_dir} ({len(reader.tensors)} tensors)")
     tok_json, tok_cfg, gen_cfg = build_tokenizer_files(reader, log=log)
-    tensors = convert_tensors(reader, cfg, log=log)
+    with Progress(f"converting {gguf_path.name}", len(reader.tensors), "tensors", log_every=0.1,
+                  enabled=log is not quiet) as progress:
+        tensors = convert_tensors(reader, cfg, progress)
     cfg["vocab_size"] = int(tensors["model.embed_tokens.weight"].shape[0])
     if all(t.dtype == np.float32 for t in tensors.values()):
         cfg["torch_dtype"] = "float32"  # an all-F32 GGUF stays full precision

@@ -2,12 +2,14 @@
 
 `write_tiny_hf_model` makes an HF folder (config, safetensors, tokenizer.json,
 tokenizer_config.json with a chat template); `hf_folder_to_gguf` writes it as a
-GGUF the way llama.cpp's converter would (Q/K rows permuted for llama).
+GGUF the way llama.cpp's converter would (Q/K rows permuted for llama, rope scaling
+as keys or, for Llama 3, as the rope_freqs tensor), in F32, Q8_0 or a K-quant mix.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -75,8 +77,9 @@ def _tiny_tokenizer(arch: str) -> Tokenizer:
     return tk
 
 
-def write_tiny_hf_model(folder, arch: str = "llama", seed: int = 0) -> Path:
-    """Write a tiny random HF model folder of ``arch`` (llama|mistral|qwen2|qwen3)."""
+def write_tiny_hf_model(folder, arch: str = "llama", seed: int = 0, **config) -> Path:
+    """Write a tiny random HF model folder of ``arch`` (llama|mistral|qwen2|qwen3); ``config``
+    overrides the config's fields (sizes, max_position_embeddings, rope_parameters, ...)."""
     import torch
     import transformers as tf
 
@@ -88,12 +91,11 @@ def write_tiny_hf_model(folder, arch: str = "llama", seed: int = 0) -> Path:
                   max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0,
                   bos_token_id=tk.token_to_id("<s>" if arch == "mistral" else "<|im_start|>"),
                   eos_token_id=tk.token_to_id("</s>" if arch == "mistral" else "<|im_end|>"))
-    cfg = {
-        "llama": lambda: tf.LlamaConfig(**common, tie_word_embeddings=False),
-        "mistral": lambda: tf.MistralConfig(**common, tie_word_embeddings=False, sliding_window=None),
-        "qwen2": lambda: tf.Qwen2Config(**common, tie_word_embeddings=True),
-        "qwen3": lambda: tf.Qwen3Config(**common, head_dim=32, tie_word_embeddings=False),
-    }[arch]()
+    own = {"llama": dict(tie_word_embeddings=False), "mistral": dict(tie_word_embeddings=False, sliding_window=None),
+           "qwen2": dict(tie_word_embeddings=True), "qwen3": dict(head_dim=32, tie_word_embeddings=False)}[arch]
+    config_class = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config,
+                    "qwen3": tf.Qwen3Config}[arch]
+    cfg = config_class(**{**common, **own, **config})
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():  # random norms/biases too, so a misplaced tensor shows up
@@ -156,8 +158,84 @@ def _tokenizer_metadata(folder: Path):
     return tokens, [types.get(i, 5) for i in range(n)], merges
 
 
-def hf_folder_to_gguf(folder, gguf_path, qtype: str = "F32", arch: str | None = None) -> Path:
-    """Write an HF folder from `write_tiny_hf_model` as a GGUF (F32 or Q8_0 weights)."""
+# A K-quant mix like llama.cpp's Q4_K_M/Q5_K_M: GGUF weight -> type, or one type per layer (by layer % 3).
+K_MIX = {
+    "token_embd.weight": "Q4_K", "output.weight": "Q6_K",
+    "attn_q.weight": "Q4_K", "attn_k.weight": "Q5_K", "attn_output.weight": "Q4_K",
+    "ffn_gate.weight": "Q4_K", "ffn_up.weight": "Q4_K",
+    "attn_v.weight": ("Q4_K", "Q5_K", "Q6_K"), "ffn_down.weight": ("Q4_K", "Q5_K", "Q6_K"),
+}
+# llama.cpp's fallback (llama-quant.cpp) for a tensor whose rows are not whole 256-value K blocks
+K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+
+def k_mix_type(gguf_name: str, row: int) -> gguf.GGMLQuantizationType:
+    """The K_MIX type of a 2-D weight whose rows hold `row` values (after llama.cpp's fallback)."""
+    parts = gguf_name.split(".")
+    kind = ".".join(parts[2:]) if parts[0] == "blk" else gguf_name
+    name = K_MIX[kind] if isinstance(K_MIX[kind], str) else K_MIX[kind][int(parts[1]) % 3]
+    if row % gguf.QK_K:
+        name = K_FALLBACK[name]
+    return gguf.GGMLQuantizationType[name]
+
+
+def random_blocks(qtype: gguf.GGMLQuantizationType, shape: tuple[int, int], rng: np.random.Generator,
+                  byte_cap: int = 0x3C) -> np.ndarray:
+    """Random raw blocks [rows, bytes] of `qtype` for a [rows, cols] tensor. Every byte is below
+    `byte_cap`, so each fp16 scale inside a block (high byte < 0x3C) is finite and below 1."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    return rng.integers(0, byte_cap, size=(shape[0], shape[1] // block * size), dtype=np.uint8)
+
+
+def llama3_rope_freqs(rope: dict, head_dim: int) -> np.ndarray:
+    """The rope_freqs tensor [head_dim/2] llama.cpp's converter writes for Llama 3 rope scaling:
+    per pair the divisor of its frequency (1, `factor`, or the ramp between), from float32 frequencies."""
+    base = rope.get("rope_theta", 10000.0)
+    freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    factor, low, high = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old = rope.get("original_max_position_embeddings", 8192)
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def _add_rope_scaling(w: gguf.GGUFWriter, cfg: dict, head_dim: int) -> None:
+    """Rope scaling as llama.cpp's convert_hf_to_gguf writes it: linear and yarn as keys, Llama 3
+    as the rope_freqs tensor with no keys at all."""
+    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rope["factor"])
+    elif kind == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rope["factor"])
+        w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        for hf_key, add in (("extrapolation_factor", w.add_rope_scaling_yarn_ext_factor),
+                            ("attention_factor", w.add_rope_scaling_yarn_attn_factor),
+                            ("beta_fast", w.add_rope_scaling_yarn_beta_fast),
+                            ("beta_slow", w.add_rope_scaling_yarn_beta_slow)):
+            if rope.get(hf_key) is not None:
+                add(rope[hf_key])
+    elif kind == "llama3":
+        w.add_tensor("rope_freqs.weight", llama3_rope_freqs({"rope_theta": cfg.get("rope_theta", 10000.0), **rope},
+                                                            head_dim))
+
+
+def hf_folder_to_gguf(folder, gguf_path, qtype: str = "F32", arch: str | None = None, seed: int = 0) -> Path:
+    """Write an HF folder from `write_tiny_hf_model` as a GGUF.
+
+    qtype: F32; Q8_0 (2-D weights whose rows allow it); or K_MIX, where each 2-D weight takes
+    its `k_mix_type`: fallback types hold the quantized weight, K-quant types (which the gguf
+    package cannot quantize) hold `random_blocks` drawn from `seed` instead of the HF weight."""
     folder, gguf_path = Path(folder), Path(gguf_path)
     cfg = json.loads((folder / "config.json").read_text())
     tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
@@ -189,18 +267,24 @@ def hf_folder_to_gguf(folder, gguf_path, qtype: str = "F32", arch: str | None = 
     w.add_eos_token_id(tokens.index(tok_cfg["eos_token"]))
     w.add_add_bos_token(bool(tok_cfg.get("add_bos_token")))
     w.add_chat_template(tok_cfg["chat_template"])
+    _add_rope_scaling(w, cfg, head_dim)
 
+    rng = np.random.default_rng(seed)
     for name, t in load_file(str(folder / "model.safetensors")).items():
-        t = t.astype(np.float32)
+        t, g_name = t.astype(np.float32), gguf_tensor_name(name)
         if g_arch == "llama" and name.endswith("q_proj.weight"):
             t = _permute(t, n_head)
         elif g_arch == "llama" and name.endswith("k_proj.weight"):
             t = _permute(t, n_kv)
         if qtype == "Q8_0" and t.ndim == 2 and t.shape[-1] % 32 == 0:
             q = gguf.GGMLQuantizationType.Q8_0
-            w.add_tensor(gguf_tensor_name(name), quantize(t, q), raw_dtype=q)
+            w.add_tensor(g_name, quantize(t, q), raw_dtype=q)
+        elif qtype == "K_MIX" and t.ndim == 2:
+            q = k_mix_type(g_name, t.shape[-1])
+            data = random_blocks(q, t.shape, rng, byte_cap=0x14) if q.name.endswith("_K") else quantize(t, q)
+            w.add_tensor(g_name, data, raw_dtype=q)
         else:
-            w.add_tensor(gguf_tensor_name(name), t)
+            w.add_tensor(g_name, t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

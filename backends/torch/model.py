@@ -8,11 +8,13 @@ by layer over all its tokens; the MLP runs in token blocks to bound activation m
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
 from kvrt.cache import KVCache, LayerCache
-from kvrt.model_config import ModelArgs, rope_inv_freq
+from kvrt.model_config import ModelArgs, rope_attention_factor, rope_inv_freq, rope_type
 
 MLP_TOKEN_BLOCK = 512
 
@@ -107,6 +109,8 @@ class Transformer(nn.Module):
         self.model = Backbone(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", torch.from_numpy(rope_inv_freq(args)), persistent=False)
+        self.rope_scale = rope_attention_factor(args)  # YaRN scales cos and sin; 1 otherwise
+        self.dynamic_rope = rope_type(args) == "dynamic"
 
     def tie_weights(self) -> None:
         if self.args.tie_word_embeddings:
@@ -114,17 +118,29 @@ class Transformer(nn.Module):
 
     def rope(self, start: int, length: int, dtype: torch.dtype):
         """cos/sin [T, head_dim] for absolute positions start .. start+T-1, cast to the model dtype."""
-        positions = torch.arange(start, start + length, device=self.inv_freq.device, dtype=torch.float32)
-        freqs = torch.outer(positions, self.inv_freq)
+        inv_freq = self.inv_freq
+        if self.dynamic_rope and start + length > self.args.max_position_embeddings:
+            # dynamic NTK: this forward's frequencies follow its max position + 1, as transformers'
+            # dynamic_rope_update; a local, never stored, so concurrent forwards cannot see each other's
+            inv_freq = torch.from_numpy(rope_inv_freq(self.args, start + length)).to(inv_freq.device)
+        positions = torch.arange(start, start + length, device=inv_freq.device, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq)
         angles = torch.cat((freqs, freqs), dim=-1)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        cos, sin = angles.cos(), angles.sin()
+        if self.rope_scale != 1.0:
+            cos, sin = cos * self.rope_scale, sin * self.rope_scale
+        return cos.to(dtype), sin.to(dtype)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
-        """tokens: [B, T] -> logits [B, T, V] (all_logits) or [B, 1, V] for the last position."""
+    def forward(self, tokens: torch.Tensor, cache: KVCache, all_logits: bool = False,
+                layer_done: Callable[[int], None] | None = None) -> torch.Tensor:
+        """tokens: [B, T] -> logits [B, T, V] (all_logits) or [B, 1, V] for the last position.
+        `layer_done(i)` is called after layer i (progress of a long prompt)."""
         h = self.model.embed_tokens(tokens)
         cos, sin = self.rope(cache.offset, tokens.shape[1], h.dtype)
-        for layer, layer_cache in zip(self.model.layers, cache.layers):
+        for i, (layer, layer_cache) in enumerate(zip(self.model.layers, cache.layers)):
             h = layer(h, cos, sin, layer_cache)
+            if layer_done is not None:
+                layer_done(i)
         if not all_logits:
             h = h[:, -1:]
         return self.lm_head(self.model.norm(h))
