@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from kvrt.errors import KvrtError
+from kvrt.eval.files import read_file, utf8
 
 PEOPLE = ["the baker", "my neighbour", "a retired sailor", "the librarian", "our cousin", "the old farmer",
           "a young painter", "the night nurse", "the ferry captain", "a travelling musician", "the beekeeper",
@@ -58,10 +59,7 @@ def sentence_stream(seed: int, files: list[str] | None = None) -> Iterator[str]:
             yield kvrt_sentence(rng)
     sentences = []
     for name in files:
-        path = Path(name)
-        if not path.is_file():
-            raise KvrtError(f"haystack file not found: {name}")
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = utf8(read_file(Path(name), "haystack file"), Path(name))
         sentences += [s.strip() for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())) if s.strip()]
     if not sentences:
         raise KvrtError(f"the haystack files hold no text: {', '.join(files)}")

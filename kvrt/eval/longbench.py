@@ -8,11 +8,11 @@ across kvrt's cache specs, not digit-for-digit with published LongBench tables.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from kvrt.errors import KvrtError
+from kvrt.eval.files import json_line, read_file
 
 FIELDS = ("input", "context", "answers")
 
@@ -73,22 +73,16 @@ def dataset(name: str) -> Dataset:
 
 def read_jsonl(path: Path) -> list[dict]:
     """Every record of a LongBench JSONL file; a bad line is one error naming file and line."""
-    if not path.is_file():
-        raise KvrtError(f"LongBench file not found: {path}")
     records = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise KvrtError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            missing = [k for k in FIELDS if k not in record] if isinstance(record, dict) else list(FIELDS)
-            if missing or not isinstance(record.get("answers"), list):
-                what = f"missing {', '.join(missing)}" if missing else "answers must be a list"
-                raise KvrtError(f"{path}:{number}: not a LongBench record ({what})")
-            records.append(record)
+    for number, line in enumerate(read_file(path, "LongBench file").split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        record = json_line(line, path, number)
+        missing = [k for k in FIELDS if k not in record]
+        if missing or not isinstance(record.get("answers"), list):
+            what = f"missing {', '.join(missing)}" if missing else "answers must be a list"
+            raise KvrtError(f"{path}:{number}: not a LongBench record ({what})")
+        records.append(record)
     return records
 
 

@@ -14,30 +14,41 @@ from __future__ import annotations
 import csv
 import json
 from collections import defaultdict
+from dataclasses import fields
 from pathlib import Path
 
 from kvrt.errors import KvrtError
-from kvrt.eval.runner import spec_slug
+from kvrt.eval.files import json_file
+from kvrt.eval.runner import Settings, read_predictions, spec_slug
 
 BUCKETS = [(0, 8_000, "0-8k"), (8_000, 16_000, "8-16k"), (16_000, 32_000, "16-32k"), (32_000, 64_000, "32-64k"),
            (64_000, 128_000, "64-128k"), (128_000, float("inf"), ">128k")]
 DEPTH_BINS = 5
 
 
-def load_records(run: Path) -> tuple[dict, list[dict]]:
-    settings_path = run / "settings.json"
-    if not settings_path.exists():
+def load_settings(run: Path) -> dict:
+    """A run folder's settings.json, with every field a report reads."""
+    path = run / "settings.json"
+    if not path.exists():
         raise KvrtError(f"{run} is not a kvrt eval folder (no settings.json)")
-    settings = json.loads(settings_path.read_text())
+    settings = json_file(path, "settings file")
+    missing = [f.name for f in fields(Settings) if f.name not in settings]
+    if missing:
+        raise KvrtError(f"{path}: not kvrt eval settings (missing {', '.join(missing)})")
+    return settings
+
+
+def load_records(run: Path) -> tuple[dict, list[dict]]:
+    """The settings and every record of a run folder; a damaged line (other than a torn last
+    one, which the next `kvrt eval` cuts) is an error naming it."""
+    settings = load_settings(run)
     records = []
     for path in sorted((run / "predictions").rglob("*.jsonl")):
-        lines = path.read_text().splitlines()
-        for number, line in enumerate(lines, start=1):
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                if number != len(lines):  # a torn last line is left for the resume to cut
-                    raise KvrtError(f"{path}:{number}: not valid JSON") from None
+        found = read_predictions(path)
+        if found.damaged:
+            first = min(found.damaged)
+            raise KvrtError(f"{found.damaged[first]}; rerun the kvrt eval command to drop it and redo its sample")
+        records += found.records.values()
     return settings, records
 
 

@@ -5,14 +5,16 @@ Layout of an out folder:
     predictions/<spec>/<task>-<length>.jsonl   one line per finished sample
 
 A line is appended with one write on an O_APPEND file and flushed to disk, only once its
-sample is scored. A rerun reads the files, drops a torn last line (a kill mid-write) and
-skips every sample id already present, so a run killed at any moment loses at most the
-sample in flight and never writes one twice. An out folder whose settings differ is refused
+sample is scored. A rerun reads the files, drops a torn last line (a kill mid-write) quietly,
+removes and reports any other line that holds no record (damage on disk), keeping every valid
+line, and skips every sample id already present, so a run killed at any moment loses at most
+the sample in flight and never writes one twice. An out folder whose settings differ is refused
 unless `overwrite`, which clears its predictions first.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -23,8 +25,11 @@ from pathlib import Path
 from typing import Callable
 
 from kvrt.errors import KvrtError
+from kvrt.eval.files import json_line, json_value, read_file
 from kvrt.eval.metrics import score_sample
+from kvrt.eval.sample import Sample
 from kvrt.eval.tasks import Task, get_task
+from kvrt.progress import Progress
 from kvrt.sampling import SamplingParams
 
 
@@ -48,15 +53,35 @@ class Settings:
         return {**asdict(self), "kvrt_version": __version__, "decoding": "greedy"}
 
 
+# What `kvrt report` reads from every record: a line without them is damaged.
+RECORD_FIELDS = ("id", "cache", "task", "length", "score", "prompt_tokens", "generation_tokens", "generation_tps",
+                 "kv_bytes")
+
+
 def spec_slug(spec: str) -> str:
     """A folder name for a cache spec (the spec itself is stored in every line)."""
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", spec)
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` by `data` at once: a crash leaves the old file or the new one, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename makes it the file
     os.replace(tmp, path)
+
+
+def settings_problem(path: Path, wanted: dict) -> str | None:
+    """Why an out folder's saved settings.json is not `wanted` (None when it is); a damaged
+    file is a reason too, so --overwrite can replace it, but a folder in its place is an error."""
+    data = read_file(path, "settings file")
+    try:
+        saved = json_value(data, path)
+    except KvrtError as exc:
+        return str(exc)
+    return None if saved == wanted else f"{path.parent} holds a run with other settings"
 
 
 def prepare_out(out: Path, settings: Settings, overwrite: bool) -> None:
@@ -64,40 +89,83 @@ def prepare_out(out: Path, settings: Settings, overwrite: bool) -> None:
     wanted = settings.as_dict()
     saved_path = out / "settings.json"
     if saved_path.exists():
-        try:
-            saved = json.loads(saved_path.read_text())
-        except json.JSONDecodeError:
-            saved = None
-        if saved != wanted:
+        problem = settings_problem(saved_path, wanted)
+        if problem:
             if not overwrite:
-                raise KvrtError(f"{out} holds a run with other settings; pass --overwrite to replace it "
-                                "or choose another --out")
+                raise KvrtError(f"{problem}; pass --overwrite to replace it or choose another --out")
             shutil.rmtree(out / "predictions", ignore_errors=True)
     elif out.exists() and any(out.iterdir()) and not overwrite:
         raise KvrtError(f"{out} exists and is not a kvrt eval folder; choose another --out or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(saved_path, json.dumps(wanted, indent=1) + "\n")
+    write_atomic(saved_path, (json.dumps(wanted, indent=1) + "\n").encode())
 
 
-def finished(path: Path) -> dict[str, dict]:
-    """Records already written, by sample id; a torn last line is cut off the file."""
+def prediction_record(line: bytes, path: Path, number: int) -> dict:
+    """The record on line `number` of a predictions file; a line that is not one is a KvrtError."""
+    record = json_line(line, path, number)
+    missing = [k for k in RECORD_FIELDS if k not in record]
+    if missing:
+        raise KvrtError(f"{path}:{number}: not a kvrt eval record (missing {', '.join(missing)})")
+    if not isinstance(record["id"], str):
+        raise KvrtError(f"{path}:{number}: not a kvrt eval record (its id is not a string)")
+    return record
+
+
+@dataclass
+class Predictions:
+    """A predictions file as read: the records by sample id, its valid lines, and what was wrong."""
+
+    records: dict[str, dict]
+    valid: bytes  # every line that holds a record, newline included, in file order
+    damaged: dict[int, str]  # line number -> why it holds no record
+    torn: bool  # the last line lacks its newline: the run was killed while writing it
+
+
+def read_predictions(path: Path) -> Predictions:
+    """Every record of a predictions file, keeping the valid lines whatever lies between them."""
+    lines = read_file(path, "predictions file").split(b"\n")
+    torn = lines.pop() != b""  # what follows the last newline: nothing, or a line cut mid-write
+    records, valid, damaged = {}, [], {}
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = prediction_record(line, path, number)
+        except KvrtError as exc:
+            damaged[number] = str(exc)
+            continue
+        records[record["id"]] = record
+        valid.append(line + b"\n")
+    return Predictions(records, b"".join(valid), damaged, torn)
+
+
+def counted(n: int, noun: str) -> str:
+    """3 samples, 1 cell."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def line_ranges(numbers: list[int]) -> str:
+    """[1, 2, 3, 7] -> "1-3, 7": line numbers in short form, however many there are."""
+    spans: list[list[int]] = []
+    for n in sorted(numbers):
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def finished(path: Path, report: Callable[[str], None] = print) -> dict[str, dict]:
+    """Records already written, by sample id. A torn last line is cut off quietly; damaged lines
+    are removed from the file and reported (their samples run again); every valid line stays."""
     if not path.exists():
         return {}
-    data = path.read_bytes()
-    records, good = {}, 0
-    for line in data.splitlines(keepends=True):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            break
-        if not line.endswith(b"\n"):
-            break
-        records[record["id"]] = record
-        good += len(line)
-    if good < len(data):
-        with path.open("r+b") as f:
-            f.truncate(good)
-    return records
+    found = read_predictions(path)
+    if found.damaged or found.torn:
+        write_atomic(path, found.valid)
+    if found.damaged:
+        numbers = list(found.damaged)
+        report(f"{path}: dropped {counted(len(numbers), 'damaged line')} ({'lines' if len(numbers) > 1 else 'line'} "
+               f"{line_ranges(numbers)}: not UTF-8, JSON or a kvrt eval record); their samples run again")
+    return found.records
 
 
 def append_record(path: Path, record: dict) -> None:
@@ -142,22 +210,66 @@ def cells(settings: Settings, context_length: int, report: Callable[[str], None]
     return out
 
 
-def run_eval(model, settings: Settings, out: Path, overwrite: bool = False, progress: bool = True,
+ProgressFactory = Callable[..., Progress]  # called as Progress is: (label, total, unit, log_every=...)
+
+
+def progress_factory(progress: bool | ProgressFactory) -> ProgressFactory:
+    """`Progress` on stderr for True, a progress that never shows for False, else the caller's
+    own factory (e.g. `functools.partial(Progress, delay=0, stream=log)`)."""
+    if callable(progress):
+        return progress
+    return Progress if progress else functools.partial(Progress, enabled=False)
+
+
+@dataclass
+class CellPlan:
+    """A cell's predictions file and its samples, all of them and those still to run."""
+
+    cell: Cell
+    path: Path
+    samples: list[Sample]
+    todo: list[Sample]
+
+
+def plan_cells(model, settings: Settings, todo: list[Cell], out: Path, report: Callable[[str], None],
+               show: ProgressFactory) -> list[CellPlan]:
+    """Each cell's samples, built with progress shown (long synthetic lengths take a while),
+    less those its predictions file already holds."""
+    paths = [out / "predictions" / spec_slug(cell.spec) / f"{cell.name}.jsonl" for cell in todo]
+    done = [finished(path, report) for path in paths]  # before the progress line, so reports don't break it
+    max_length = settings.max_length or model.context_length
+    built: dict[tuple[str, int | None], list[Sample]] = {}  # a (task, length) has the same samples for every spec
+    plans = []
+    with show("preparing samples", len(todo), "cells", log_every=0.1) as bar:
+        for cell, path, records in zip(todo, paths, done):
+            key = (cell.task.name, cell.length)
+            if key not in built:
+                built[key] = cell.task.samples(model.tokenizer, cell.length, settings.limit, settings.seed, max_length,
+                                               settings.haystack or None, settings.data_dir)
+            plans.append(CellPlan(cell, path, built[key], [s for s in built[key] if s.id not in records]))
+            bar.advance(note=f"{cell.spec} {cell.name}")
+    return plans
+
+
+def plan_summary(plans: list[CellPlan]) -> str:
+    """One line: how many cells and samples, how many a killed run already did, how many run now."""
+    total = sum(len(p.samples) for p in plans)
+    todo = sum(len(p.todo) for p in plans)
+    return (f"{counted(len(plans), 'cell')}, {counted(total, 'sample')}: {total - todo} already done (resumed), "
+            f"{todo} to run")
+
+
+def run_eval(model, settings: Settings, out: Path, overwrite: bool = False, progress: bool | ProgressFactory = True,
              report: Callable[[str], None] = print, ray_address: str | None = None, workers: int = 2) -> dict:
     """Run (or resume) every cell, here or sharded over Ray workers (`ray_address`: a cluster's
     address, "auto" for the running one, "local" to start one with `workers` workers); this
-    process alone writes the files. Returns {"cells": n, "written": n}."""
+    process alone writes the files. `progress`: True shows it on stderr, False stays silent, or
+    a factory made like `kvrt.progress.Progress`. Returns {"cells": n, "written": n}."""
+    show = progress_factory(progress)
     prepare_out(out, settings, overwrite)
-    todo = cells(settings, model.context_length, report)
-    max_length = settings.max_length or model.context_length
-    plan = []
-    for cell in todo:
-        samples = cell.task.samples(model.tokenizer, cell.length, settings.limit, settings.seed, max_length,
-                                    settings.haystack or None, settings.data_dir)
-        path = out / "predictions" / spec_slug(cell.spec) / f"{cell.name}.jsonl"
-        done = finished(path)
-        plan.append((cell, path, [s for s in samples if s.id not in done]))
-    work = [(cell, path, sample) for cell, path, rest in plan for sample in rest]
+    plans = plan_cells(model, settings, cells(settings, model.context_length, report), out, report, show)
+    report(plan_summary(plans))
+    work = [(p.cell, p.path, sample) for p in plans for sample in p.todo]
     for _, path, _ in work:
         path.parent.mkdir(parents=True, exist_ok=True)
     if ray_address:
@@ -167,12 +279,13 @@ def run_eval(model, settings: Settings, out: Path, overwrite: bool = False, prog
     else:
         results = ((i, run_sample(model, cell, sample)) for i, (cell, _, sample) in enumerate(work))
     written = 0
-    with _bar(len(work), progress) as bar:
+    with show("eval", len(work), "samples", log_every=0) as bar:
         for i, record in results:  # in completion order; each record goes to its own cell's file
-            append_record(work[i][1], record)
+            cell, path, _ = work[i]
+            append_record(path, record)
             written += 1
-            bar.update(1)
-    return {"cells": len(todo), "written": written}
+            bar.advance(note=f"{cell.spec} {cell.name}: score {record['score']:.2f}")
+    return {"cells": len(plans), "written": written}
 
 
 def run_sample(model, cell: Cell, sample) -> dict:
@@ -189,24 +302,3 @@ def run_sample(model, cell: Cell, sample) -> dict:
         "prompt_tps": s.prompt_tps, "generation_tps": s.generation_tps, "kv_bytes": s.kv_bytes,
         "meta": {k: v for k, v in sample.meta.items() if k != "all_classes"}, "time": time.time(),
     }
-
-
-class _NoBar:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def update(self, n: int) -> None:
-        pass
-
-
-def _bar(total: int, show: bool):
-    if not show:
-        return _NoBar()
-    import sys
-
-    import click
-
-    return click.progressbar(length=total, label="kvrt eval", show_eta=True, show_pos=True, file=sys.stderr)
