@@ -31,7 +31,7 @@ class OneLineErrors(click.Group):
         except click.ClickException as exc:
             fail(exc.format_message(), exc.exit_code)
         except KvrtError as exc:
-            fail(str(exc), 1)
+            fail(str(exc), exc.exit_code)
         except (KeyboardInterrupt, click.Abort):
             fail("interrupted", 130)
         except Exception as exc:  # a bug, not bad input: still one line unless debugging

@@ -6,12 +6,13 @@ give the same tokens on torch and MLX whenever their logits agree.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
-from kvrt.errors import KvrtError
+from kvrt.errors import InvalidValue
 from kvrt.ops import Array, Ops
 
 
@@ -26,17 +27,21 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
+        finite = all(math.isfinite(x) for x in (self.temp, self.top_p, self.min_p, self.repetition_penalty))
         checks = [
+            (finite, f"sampling values must be finite numbers, got temp={self.temp}, top_p={self.top_p}, "
+                     f"min_p={self.min_p}, repetition_penalty={self.repetition_penalty}"),
             (self.temp >= 0, f"--temp must be >= 0, got {self.temp}"),
             (0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}"),
             (self.top_k >= 0, f"--top-k must be >= 0, got {self.top_k}"),
             (0 <= self.min_p < 1, f"--min-p must be in [0, 1), got {self.min_p}"),
             (self.repetition_penalty > 0, f"--repetition-penalty must be > 0, got {self.repetition_penalty}"),
             (self.repetition_context_size >= 0, "--repetition-context-size must be >= 0"),
+            (self.seed is None or self.seed >= 0, f"--seed must be >= 0, got {self.seed}"),
         ]
         for ok, message in checks:
             if not ok:
-                raise KvrtError(message)
+                raise InvalidValue(message)
 
     @property
     def greedy(self) -> bool:

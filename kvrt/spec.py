@@ -10,9 +10,10 @@ CaliDrop and, after an eviction method, a quantizer. Each declares its keys (kvr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
-from kvrt.errors import KvrtError
+from kvrt.errors import InvalidValue
 
 from kvrt.methods import EVICTION_METHODS, QUANTIZERS, MODIFIERS as MODIFIER_CLASSES
 
@@ -46,7 +47,7 @@ class CacheSpec:
             return text
         pieces = [p.strip() for p in str(text).strip().split("+")]
         if not pieces[0] or any(not p for p in pieces):
-            raise KvrtError(f"empty cache spec part in '{text}'; expected METHOD[:key=value,...][+MODIFIER...]")
+            raise InvalidValue(f"empty cache spec part in '{text}'; expected METHOD[:key=value,...][+MODIFIER...]")
         method = parse_part(pieces[0], METHODS, "cache method")
         modifiers = tuple(parse_part(p, MODIFIERS, "cache modifier") for p in pieces[1:])
         spec = cls(method, modifiers)
@@ -65,7 +66,7 @@ class CacheSpec:
         """The configured quantizer (KIVI or OTT), as the method or a modifier, or None."""
         parts = [p for p in (self.method, *self.modifiers) if p.name in QUANTIZERS]
         if len(parts) > 1:
-            raise KvrtError(f"'{self}' names {len(parts)} quantizers; use one (kivi or ott)")
+            raise InvalidValue(f"'{self}' names {len(parts)} quantizers; use one (kivi or ott)")
         return QUANTIZERS[parts[0].name](**parts[0].options) if parts else None
 
     def calibration(self):
@@ -74,16 +75,16 @@ class CacheSpec:
         return MODIFIER_CLASSES["calidrop"](**parts[0].options) if parts else None
 
     def build(self):
-        """(eviction, calibration, quantization), validated: every bad value is one KvrtError line."""
+        """(eviction, calibration, quantization), validated: every bad value is one InvalidValue line."""
         eviction, calibration, quantization = self.eviction(), self.calibration(), self.quantization()
         stray = [p.name for p in self.modifiers if p.name in QUANTIZERS and eviction is None]
         if stray:
-            raise KvrtError(f"+{stray[0]} follows an eviction method (e.g. snapkv:budget=512+{stray[0]}); "
+            raise InvalidValue(f"+{stray[0]} follows an eviction method (e.g. snapkv:budget=512+{stray[0]}); "
                             f"without one, make it the method: {stray[0]}:bits=2")
         if calibration is not None and eviction is None:
-            raise KvrtError("calidrop calibrates evicted tokens: put it after an eviction method, e.g. snapkv:budget=128+calidrop")
+            raise InvalidValue("calidrop calibrates evicted tokens: put it after an eviction method, e.g. snapkv:budget=128+calidrop")
         if len({p.name for p in self.modifiers}) != len(self.modifiers):
-            raise KvrtError(f"a modifier appears twice in '{self}'")
+            raise InvalidValue(f"a modifier appears twice in '{self}'")
         return eviction, calibration, quantization
 
 
@@ -92,7 +93,7 @@ def parse_part(text: str, registry: dict[str, dict[str, type]], what: str) -> Pa
     name = name.strip().lower()
     if name not in registry:
         known = ", ".join(registry) or "none yet"
-        raise KvrtError(f"unknown {what} '{name}'; available: {known}")
+        raise InvalidValue(f"unknown {what} '{name}'; available: {known}")
     keys = registry[name]
     options = {}
     for item in filter(None, (s.strip() for s in rest.split(","))):
@@ -100,9 +101,11 @@ def parse_part(text: str, registry: dict[str, dict[str, type]], what: str) -> Pa
         key = key.strip()
         if not eq or key not in keys:
             valid = ", ".join(keys) or "none"
-            raise KvrtError(f"bad option '{item}' for {name}; valid keys: {valid}")
+            raise InvalidValue(f"bad option '{item}' for {name}; valid keys: {valid}")
         try:
             options[key] = keys[key](value.strip())
         except ValueError:
-            raise KvrtError(f"bad value '{value}' for {name}:{key} (expected {keys[key].__name__})") from None
+            raise InvalidValue(f"bad value '{value}' for {name}:{key} (expected {keys[key].__name__})") from None
+        if isinstance(options[key], float) and not math.isfinite(options[key]):
+            raise InvalidValue(f"bad value '{value}' for {name}:{key} (expected a finite number)")
     return Part(name, options)

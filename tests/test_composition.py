@@ -47,7 +47,7 @@ def test_eviction_survivors_are_quantized(runtime, method, calidrop):
 
 def test_calidrop_offload_stores_the_evicted_tier_quantized(runtime):
     ids = token_ids(100, seed=2)
-    spec = "snapkv:budget=24,window=8+calidrop:theta1=1.0"
+    spec = "snapkv:budget=24,window=8+calidrop:theta1=1.0,theta2=1.0"
     exact, plain_cache = run(runtime, spec, ids, 80)
     int8, cache = run(runtime, spec + ",offload=int8", ids, 80)
     int2, _ = run(runtime, spec + ",offload=int2", ids, 80)

@@ -43,7 +43,7 @@ def test_calidrop_recomputing_every_step_equals_full_attention(runtime, method):
     """θ1 = 1.0 recomputes over the whole uncapped evicted tier at each query: the merge is exact."""
     ids = token_ids(100, seed=1)
     full, _ = run(runtime, "full", ids, 80, all_logits=False)
-    spec = method.format(b=24) + "+calidrop:theta1=1.0"
+    spec = method.format(b=24) + "+calidrop:theta1=1.0,theta2=1.0"
     got, cache = run(runtime, spec, ids, 80, all_logits=False)
     assert all(0 < layer.kept.length <= layer.budget < 80 for layer in cache.layers)  # really evicted
     assert (got - full).abs().max().item() <= 1e-4

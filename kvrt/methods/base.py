@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvrt.errors import KvrtError
+from kvrt.errors import InvalidValue
 from kvrt.ops import Array, Ops
 
 INF = float("inf")
@@ -39,9 +39,9 @@ class EvictionMethod:
 
     def __init__(self, budget: int | None = None, ratio: float | None = None):
         if (budget is None) == (ratio is None):
-            raise KvrtError(f"{self.name} needs exactly one of budget=N (tokens kept) or ratio=R (fraction kept)")
+            raise InvalidValue(f"{self.name} needs exactly one of budget=N (tokens kept) or ratio=R (fraction kept)")
         if ratio is not None and not 0 < ratio <= 1:
-            raise KvrtError(f"{self.name}: ratio must be in (0, 1], got {ratio}")
+            raise InvalidValue(f"{self.name}: ratio must be in (0, 1], got {ratio}")
         if budget is not None:
             self.check_budget(budget, "budget")
         self.budget, self.ratio = budget, ratio
@@ -52,7 +52,7 @@ class EvictionMethod:
 
     def check_budget(self, budget: int, what: str) -> None:
         if budget <= self.min_budget():
-            raise KvrtError(f"{self.name}: {what} {budget} must exceed {self.min_budget()} ({self.why_min()})")
+            raise InvalidValue(f"{self.name}: {what} {budget} must exceed {self.min_budget()} ({self.why_min()})")
 
     def why_min(self) -> str:
         return "at least two tokens"

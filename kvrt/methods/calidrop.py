@@ -22,7 +22,7 @@ Choices where the paper is silent, kept as parameters:
 from __future__ import annotations
 
 from kvrt.attention import merge_partials
-from kvrt.errors import KvrtError
+from kvrt.errors import InvalidValue
 from kvrt.methods.base import selection
 from kvrt.methods.evicted_store import check_offload, evicted_store
 from kvrt.ops import Array, Ops
@@ -38,13 +38,16 @@ class CaliDrop:
     def __init__(self, theta1: float = 0.7, theta2: float = 0.85, calibration_size: int = 0,
                  recompute: str = "auto", granularity: str = "head", offload: str = "none"):
         if recompute not in ("auto", "never"):
-            raise KvrtError(f"calidrop: recompute must be auto or never, got {recompute}")
+            raise InvalidValue(f"calidrop: recompute must be auto or never, got {recompute}")
         if granularity not in ("head", "kv_head"):
-            raise KvrtError(f"calidrop: granularity must be head or kv_head, got {granularity}")
+            raise InvalidValue(f"calidrop: granularity must be head or kv_head, got {granularity}")
         if calibration_size < 0:
-            raise KvrtError(f"calidrop: calibration_size must be >= 0, got {calibration_size}")
-        if not -1 <= theta2 <= 1:
-            raise KvrtError(f"calidrop: theta2 is a cosine threshold in [-1, 1], got {theta2}")
+            raise InvalidValue(f"calidrop: calibration_size must be >= 0, got {calibration_size}")
+        for name, theta in (("theta1", theta1), ("theta2", theta2)):
+            if not -1 <= theta <= 1:
+                raise InvalidValue(f"calidrop: {name} is a cosine threshold in [-1, 1], got {theta}")
+        if theta1 > theta2:  # below theta1 recomputes, above theta2 reuses: the bands must not cross
+            raise InvalidValue(f"calidrop: theta1 must be <= theta2, got theta1={theta1} > theta2={theta2}")
         check_offload(offload)
         self.theta1, self.theta2, self.offload = theta1, theta2, offload
         self.calibration_size, self.recompute, self.granularity = calibration_size, recompute, granularity

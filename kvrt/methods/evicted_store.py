@@ -4,7 +4,7 @@ quantized in kvrt's KIVI format (`calidrop:offload=int2|int4|int8`, groups of 32
 from __future__ import annotations
 
 from kvrt.attention import merge_partials
-from kvrt.errors import KvrtError
+from kvrt.errors import InvalidValue
 from kvrt.ops import Array, Ops
 
 OFFLOAD_GROUP = 32  # KIVI's paper setting: tokens per key group of the quantized evicted tier
@@ -13,7 +13,7 @@ OFFLOADS = ("none", "int2", "int4", "int8")
 
 def check_offload(offload: str) -> None:
     if offload not in OFFLOADS:
-        raise KvrtError(f"calidrop: offload must be one of {', '.join(OFFLOADS)}, got {offload}")
+        raise InvalidValue(f"calidrop: offload must be one of {', '.join(OFFLOADS)}, got {offload}")
 
 
 def evicted_store(ops: Ops, offload: str):

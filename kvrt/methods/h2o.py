@@ -8,6 +8,7 @@ heads of its KV head. The budget is split half heavy hitters, half most recent t
 
 from __future__ import annotations
 
+from kvrt.errors import InvalidValue
 from kvrt.methods.base import INF, Candidates, EvictionMethod
 from kvrt.ops import Array, Ops
 
@@ -19,6 +20,8 @@ class H2O(EvictionMethod):
     accumulates = True
 
     def __init__(self, budget=None, ratio=None, recent: float = 0.5):
+        if not 0 <= recent <= 1:
+            raise InvalidValue(f"h2o: recent is a share of the budget in [0, 1], got {recent}")
         self.recent = recent  # share of the budget given to the most recent tokens
         super().__init__(budget, ratio)
 

@@ -15,7 +15,7 @@ from math import gcd
 
 from kvrt.attention import merge_partials
 from kvrt.buffer import SeqBuffer
-from kvrt.errors import KvrtError
+from kvrt.errors import InvalidValue
 from kvrt.ops import Array, Ops
 from kvrt.quant import QuantizedKeys, QuantizedValues, codes_per_word, dequantize_keys, dequantize_values
 from kvrt.quant import mean_substituted, quantize_keys, quantize_values
@@ -26,13 +26,15 @@ class KIVI:
     options = {"bits": int, "group": int, "residual": int, "value_group": int}
 
     def __init__(self, bits: int = 2, group: int = 32, residual: int = 128, value_group: int = 0):
+        if bits not in (2, 4, 8):
+            raise InvalidValue(f"{self.name}: bits must be 2, 4 or 8, got {bits}")
         per = codes_per_word(bits)
         if group <= 0 or group % per:
-            raise KvrtError(f"kivi: group must be a positive multiple of {per} tokens for {bits}-bit codes, got {group}")
+            raise InvalidValue(f"{self.name}: group must be a positive multiple of {per} tokens for {bits}-bit codes, got {group}")
         if residual < 0:
-            raise KvrtError(f"kivi: residual must be >= 0, got {residual}")
+            raise InvalidValue(f"{self.name}: residual must be >= 0, got {residual}")
         if value_group < 0:
-            raise KvrtError(f"{self.name}: value_group must be >= 0 (0 = as the key group, within the head dim), got {value_group}")
+            raise InvalidValue(f"{self.name}: value_group must be >= 0 (0 = as the key group, within the head dim), got {value_group}")
         self.bits, self.group, self.residual, self.value_group = bits, group, residual, value_group
 
     def value_group_for(self, head_dim: int) -> int:
@@ -70,7 +72,7 @@ class QuantizedTier:
         cfg, ops = self.config, self.ops
         value_group = cfg.value_group_for(v.shape[3])
         if v.shape[3] % value_group:
-            raise KvrtError(f"{cfg.name}: value_group {value_group} must divide the head dim {v.shape[3]}")
+            raise InvalidValue(f"{cfg.name}: value_group {value_group} must divide the head dim {v.shape[3]}")
         kernels = ops.quantizers(k)
         if kernels is not None:
             qk, qv = kernels[0](k, cfg.bits, cfg.group, traced), kernels[1](v, cfg.bits, value_group)

@@ -22,7 +22,7 @@ Choices where the paper leaves room, stated here:
 from __future__ import annotations
 
 from kvrt.buffer import SeqBuffer
-from kvrt.errors import KvrtError
+from kvrt.errors import InvalidValue
 from kvrt.methods.kivi import KIVI, QuantizedTier
 from kvrt.ops import Array, Ops
 
@@ -37,9 +37,9 @@ class OTT(KIVI):
                  outliers: int = 3, overflow: int = 32, skip_layers: int = 2):
         super().__init__(bits, group, residual, value_group)
         if not 0 <= outliers < group:
-            raise KvrtError(f"ott: outliers must be >= 0 and below the group size {group}, got {outliers}")
+            raise InvalidValue(f"ott: outliers must be >= 0 and below the group size {group}, got {outliers}")
         if overflow < 0 or skip_layers < 0:
-            raise KvrtError(f"ott: overflow and skip_layers must be >= 0, got {overflow} and {skip_layers}")
+            raise InvalidValue(f"ott: overflow and skip_layers must be >= 0, got {overflow} and {skip_layers}")
         self.outliers, self.overflow, self.skip_layers = outliers, overflow, skip_layers
 
     def new_tier(self, ops: Ops, layer_idx: int = 0) -> QuantizedTier:

@@ -11,7 +11,7 @@ later multi-token chunk (a chat turn) compresses again with its own window.
 
 from __future__ import annotations
 
-from kvrt.errors import KvrtError
+from kvrt.errors import InvalidValue
 from kvrt.methods.base import INF, Candidates, EvictionMethod
 from kvrt.ops import Array, Ops
 
@@ -22,11 +22,11 @@ class SnapKV(EvictionMethod):
 
     def __init__(self, budget=None, ratio=None, window: int = 32, kernel: int = 5, pool: str = "avg"):
         if window < 1:
-            raise KvrtError(f"{self.name}: window must be >= 1, got {window}")
+            raise InvalidValue(f"{self.name}: window must be >= 1, got {window}")
         if kernel < 1 or kernel % 2 == 0:
-            raise KvrtError(f"{self.name}: kernel must be an odd number >= 1, got {kernel}")
+            raise InvalidValue(f"{self.name}: kernel must be an odd number >= 1, got {kernel}")
         if pool not in ("avg", "max"):
-            raise KvrtError(f"{self.name}: pool must be avg or max, got {pool}")
+            raise InvalidValue(f"{self.name}: pool must be avg or max, got {pool}")
         self.window, self.kernel, self.pool = window, kernel, pool
         super().__init__(budget, ratio)
 

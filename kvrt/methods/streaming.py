@@ -7,7 +7,7 @@ positions stay absolute (keys are never re-rotated), as in SnapKV.
 
 from __future__ import annotations
 
-from kvrt.errors import KvrtError
+from kvrt.errors import InvalidValue
 from kvrt.methods.base import INF, Candidates, EvictionMethod
 from kvrt.ops import Array, Ops
 
@@ -19,7 +19,7 @@ class StreamingLLM(EvictionMethod):
 
     def __init__(self, budget=None, ratio=None, sinks: int = 4):
         if sinks < 0:
-            raise KvrtError(f"streaming: sinks must be >= 0, got {sinks}")
+            raise InvalidValue(f"streaming: sinks must be >= 0, got {sinks}")
         self.sinks = sinks
         super().__init__(budget, ratio)
 
