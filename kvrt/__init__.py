@@ -1,6 +1,23 @@
 """kvrt: a KV-cache runtime for LLM inference (eviction, calibration, low-bit quantization)."""
 
+import os as _os
+
 __version__ = "0.1.0"
+
+# Imported from a source checkout (the repo root on sys.path), the subpackages kvrt.backends and
+# kvrt.kernels_* are the folders beside this one; the wheel and the editable install put them inside.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if not _os.path.isdir(_os.path.join(__path__[0], "backends")) and _os.path.isfile(
+        _os.path.join(_root, "backends", "__init__.py")):
+    __path__.append(_root)
+
+# what `kvrt.X` names, loaded on first use so that `import kvrt` stays light
+_EXPORTS = {
+    "Model": "kvrt.api", "Generation": "kvrt.api", "TextStream": "kvrt.chat", "ChatSession": "kvrt.chat",
+    "GenerationStats": "kvrt.generate", "SamplingParams": "kvrt.sampling", "CacheSpec": "kvrt.spec",
+    "KvrtError": "kvrt.errors", "InvalidValue": "kvrt.errors",
+}
+__all__ = ["load", *_EXPORTS]
 
 
 def load(model: str = "default", backend: str = "auto", dtype: str | None = None, log=None):
@@ -11,13 +28,12 @@ def load(model: str = "default", backend: str = "auto", dtype: str | None = None
 
 
 def __getattr__(name):
-    # keep `import kvrt` light: the API classes load on first use
-    if name in ("Model", "Generation"):
-        from kvrt import api
+    if name in _EXPORTS:
+        import importlib
 
-        return getattr(api, name)
-    if name == "CacheSpec":
-        from kvrt.spec import CacheSpec
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'kvrt' has no attribute '{name}'")
 
-        return CacheSpec
-    raise AttributeError(name)
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))

@@ -1,19 +1,26 @@
-"""The library API: `kvrt.load(...)` returns a Model with generate, stream and chat."""
+"""The library API: `kvrt.load(...)` returns a Model with generate, stream and chat.
+
+A Model may be shared by several threads: each call builds its own cache and returns its own
+stats (on the Generation, or on the TextStream it hands back), and the backend runs one
+forward at a time.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Sequence
 
-from kvrt.chat import ChatSession
-from kvrt.errors import KvrtError
+from kvrt.chat import ChatSession, TextStream
+from kvrt.errors import InvalidValue, KvrtError
 from kvrt.generate import GenerationStats, stream_text
 from kvrt.loading import load_runtime
 from kvrt.model_config import context_length, read_config
 from kvrt.model_store import resolve_model
 from kvrt.sampling import SamplingParams
 from kvrt.spec import CacheSpec
-from kvrt.tokenizer import Tokenizer
+from kvrt.tokenizer import Tokenizer, checked_text
+
+Progress = Callable[[int, int], None]  # (layers done, layers) while a prompt runs through the model
 
 
 @dataclass
@@ -37,78 +44,97 @@ class Model:
         self.runtime = runtime
         self.tokenizer = tokenizer
         self.context_length = context_length
-        self.last_stats = GenerationStats()
 
     @property
     def backend(self) -> str:
         return self.runtime.backend
 
-    def encode_prompt(
-        self, prompt: str, system_prompt: str | None = None, chat_template: bool = True,
-        max_tokens: int = 0, truncate: bool = False,
-    ) -> list[int]:
-        """Prompt ids (through the chat template unless disabled), fitted to the context window."""
+    def encode_prompt(self, prompt: str, system_prompt: str | None = None, chat_template: bool = True) -> list[int]:
+        """Prompt ids, through the chat template unless disabled. An empty prompt starts from the
+        model's BOS token; a model without one refuses it (both backends alike)."""
+        prompt = checked_text(prompt)
+        system_prompt = None if system_prompt is None else checked_text(system_prompt)
         if chat_template and self.tokenizer.has_chat_template:
             messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
             ids = self.tokenizer.encode_chat(messages + [{"role": "user", "content": prompt}])
         else:
             ids = self.tokenizer.encode(((system_prompt + "\n") if system_prompt else "") + prompt)
+        if not ids and self.tokenizer.bos_token_id is None:
+            raise InvalidValue("the prompt is empty and this model has no BOS token to start from; give a prompt")
+        return ids or [self.tokenizer.bos_token_id]
+
+    def fit_prompt(self, ids: list[int], max_tokens: int = 0, truncate: bool = False) -> list[int]:
+        """`ids` if they fit the context with `max_tokens` to generate, else cut in the middle
+        (`truncate`) or refused."""
         room = self.context_length - max_tokens
-        if len(ids) > room:
-            if not truncate or room < 2:
-                raise KvrtError(
-                    f"prompt is {len(ids)} tokens but the model's context is {self.context_length} "
-                    f"(with {max_tokens} to generate); shorten it or pass --truncate"
-                )
-            ids = truncate_middle(ids, room)
-        return ids
+        if len(ids) <= room:
+            return ids
+        if not truncate or room < 2:
+            raise KvrtError(
+                f"prompt is {len(ids)} tokens but the model's context is {self.context_length} "
+                f"(with {max_tokens} to generate); shorten it or pass --truncate"
+            )
+        return truncate_middle(ids, room)
 
     def stream(
         self, prompt: str, *, max_tokens: int = 256, system_prompt: str | None = None,
         chat_template: bool = True, cache: str | CacheSpec = "full", stop: Sequence[str] = (),
-        truncate: bool = False, params: SamplingParams | None = None, **sampling,
-    ) -> Iterator[str]:
-        """Yield the completion's text as it is generated; stats land in `self.last_stats`.
+        truncate: bool = False, params: SamplingParams | None = None, progress: Progress | None = None,
+        **sampling,
+    ) -> TextStream:
+        """The completion's text as it is generated (iterate it); its stats are the stream's `.stats`.
 
         Sampling is `params`, or keyword arguments of SamplingParams (temp, top_p, top_k, min_p, seed ...).
+        The prompt is checked now: a bad one raises here, before the first piece.
         """
+        params = params or SamplingParams(**sampling)
         spec = CacheSpec.parse(cache)
-        ids = self.encode_prompt(prompt, system_prompt, chat_template, max_tokens, truncate)
-        yield from self.stream_ids(ids, max_tokens=max_tokens, cache=spec, params=params or SamplingParams(**sampling),
-                                   stop=stop)
+        ids = self.encode_prompt(prompt, system_prompt, chat_template)
+        fitted = self.fit_prompt(ids, max_tokens, truncate)
+        stream = self.stream_ids(fitted, max_tokens=max_tokens, cache=spec, params=params, stop=stop,
+                                 progress=progress)
+        stream.stats.truncated_tokens = len(ids) - len(fitted)
+        return stream
 
     def stream_ids(self, ids: Sequence[int], *, max_tokens: int, cache: str | CacheSpec = "full",
-                   params: SamplingParams | None = None, stop: Sequence[str] = ()) -> Iterator[str]:
-        """Stream the completion of already-tokenized prompt ids (kvrt eval builds its prompts to
-        exact lengths); stats land in `self.last_stats`."""
-        self.last_stats = GenerationStats()
-        yield from stream_text(self.runtime, self.tokenizer, list(ids), self.runtime.new_cache(CacheSpec.parse(cache)),
-                               params or SamplingParams(), max_tokens, stop, self.last_stats)
+                   params: SamplingParams | None = None, stop: Sequence[str] = (),
+                   progress: Progress | None = None) -> TextStream:
+        """Stream the completion of already-tokenized prompt ids (kvrt eval builds its prompts to exact
+        lengths)."""
+        if not ids:
+            raise InvalidValue("no prompt token ids to start from")
+        stats = GenerationStats(prompt_tokens=len(ids))
+        pieces = stream_text(self.runtime, self.tokenizer, list(ids), self.runtime.new_cache(CacheSpec.parse(cache)),
+                             params or SamplingParams(), max_tokens, stop, stats, progress=progress)
+        return TextStream(pieces, stats)
 
     def generate_ids(self, ids: Sequence[int], **kwargs) -> Generation:
         """The whole completion of prompt ids at once, with its stats."""
-        text = "".join(self.stream_ids(ids, **kwargs))
-        return Generation(text, self.last_stats)
+        stream = self.stream_ids(ids, **kwargs)
+        return Generation(stream.text(), stream.stats)
 
     def generate(self, prompt: str, **kwargs) -> Generation:
-        """The whole completion at once, with its stats."""
-        text = "".join(self.stream(prompt, **kwargs))
-        return Generation(text, self.last_stats)
+        """The whole completion at once, with its stats (same arguments as `stream`)."""
+        stream = self.stream(prompt, **kwargs)
+        return Generation(stream.text(), stream.stats)
 
-    def chat_session(self, system_prompt: str | None = None, cache: str | CacheSpec = "full") -> ChatSession:
-        """A multi-turn session that keeps its cache between turns (see kvrt.chat)."""
-        return ChatSession(self.runtime, self.tokenizer, system_prompt, CacheSpec.parse(cache))
+    def chat_session(self, system_prompt: str | None = None, cache: str | CacheSpec = "full",
+                     overflow: str = "drop") -> ChatSession:
+        """A multi-turn session that keeps its cache between turns (see kvrt.chat); a turn that would
+        not fit the context drops the oldest turns (`overflow="drop"`) or raises (`"stop"`)."""
+        return ChatSession(self.runtime, self.tokenizer, system_prompt, CacheSpec.parse(cache),
+                           context_length=self.context_length, overflow=overflow)
 
     def chat(self, messages: list[dict], *, max_tokens: int = 256, stop: Sequence[str] = (),
-             cache: str | CacheSpec = "full", **sampling) -> Generation:
-        """Reply to a list of {"role", "content"} messages (the last one from the user)."""
-        if not messages or messages[-1].get("role") != "user":
-            raise KvrtError("chat needs a list of messages ending with a user message")
-        session = ChatSession(self.runtime, self.tokenizer, cache=CacheSpec.parse(cache))
+             cache: str | CacheSpec = "full", params: SamplingParams | None = None, **sampling) -> Generation:
+        """Reply to a list of {"role", "content"} messages (the last one from the user); a conversation
+        that does not fit the context is refused, never shortened behind the caller's back."""
+        if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "user":
+            raise InvalidValue("chat needs a list of messages ending with a user message")
+        session = self.chat_session(cache=cache, overflow="stop")
         session.messages = [dict(m) for m in messages[:-1]]
-        text = "".join(session.send(messages[-1]["content"], SamplingParams(**sampling), max_tokens, stop))
-        self.last_stats = session.last_stats
-        return Generation(text, session.last_stats)
+        stream = session.send(messages[-1]["content"], max_tokens=max_tokens, stop=stop, params=params, **sampling)
+        return Generation(stream.text(), stream.stats)
 
 
 def load(model: str = "default", backend: str = "auto", dtype: str | None = None, log=None) -> Model:

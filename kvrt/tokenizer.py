@@ -17,7 +17,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
-from kvrt.errors import KvrtError
+from kvrt.errors import InvalidValue, KvrtError
 
 
 def _read_json(path: Path) -> dict:
@@ -45,6 +45,19 @@ def _ids(value) -> list[int]:
     if isinstance(value, list):
         return [v for v in value if isinstance(v, int)]
     return []
+
+
+def checked_text(text) -> str:
+    """`text` if it is a str that is valid Unicode (undecodable bytes read with Python's surrogateescape
+    would otherwise reach the tokenizer as lone surrogates); else one clear error."""
+    if not isinstance(text, str):
+        raise InvalidValue(f"text to encode must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidValue(f"the text is not valid UTF-8 (undecodable bytes from character {exc.start} on); "
+                           "give UTF-8 text") from None
+    return text
 
 
 class _GenerationTag(jinja2.ext.Extension):
@@ -136,7 +149,7 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Text to ids; with special tokens, BOS is prepended when the model wants it."""
-        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        ids = self._tok.encode(checked_text(text), add_special_tokens=add_special_tokens).ids
         # tokenizer.json's post-processor may already add BOS; never add it twice.
         if add_special_tokens and self.add_bos_token and (not ids or ids[0] != self.bos_token_id):
             ids = [self.bos_token_id] + ids

@@ -4,7 +4,6 @@ import pytest
 
 import kvrt
 from kvrt.errors import KvrtError
-from kvrt.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +34,12 @@ def test_stop_strings_cut_the_text(model):
 
 def test_chat_session_reuses_its_cache_and_matches_a_fresh_prefill(model):
     """Turn 2 feeds only its new tokens, yet replies exactly as a fresh run over the whole chat."""
-    params = SamplingParams()
     session = model.chat_session(system_prompt="be brief")
-    first = "".join(session.send("hi there", params, 6))
+    first = session.send("hi there", max_tokens=6).text()
     full_prompt = len(model.tokenizer.encode_chat(session.messages + [{"role": "user", "content": "and then"}]))
-    second = "".join(session.send("and then", params, 6))
-    assert session.last_stats.prompt_tokens < full_prompt / 2 + 10  # only the new turn was prefilled
+    reply = session.send("and then", max_tokens=6)
+    second = reply.text()
+    assert reply.stats.prompt_tokens < full_prompt / 2 + 10  # only the new turn was prefilled
     fresh = model.chat([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"},
                         {"role": "assistant", "content": first}, {"role": "user", "content": "and then"}],
                        max_tokens=6)

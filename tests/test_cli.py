@@ -80,11 +80,11 @@ def test_ctrl_c_during_generation_keeps_the_text_and_exits_cleanly(tiny_model_di
     original = TorchRuntime.forward
     calls = {"n": 0}
 
-    def interrupt_on_fifth(self, ids, cache, all_logits=False):
+    def interrupt_on_fifth(self, ids, cache, all_logits=False, progress=None):
         calls["n"] += 1
         if calls["n"] == 5:
             raise KeyboardInterrupt
-        return original(self, ids, cache, all_logits)
+        return original(self, ids, cache, all_logits, progress)
 
     monkeypatch.setattr(TorchRuntime, "forward", interrupt_on_fifth)
     result = run("generate", "--model", str(tiny_model_dir("llama")), "--prompt", "x", "--max-tokens", "50",

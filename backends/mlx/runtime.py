@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import threading
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 
@@ -10,6 +13,7 @@ from kvrt.backends.mlx.cache_adapter import MLXLayerCache, install_attention
 from kvrt.backends.mlx.ops import MLXOps
 from kvrt.cache import KVCache
 from kvrt.errors import KvrtError
+from kvrt.generate import check_token_ids
 from kvrt.memory import peak_rss_bytes
 from kvrt.model_config import read_config
 
@@ -72,6 +76,7 @@ class MLXRuntime:
         self.vocab_size = cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size")
         self.num_layers = len(self.model.layers)
         self.ops = MLXOps()
+        self.lock = threading.Lock()  # one forward at a time: MLX graphs are built and run by one thread
         # the wrapper must sit in the modules of the model just loaded (imported by the loader)
         install_attention({type(m).__module__ for m in self.model.modules()})
 
@@ -88,15 +93,17 @@ class MLXRuntime:
             adapter.pending = None  # drop a stash left by a forward that failed midway
         return cache.mlx_layers
 
-    def forward(self, ids: list[int], cache: KVCache, all_logits: bool = False) -> mx.array:
-        """Feed token ids after what the cache holds; float32 logits [T, V] (all_logits) or [1, V], evaluated."""
-        if not ids:
-            raise KvrtError("forward needs at least one token id")
-        if self.vocab_size and not all(0 <= i < self.vocab_size for i in ids):
-            raise KvrtError(f"token ids must lie in [0, {self.vocab_size}); got {min(ids)}..{max(ids)}")
-        layers = self.adapters(cache)
+    def forward(self, ids: list[int], cache: KVCache, all_logits: bool = False,
+                progress: Callable[[int, int], None] | None = None) -> mx.array:
+        """Feed token ids after what the cache holds; float32 logits [T, V] (all_logits) or [1, V], evaluated.
+        `progress(layers done, layers)` follows a multi-token chunk through the model (each layer is
+        then evaluated as it is built, so the count is work done, not graph built)."""
+        check_token_ids(ids, self.vocab_size)
         tokens = mx.array([ids], dtype=mx.int32)
-        with mx.stream(self.device):
+        with self.lock, mx.stream(self.device):
+            layers = self.adapters(cache)
+            for i, layer in enumerate(layers):
+                layer.attended = None if progress is None else functools.partial(progress, i + 1, len(layers))
             logits = self._logits(tokens, layers, all_logits)
             if any(layer.pending is not None for layer in layers):
                 raise KvrtError(f"{type(self.model).__module__}: attention bypassed kvrt's cache; model not supported")

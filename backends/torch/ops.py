@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from kvrt.ops import kernels_allowed
+from kvrt.ops import KernelPaths, kernels_allowed
 
 
 def causal_mask(t: int, s: int, causal_offset: int, device) -> torch.Tensor:
@@ -29,12 +29,9 @@ def decode_sized(q, kv_heads: int) -> bool:
     return q.shape[2] * (q.shape[1] // kv_heads) <= 16
 
 
-class TorchOps:
+class TorchOps(KernelPaths):
     name = "torch"
     fused_prefill = True  # SDPA's flash kernels (CPU and CUDA) work through the queries in tiles
-
-    def __init__(self):
-        self.paths = {}  # kernel -> the path that ran last ("triton" or "reference"), for --verbose
 
     def kernels_on(self, x) -> bool:
         """Triton kernels run on CUDA tensors when triton imports, unless KVRT_KERNELS=off."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
@@ -13,6 +15,7 @@ from kvrt.backends.torch.model import Transformer
 from kvrt.backends.torch.ops import TorchOps
 from kvrt.cache import KVCache
 from kvrt.errors import KvrtError
+from kvrt.generate import check_token_ids
 from kvrt.memory import peak_rss_bytes
 from kvrt.model_config import ModelArgs, rope_inv_freq
 
@@ -65,6 +68,7 @@ class TorchRuntime:
         self.dtype = DTYPES[dtype]
         self.args = ModelArgs.from_folder(self.folder)
         self.ops = TorchOps()
+        self.lock = threading.Lock()  # one forward at a time: callers on several threads share the model
         self.model = self._build()
 
     @classmethod
@@ -73,7 +77,7 @@ class TorchRuntime:
         """A model of `args`' shape with random weights (torch's default init): speed benches of
         shapes whose checkpoints this machine cannot download (Llama-3-8B on a GPU)."""
         runtime = cls.__new__(cls)
-        runtime.folder, runtime.args, runtime.ops = None, args, TorchOps()
+        runtime.folder, runtime.args, runtime.ops, runtime.lock = None, args, TorchOps(), threading.Lock()
         runtime.device, runtime.dtype = torch.device(device or default_device()), DTYPES[dtype]
         torch.manual_seed(seed)
         with torch.device(runtime.device):
@@ -110,10 +114,19 @@ class TorchRuntime:
         return KVCache(self.ops, self.args.num_layers, spec)
 
     @torch.inference_mode()
-    def forward(self, ids: list[int], cache: KVCache, all_logits: bool = False) -> torch.Tensor:
-        """Feed token ids after what the cache holds; logits [T, V] (all_logits) or [1, V]."""
+    def forward(self, ids: list[int], cache: KVCache, all_logits: bool = False,
+                progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Feed token ids after what the cache holds; logits [T, V] (all_logits) or [1, V].
+        `progress(layers done, layers)` follows a multi-token chunk through the model."""
+        check_token_ids(ids, self.args.vocab_size)
         tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
-        return self.model(tokens, cache, all_logits=all_logits)[0]
+        layer_done = None
+        if progress is not None:
+            def layer_done(i: int) -> None:
+                self.synchronize()  # on CUDA the layer is only queued until then
+                progress(i + 1, self.args.num_layers)
+        with self.lock:
+            return self.model(tokens, cache, all_logits=all_logits, layer_done=layer_done)[0]
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
