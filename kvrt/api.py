@@ -69,7 +69,10 @@ class Model:
         room = self.context_length - max_tokens
         if len(ids) <= room:
             return ids
-        if not truncate or room < 2:
+        if room < 2:
+            raise KvrtError(f"prompt is {len(ids)} tokens but the model's context is {self.context_length} and "
+                            f"{max_tokens} to generate leave {max(room, 0)} of it for the prompt; lower --max-tokens")
+        if not truncate:
             raise KvrtError(
                 f"prompt is {len(ids)} tokens but the model's context is {self.context_length} "
                 f"(with {max_tokens} to generate); shorten it or pass --truncate"

@@ -19,7 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvrt.errors import KvrtError
+from kvrt.errors import InvalidValue, KvrtError
 from kvrt.progress import Progress, byte_count, quiet
 
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
@@ -76,6 +76,8 @@ def writable_models_dir() -> Path:
 def resolve_model(name: str, log=print) -> Path:
     """Turn a model name into a validated HF-format folder, fetching/converting as needed."""
     name, log = str(name), log or quiet
+    if not name.strip():
+        raise InvalidValue("the model name is empty; give a folder, a .gguf file, 'default' or a hub id")
     path = Path(name).expanduser()
     if path.is_dir():
         return validate_folder(path)

@@ -138,3 +138,12 @@ def test_an_unwritable_kvrt_home_is_one_line_naming_it(tiny_model_dir, tmp_path,
     result = run("generate", "--model", str(gguf), "--prompt", "x", env={"KVRT_HOME": str(home)})
     assert_one_line_error(result, f"kvrt cannot write its model cache {home}/models", 1)
     assert "set KVRT_HOME to a writable folder" in result.stderr
+
+
+def test_more_bad_input_is_one_line(tiny_model_dir, tmp_path):
+    tiny = str(tiny_model_dir("llama"))
+    assert_one_line_error(run("generate", "--model", tiny, "--prompt", "x", "--max-tokens", "300", "--truncate"),
+                          "context is 256 and 300 to generate leave 0 of it for the prompt", 1)
+    assert_one_line_error(run("eval", "--model", tiny, "--out", "/proc/kvrt-run", "--tasks", "passkey",
+                              "--lengths", "200", "--limit", "1"), "cannot create the run folder /proc/kvrt-run", 1)
+    assert_one_line_error(run("pull", " "), "the model name is empty", 2)

@@ -96,7 +96,11 @@ def prepare_out(out: Path, settings: Settings, overwrite: bool) -> None:
             shutil.rmtree(out / "predictions", ignore_errors=True)
     elif out.exists() and any(out.iterdir()) and not overwrite:
         raise KvrtError(f"{out} exists and is not a kvrt eval folder; choose another --out or pass --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KvrtError(f"cannot create the run folder {out} ({exc.strerror or type(exc).__name__}); "
+                        "choose another --out") from None
     write_atomic(saved_path, (json.dumps(wanted, indent=1) + "\n").encode())
 
 
