@@ -169,6 +169,8 @@ class Tokenizer:
             return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
         except jinja2.TemplateError as e:
             raise KvrtError(f"chat template error: {' '.join(str(e).split())}") from None
+        except TypeError as e:  # a message whose content is no text (bytes, a number) meets the template's str ops
+            raise InvalidValue(f"chat messages must hold text: {' '.join(str(e).split())}") from None
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Render and tokenize a chat; the template supplies BOS itself (transformers adds none)."""

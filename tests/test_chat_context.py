@@ -80,3 +80,12 @@ def test_cli_chat_over_a_pipe_drops_or_stops(tiny_model_dir, overflow, code, nee
     assert result.exit_code == code, result.output
     assert needle in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_a_message_that_is_not_text_is_refused_and_leaves_the_conversation(model):
+    session = model.chat_session()
+    session.send("Hi", max_tokens=3).text()
+    before = [dict(m) for m in session.messages]
+    with pytest.raises(KvrtError, match="chat messages must hold text"):
+        session.send(b"bytes", max_tokens=3)
+    assert session.messages == before
