@@ -22,9 +22,11 @@ def merge_partials(ops: Ops, parts: Sequence[tuple[Array, Array]]) -> tuple[Arra
     if len(parts) == 1:
         return parts[0]
     lse = ops.logsumexp([p_lse for _, p_lse in parts])
+    # a row that sees no key in any part (a short row of a batch) has lse −inf: weigh it 0, not nan
+    finite = ops.where(lse > float("-inf"), lse, 0.0)
     out = None
     for p_out, p_lse in parts:
-        weight = ops.expand_last(ops.exp(p_lse - lse))
+        weight = ops.expand_last(ops.exp(p_lse - finite))
         term = weight * p_out
         out = term if out is None else out + term
     return ops.cast_like(out, parts[0][0]), lse

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
+import numpy as np
+
+from kvrt import rows as batch_rows
 from kvrt.ops import Array, Ops
 
 
@@ -13,22 +18,38 @@ class SeqBuffer:
     `nbytes` counts the allocation itself (unused capacity included).
     """
 
-    def __init__(self, ops: Ops, step: int = 64):
+    def __init__(self, ops: Ops, step: int = 64, pad: float = 0):
         self.ops = ops
         self.step = step
+        self.pad = pad  # what fills a short row of a batch
         self.data: Array | None = None
-        self.length = 0
+        self.length = 0  # the longest row's
+        self.row_lengths: np.ndarray | None = None  # per row, when the rows of a batch differ
+
+    def lengths(self) -> np.ndarray:
+        """Rows stored per batch row."""
+        if self.row_lengths is not None:
+            return self.row_lengths
+        return np.full(0 if self.data is None else self.data.shape[0], self.length)
 
     @property
     def capacity(self) -> int:
         return 0 if self.data is None else self.data.shape[-2]
 
     def append(self, x: Array) -> None:
-        """x: [..., T, D]; stored after the current rows."""
+        """x: [..., T, D]; stored after the current rows (in a batch of rows that differ, T = 1 and
+        each row's token goes after that row's own)."""
         needed = self.length + x.shape[-2]
         if needed > self.capacity:
             self._grow(x, needed)
-        self.data = self.ops.write_seq(self.data, self.length, x)
+        if self.row_lengths is None:
+            self.data = self.ops.write_seq(self.data, self.length, x)
+            self.length = needed
+            return
+        if x.shape[-2] != 1:
+            raise ValueError("rows of different lengths take one token each")
+        self.data = self.ops.write_rows(self.data, self.row_lengths.tolist(), x)
+        self.row_lengths = self.row_lengths + 1
         self.length = needed
 
     def _grow(self, like: Array, needed: int) -> None:
@@ -45,6 +66,33 @@ class SeqBuffer:
 
     def trim(self, n: int) -> int:
         """Drop the newest n rows (kept allocated for reuse); returns how many were dropped."""
+        if self.row_lengths is not None:
+            raise ValueError("a batch of rows of different lengths cannot be trimmed")
         n = min(n, self.length)
         self.length -= n
         return n
+
+    def take(self, rows: Sequence[int]) -> "SeqBuffer":
+        """A buffer of these batch rows only, cut to the longest of them."""
+        out = SeqBuffer(self.ops, self.step, self.pad)
+        if self.data is None:
+            return out
+        lengths = self.lengths()[list(rows)]
+        out.length = int(lengths.max()) if len(lengths) else 0
+        out.data = batch_rows.take(self.ops, self.view(), rows, -2, out.length)
+        out.row_lengths = batch_rows.ragged(lengths)
+        return out
+
+    @staticmethod
+    def stack(parts: Sequence["SeqBuffer"], counts: Sequence[int]) -> "SeqBuffer":
+        """One buffer holding every part's rows in order (`counts[i]` rows each), short rows padded."""
+        first = parts[0]
+        out = SeqBuffer(first.ops, first.step, first.pad)
+        views = [p.view() if p.data is not None else None for p in parts]
+        out.data = batch_rows.stack(first.ops, views, counts, -2, first.pad)
+        if out.data is None:
+            return out
+        lengths = np.concatenate([p.lengths() if p.data is not None else np.zeros(c, dtype=np.int64)
+                                  for p, c in zip(parts, counts)])
+        out.length, out.row_lengths = int(lengths.max()), batch_rows.ragged(lengths)
+        return out

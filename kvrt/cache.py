@@ -9,8 +9,11 @@ into `attend` after a layer's prompt attention, while that layer is still in han
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
+import numpy as np
+
+from kvrt import rows as batch_rows
 from kvrt.attention import merge_partials
 from kvrt.methods.base import Candidates, selection
 from kvrt.ops import Array, Ops
@@ -34,9 +37,18 @@ class LayerCache:
         optional = [t for t in (self.quantized, self.calibration) if t is not None]
         self.tiers = [self.kept, self.newest] + optional
         self.accumulated = None  # H2O: float32 [B, Hkv, kept + newest], attention each token received
-        self.budget = None  # tokens kept per KV head, fixed by the first chunk (the prompt)
-        self.newest_start = 0  # absolute position of the newest tier's first token
-        self.offset = 0  # absolute position of the next token
+        self.budget = None  # tokens kept per KV head, fixed by the first chunk (the prompt); per row in a batch
+        # absolute positions of the newest tier's first token and of the next token: ints, or one
+        # per row (numpy) in a batch whose rows differ
+        self.newest_start = 0
+        self.offset = 0
+        self.rows = 1
+        self.unscored = 0  # newest tokens H2O's sums do not cover yet (the chunk being attended)
+        self.holding = False  # more of the prompt follows: compress once it is all in (see KVCache.hold)
+
+    def _set_tiers(self) -> None:
+        optional = [t for t in (self.quantized, self.calibration) if t is not None]
+        self.tiers = [self.kept, self.newest] + optional
 
     def attend(self, q: Array, k: Array, v: Array, scale: float) -> Array:
         """Store k/v [B, Hkv, T, D] and return attention out [B, Hq, T, D] of q [B, Hq, T, D].
@@ -48,7 +60,12 @@ class LayerCache:
         self.newest.append(k, v)
         self.offset += k.shape[2]
         out = self._attention(q, scale, base)
-        self._compress(q, scale)
+        self.unscored = k.shape[2]
+        if self.rows > 1:
+            self._compress_rows(q, scale)
+        else:
+            self._compress(q, scale)
+        self.unscored = 0
         return out
 
     def prefilled(self, q: Array, k: Array, v: Array, scale: float) -> None:
@@ -69,7 +86,7 @@ class LayerCache:
         turns) and decode tokens flow through the residual into the quantized tier."""
         if self.eviction is not None and (self.quantized is None or q.shape[2] > 1):
             self._evict(q, scale)
-        if self.quantized is not None:
+        if self.quantized is not None and not self.holding:
             self._flush()
 
     def _attention(self, q: Array, scale: float, base: int) -> Array:
@@ -104,13 +121,16 @@ class LayerCache:
         keys = self._after_kept(kept.k, newest.keys.view())
         if method.accumulates:
             self.accumulated = method.accumulate(ops, self.accumulated, q, keys, scale, self.query_block)
+        if self.holding:  # H2O's sums cover every chunk; the rest waits for the prompt's last one
+            return
         total = keys.shape[2]
         if self.budget is None:
             self.budget = method.layer_budget(self.layer_idx, self.num_layers, total)
         if total <= self.budget or not method.compresses_chunk(q.shape[2]):
             return
-        positions = self._after_kept(kept.positions, ops.positions(self.newest_start, newest.length, like=keys))
-        candidates = Candidates(keys, positions, self.accumulated, q, scale, self.offset, self.budget)
+        positions = self._after_kept(kept.positions, self._positions(self.newest_start, newest.length, keys))
+        offset = self._per_row(self.offset, keys)
+        candidates = Candidates(keys, positions, self.accumulated, q, scale, offset, self.budget)
         scores = method.scores(ops, candidates)
         keep, drop = selection(ops, scores, self.budget)
         values = self._after_kept(kept.v, newest.values.view())
@@ -122,6 +142,16 @@ class LayerCache:
             self.calibration.add_evicted(*evicted, q, scale)
         newest.clear()
         self.newest_start = self.offset
+
+    def _positions(self, start, count: int, like: Array) -> Array:
+        """int32 [B, Hkv, count]: start .. start+count-1, from each row's own start in a batch."""
+        if isinstance(start, np.ndarray):
+            return self.ops.positions(0, count, like=like) + self.ops.row_values(start, like)[:, None, None]
+        return self.ops.positions(start, count, like=like)
+
+    def _per_row(self, value, like: Array):
+        """An int, or per-row values as int32 [B, 1, 1] that broadcast over heads and tokens."""
+        return self.ops.row_values(value, like)[:, None, None] if isinstance(value, np.ndarray) else value
 
     def _flush(self) -> None:
         """Move the oldest whole groups of the full-precision tokens (eviction's kept tokens, then
@@ -159,6 +189,88 @@ class LayerCache:
             self.accumulated = self.accumulated[..., : self.accumulated.shape[2] - n]
         return n
 
+    # --- rows of a batch (kvrt/rows.py) -----------------------------------------------
+    def _compress_rows(self, q: Array, scale: float) -> None:
+        """A decode step of a batch: compress the rows that need it, rows in the same state together
+        (each such group runs the one-sequence code above on its own rows, cut to their lengths)."""
+        due = [b for b in range(self.rows) if self._row_due(b)]
+        groups: dict[tuple, list[int]] = {}
+        for b in due:
+            groups.setdefault(self.signature(b), []).append(b)
+        if len(groups) == 1 and len(due) == self.rows and not self._ragged():
+            return self._compress(q, scale)  # every row in the same state: no regrouping
+        if not groups:
+            return
+        parts, order = [], []
+        rest = [b for b in range(self.rows) if b not in due]
+        if rest:
+            parts.append(self.take(rest))
+            order += rest
+        for rows in groups.values():
+            part = self.take(rows)
+            part._compress(self.ops.take_rows(q, rows), scale)
+            part.unscored = 0  # its H2O sums now cover the new token
+            parts.append(part)
+            order += rows
+        merged = stack_layers(parts)
+        position = {b: i for i, b in enumerate(order)}
+        self._adopt(merged.take([position[b] for b in range(self.rows)]))
+
+    def _row_due(self, b: int) -> bool:
+        """Whether row b compresses after a decode token (as `_compress` would for it alone)."""
+        held = int(self.kept.lengths()[b]) + int(self.newest.lengths()[b]) if self.kept.length else int(
+            self.newest.lengths()[b])
+        if self.eviction is not None and self.quantized is None and self.eviction.compresses_chunk(1):
+            if self.eviction.accumulates or held > _row_value(self.budget, b):
+                return True
+        return self.quantized is not None and self.quantized.config.groups_to_flush(held) > 0
+
+    def _ragged(self) -> bool:
+        return any(t.row_lengths is not None for t in (self.kept, self.quantized, self.calibration) if t is not None
+                   ) or self.newest.keys.row_lengths is not None
+
+    def signature(self, b: int) -> tuple:
+        """Row b's tier lengths: rows with equal signatures can compress as one rectangular group."""
+        sig = (int(self.kept.lengths()[b]) if self.kept.length else 0, int(self.newest.lengths()[b]),
+               _row_value(self.budget, b))
+        if self.quantized is not None:
+            sig += (int(self.quantized.lengths()[b]) if self.quantized.shape is not None else 0,)
+        if self.calibration is not None:
+            sig += self.calibration.signature(b)
+        return sig
+
+    def take(self, rows: Sequence[int]) -> "LayerCache":
+        """A layer cache of these batch rows only (a copy, cut to their lengths)."""
+        rows = list(rows)
+        out = self._like(len(rows))
+        out.kept, out.newest = self.kept.take(rows), self.newest.take(rows)
+        if self.quantized is not None:
+            out.quantized = self.quantized.take(rows)
+        if self.calibration is not None:
+            out.calibration = self.calibration.take(rows)
+        out._set_tiers()
+        out.newest_start, out.offset, out.budget = (_rows_of(x, rows) for x in (self.newest_start, self.offset,
+                                                                                 self.budget))
+        if self.accumulated is not None:  # laid out as [kept tokens | newest tokens], each padded
+            split = self.kept.length
+            kept = batch_rows.take(self.ops, self.accumulated[..., :split], rows, -1, out.kept.length)
+            scored = out.newest.length - self.unscored
+            newest = batch_rows.take(self.ops, self.accumulated[..., split:], rows, -1, scored)
+            out.accumulated = self.ops.concat([kept, newest], axis=2) if out.kept.length else newest
+        return out
+
+    def _like(self, rows: int) -> "LayerCache":
+        out = LayerCache.__new__(LayerCache)
+        out.ops, out.layer_idx, out.num_layers = self.ops, self.layer_idx, self.num_layers
+        out.query_block, out.eviction, out.budget = self.query_block, self.eviction, self.budget
+        out.quantized = out.calibration = out.accumulated = None
+        out.rows, out.unscored, out.holding = rows, self.unscored, self.holding
+        return out
+
+    def _adopt(self, other: "LayerCache") -> None:
+        """Take over another layer cache's rows (the regrouped batch)."""
+        self.__dict__.update(other.__dict__)
+
     def arrays(self) -> list[Array]:
         extra = [self.accumulated] if self.accumulated is not None else []
         return [a for tier in self.tiers for a in tier.arrays()] + extra
@@ -166,6 +278,50 @@ class LayerCache:
     def nbytes(self) -> int:
         """Bytes of every stored array, metadata included, as allocated."""
         return sum(self.ops.nbytes(a) for a in self.arrays())
+
+
+def _row_value(value, row: int):
+    """Row `row`'s entry of an int (every row's) or of per-row values."""
+    return int(value[row]) if isinstance(value, np.ndarray) else value
+
+
+def _rows_of(value, rows: list[int]):
+    """An int position, or per-row positions at these rows (an int again when they agree)."""
+    if value is None or not isinstance(value, np.ndarray):
+        return value
+    picked = value[rows]
+    return int(picked[0]) if (picked == picked[0]).all() else picked
+
+
+def _per_row_values(layers: Sequence[LayerCache], attr: str) -> np.ndarray:
+    return np.concatenate([np.broadcast_to(np.asarray(getattr(layer, attr)), (layer.rows,)) for layer in layers])
+
+
+def stack_layers(parts: Sequence[LayerCache]) -> LayerCache:
+    """One layer cache holding every part's rows in order; shorter rows are padded (kvrt/rows.py)."""
+    first, counts = parts[0], [p.rows for p in parts]
+    out = first._like(sum(counts))
+    out.kept = KeptTier.stack([p.kept for p in parts], counts)
+    out.newest = FullPrecisionTier.stack([p.newest for p in parts], counts)
+    if first.quantized is not None:
+        out.quantized = type(first.quantized).stack([p.quantized for p in parts], counts)
+    if first.calibration is not None:
+        out.calibration = type(first.calibration).stack([p.calibration for p in parts], counts)
+    out._set_tiers()
+    if any(p.budget is not None for p in parts):  # PyramidKV's and ratio= budgets follow each prompt
+        if any(p.budget is None for p in parts):
+            raise ValueError("rows that have compressed and rows that have not cannot share a batch")
+    for attr in ("newest_start", "offset") + (("budget",) if first.budget is not None else ()):
+        values = _per_row_values(parts, attr)
+        setattr(out, attr, int(values[0]) if (values == values[0]).all() else values)
+    if any(p.accumulated is not None for p in parts):
+        ops = first.ops
+        kept = [p.accumulated[..., : p.kept.length] if p.kept.length else None for p in parts]
+        newest = [p.accumulated[..., p.kept.length :] for p in parts]
+        kept_all = batch_rows.stack(ops, kept, counts, -1, 0.0)
+        newest_all = batch_rows.stack(ops, newest, counts, -1, 0.0)
+        out.accumulated = newest_all if kept_all is None else ops.concat([kept_all, newest_all], axis=2)
+    return out
 
 
 class KVCache:
@@ -182,6 +338,31 @@ class KVCache:
     def offset(self) -> int:
         """Tokens every layer holds (a forward interrupted mid-model leaves early layers ahead)."""
         return min(layer.offset for layer in self.layers)
+
+    @property
+    def rows(self) -> int:
+        """Sequences this cache holds (a batch has several)."""
+        return self.layers[0].rows
+
+    def offsets(self) -> np.ndarray:
+        """The absolute position of each row's next token."""
+        return _per_row_values(self.layers[:1], "offset").copy()
+
+    def hold(self, more: bool) -> None:
+        """Say whether more of the prompt follows the next chunk. A prompt fed in chunks is then
+        compressed once, after its last chunk, exactly as if it had come whole: every prompt query
+        attends over the uncompressed prompt, and SnapKV's window, PyramidKV's budgets, H2O's sums
+        and CaliDrop's proxy are those of the whole prompt. (Without it, each multi-token chunk
+        compresses on its own, as a chat turn does.)"""
+        for layer in self.layers:
+            layer.holding = more
+
+    def take(self, rows: Sequence[int]) -> "KVCache":
+        """A cache of these rows only: a sequence leaving a batch, or the batch without it."""
+        out = KVCache.__new__(KVCache)
+        out.ops, out.spec = self.ops, self.spec
+        out.layers = [layer.take(rows) for layer in self.layers]
+        return out
 
     def trim(self, n: int) -> int:
         return [layer.trim(n) for layer in self.layers][0]
@@ -202,7 +383,7 @@ class KVCache:
         stats = {}
         tiers = [layer.calibration for layer in self.layers if layer.calibration is not None]
         if tiers:
-            stats["calidrop"] = {k: sum(t.counts[k] for t in tiers) for k in tiers[0].counts}
+            stats["calidrop"] = {k: int(sum(t.counts[k].sum() for t in tiers)) for k in tiers[0].counts}
         quantized = [layer.quantized for layer in self.layers if layer.quantized is not None]
         if quantized:
             held = max(layer.quantized.length + layer.kept.length + layer.newest.length for layer in self.layers)
@@ -222,3 +403,14 @@ class KVCache:
 
     def __getitem__(self, i: int) -> LayerCache:
         return self.layers[i]
+
+
+def stack_caches(caches: Sequence[KVCache]) -> KVCache:
+    """One batched cache holding every cache's rows in order (they must share a spec and budgets)."""
+    specs = {str(c.spec) for c in caches}
+    if len(specs) > 1:
+        raise ValueError(f"caches with different specs {sorted(specs)} cannot share a batch")
+    out = KVCache.__new__(KVCache)
+    out.ops, out.spec = caches[0].ops, caches[0].spec
+    out.layers = [stack_layers(layers) for layers in zip(*(c.layers for c in caches))]
+    return out

@@ -64,6 +64,17 @@ class Ops(Protocol):
     def nbytes(self, x: Array) -> int:
         """Bytes the array really occupies (elements × itemsize of the stored dtype)."""
 
+    # --- rows of a batch (kvrt/rows.py) ---------------------------------------------------
+    def take_rows(self, x: Array, rows: Sequence[int]) -> Array:
+        """x[rows]: a subset of the batch axis (axis 0), in the order given."""
+
+    def write_rows(self, buf: Array, starts: Sequence[int], x: Array) -> Array:
+        """Store row b of x [B, H, 1, D] at buf[b, :, starts[b], :] (each row at its own length);
+        returns the buffer (in place where possible)."""
+
+    def row_values(self, values: Sequence[int], like: Array) -> Array:
+        """int32 [B] holding one host value per row, on like's device."""
+
     # --- math ----------------------------------------------------------------------
     def partial_attention(
         self, q: Array, k: Array, v: Array, scale: float, causal_offset: int | None = None, with_lse: bool = True,

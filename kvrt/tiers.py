@@ -8,6 +8,11 @@ token's absolute position. CaliDrop's calibration tier lives with its method
 
 from __future__ import annotations
 
+from typing import Sequence
+
+import numpy as np
+
+from kvrt import rows as batch_rows
 from kvrt.buffer import SeqBuffer
 from kvrt.ops import Array, Ops
 
@@ -30,12 +35,29 @@ class FullPrecisionTier:
         self.keys.append(k)
         self.values.append(v)
 
+    def lengths(self) -> np.ndarray:
+        """Tokens held per batch row."""
+        return self.keys.lengths()
+
     def partial(self, q: Array, scale: float, causal_offset: int | None, with_lse: bool):
-        """(out, lse) of q [B, Hq, T, D] over this tier; causal_offset as in Ops.partial_attention."""
+        """(out, lse) of q [B, Hq, T, D] over this tier; causal_offset as in Ops.partial_attention.
+        Rows of a batch shorter than the longest hide their padding through the key bias."""
         end = self.length if causal_offset is None else min(self.length, causal_offset + q.shape[2])
-        return self.ops.partial_attention(
-            q, self.keys.view(end), self.values.view(end), scale, causal_offset, with_lse
-        )
+        keys = self.keys.view(end)
+        bias = batch_rows.length_bias(self.ops, self.keys.row_lengths, end, keys)
+        return self.ops.partial_attention(q, keys, self.values.view(end), scale, causal_offset, with_lse, bias)
+
+    def take(self, rows: Sequence[int]) -> "FullPrecisionTier":
+        out = FullPrecisionTier(self.ops)
+        out.keys, out.values = self.keys.take(rows), self.values.take(rows)
+        return out
+
+    @staticmethod
+    def stack(parts: Sequence["FullPrecisionTier"], counts: Sequence[int]) -> "FullPrecisionTier":
+        out = FullPrecisionTier(parts[0].ops)
+        out.keys = SeqBuffer.stack([p.keys for p in parts], counts)
+        out.values = SeqBuffer.stack([p.values for p in parts], counts)
+        return out
 
     def trim(self, n: int) -> int:
         self.values.trim(n)
@@ -60,16 +82,47 @@ class KeptTier:
     def __init__(self, ops: Ops):
         self.ops = ops
         self.k = self.v = self.positions = None
+        self.row_lengths: np.ndarray | None = None  # per row, when the rows of a batch differ
 
     @property
     def length(self) -> int:
         return 0 if self.k is None else self.k.shape[2]
 
+    def lengths(self) -> np.ndarray:
+        if self.row_lengths is not None:
+            return self.row_lengths
+        return np.full(0 if self.k is None else self.k.shape[0], self.length)
+
     def replace(self, k: Array, v: Array, positions: Array) -> None:
         self.k, self.v, self.positions = k, v, positions
+        self.row_lengths = None
 
     def partial(self, q: Array, scale: float, causal_offset: int | None, with_lse: bool):
-        return self.ops.partial_attention(q, self.k, self.v, scale, None, with_lse)
+        bias = batch_rows.length_bias(self.ops, self.row_lengths, self.length, self.k)
+        return self.ops.partial_attention(q, self.k, self.v, scale, None, with_lse, bias)
+
+    def take(self, rows: Sequence[int]) -> "KeptTier":
+        out = KeptTier(self.ops)
+        if self.k is None:
+            return out
+        lengths = self.lengths()[list(rows)]
+        n = int(lengths.max())
+        out.k, out.v = (batch_rows.take(self.ops, a, rows, -2, n) for a in (self.k, self.v))
+        out.positions = batch_rows.take(self.ops, self.positions, rows, -1, n)
+        out.row_lengths = batch_rows.ragged(lengths)
+        return out
+
+    @staticmethod
+    def stack(parts: Sequence["KeptTier"], counts: Sequence[int]) -> "KeptTier":
+        ops, out = parts[0].ops, KeptTier(parts[0].ops)
+        out.k = batch_rows.stack(ops, [p.k for p in parts], counts, -2, 0)
+        if out.k is None:
+            return out
+        out.v = batch_rows.stack(ops, [p.v for p in parts], counts, -2, 0)
+        out.positions = batch_rows.stack(ops, [p.positions for p in parts], counts, -1, -1)
+        lengths = [p.lengths() if p.k is not None else np.zeros(c, dtype=np.int64) for p, c in zip(parts, counts)]
+        out.row_lengths = batch_rows.ragged(np.concatenate(lengths))
+        return out
 
     def trim(self, n: int) -> int:
         return 0  # compressed tokens cannot be un-fed; only the newest tier rewinds

@@ -32,6 +32,8 @@ def test_wheel_installs_into_a_fresh_venv_and_imports_all_three(tmp_path):
     python = env_dir / "bin" / "python"
     subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True,
                    capture_output=True)
+    # numpy, the one dependency the cache's row bookkeeping needs at import (no torch, no mlx)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "numpy"], check=True, capture_output=True)
     probe = (
         "import kvrt, kvrt.backends, kvrt.backends.torch, kvrt.backends.mlx, kvrt.kernels_cuda, kvrt.kernels_metal;"
         "from kvrt.spec import CacheSpec; CacheSpec.parse('snapkv:budget=64+calidrop:offload=int2+ott:bits=2');"

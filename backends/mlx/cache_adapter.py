@@ -33,9 +33,11 @@ class MLXLayerCache:
         self.attended: Callable[[], None] | None = None  # progress report after this layer's attention
 
     @property
-    def offset(self) -> int:
-        """Absolute position of the next token (RoPE reads it before update_and_fetch)."""
-        return self.layer.offset
+    def offset(self) -> "int | mx.array":
+        """Absolute position of the next token (RoPE reads it before update_and_fetch); in a batch
+        whose rows differ, one per row (mx.fast.rope takes per-row offsets)."""
+        offset = self.layer.offset
+        return offset if isinstance(offset, int) else mx.array(offset.astype("int32"))
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Stash k/v [B, Hkv, T, D]; they are stored by `attend`, which also needs the queries."""
@@ -80,7 +82,7 @@ class MLXLayerCache:
         return self.layer.trim(n)
 
     def size(self) -> int:
-        return self.layer.offset
+        return int(max(self.layer.offset)) if not isinstance(self.layer.offset, int) else self.layer.offset
 
     def empty(self) -> bool:
         return self.layer.offset == 0

@@ -118,6 +118,18 @@ class MLXOps(KernelPaths):
     def nbytes(self, x):
         return x.nbytes
 
+    def take_rows(self, x, rows):
+        return mx.take(x, mx.array(list(rows), dtype=mx.int32), axis=0)
+
+    def write_rows(self, buf, starts, x):
+        b, h, _, d = x.shape
+        rows = mx.array([int(s) for s in starts], dtype=mx.int32).reshape(b, 1, 1, 1)
+        idx = mx.broadcast_to(rows, (b, h, 1, d))
+        return mx.put_along_axis(buf, idx, x, axis=2)
+
+    def row_values(self, values, like):
+        return mx.array([int(v) for v in values], dtype=mx.int32)
+
     def partial_attention(self, q, k, v, scale, causal_offset=None, with_lse=True, key_bias=None):
         """q [B, Hq, T, D], k/v [B, Hkv, S, D] → (out [B, Hq, T, D] in q's dtype, lse [B, Hq, T] float32 or None)."""
         check_qkv(q, k, v)

@@ -15,7 +15,7 @@ from kvrt.cache import KVCache
 from kvrt.errors import KvrtError
 from kvrt.generate import check_token_ids
 from kvrt.memory import peak_rss_bytes
-from kvrt.model_config import read_config
+from kvrt.model_config import ModelArgs, read_config
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 DEVICES = {"cpu": mx.cpu, "gpu": mx.gpu, "metal": mx.gpu}
@@ -73,6 +73,7 @@ class MLXRuntime:
         self.dtype = DTYPES[dtype]
         self.model = load_mlx_model(self.folder, cfg)
         self.model.set_dtype(self.dtype)  # floating parameters only: packed 4-bit weights stay packed
+        mx.eval(self.model.parameters())  # now, on this thread: lazy casts left to a server's thread fail there
         self.vocab_size = cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size")
         self.num_layers = len(self.model.layers)
         self.ops = MLXOps()
@@ -111,6 +112,21 @@ class MLXRuntime:
             mx.eval(logits)
         return logits
 
+    def decode(self, tokens: list[int], cache: KVCache) -> mx.array:
+        """One decode step of a batch: token b goes after what row b of the cache holds, each row
+        at its own position; float32 logits [B, V], evaluated."""
+        check_token_ids(tokens, self.vocab_size)
+        if len(tokens) != cache.rows:
+            raise KvrtError(f"{len(tokens)} tokens for a cache of {cache.rows} rows")
+        ids = mx.array(tokens, dtype=mx.int32)[:, None]
+        with self.lock, mx.stream(self.device):
+            layers = self.adapters(cache)
+            for layer in layers:
+                layer.attended = None
+            logits = self.model(ids, cache=layers)[:, -1].astype(mx.float32)
+            mx.eval(logits)
+        return logits
+
     def _logits(self, tokens: mx.array, layers: list[MLXLayerCache], all_logits: bool) -> mx.array:
         """[T, V] or [1, V] in the model dtype (lazy)."""
         model = self.model
@@ -120,6 +136,11 @@ class MLXRuntime:
         hidden = model.model(tokens, cache=layers)[:, -1:]  # only the last row goes through the head
         head = model.model.embed_tokens.as_linear if model.args.tie_word_embeddings else model.lm_head
         return head(hidden)[0]
+
+    def kv_shape(self) -> tuple[int, int, int, int]:
+        """(layers, KV heads, head dim, bytes per element) of what the cache stores."""
+        args = ModelArgs.from_folder(self.folder)
+        return self.num_layers, args.num_kv_heads, args.head_dim, self.dtype.size
 
     def synchronize(self) -> None:
         mx.synchronize()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -53,7 +54,7 @@ class Attention(nn.Module):
         self.qk_norm = args.qk_norm
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache) -> torch.Tensor:
-        """x: [B, T, C]; cos/sin: [T, head_dim]; returns [B, T, C]."""
+        """x: [B, T, C]; cos/sin: [T, head_dim] (or [B, 1, T, head_dim], a position per row); returns [B, T, C]."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
@@ -116,8 +117,22 @@ class Transformer(nn.Module):
         if self.args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def rope(self, start: int, length: int, dtype: torch.dtype):
-        """cos/sin [T, head_dim] for absolute positions start .. start+T-1, cast to the model dtype."""
+    def rope(self, start, length: int, dtype: torch.dtype):
+        """cos/sin [T, head_dim] for absolute positions start .. start+T-1, cast to the model dtype;
+        with one start per batch row (numpy), [B, 1, T, head_dim]: each row at its own position."""
+        if isinstance(start, np.ndarray):
+            if self.dynamic_rope and int(start.max()) + length > self.args.max_position_embeddings:
+                # dynamic NTK's frequencies depend on each row's own length: one row at a time
+                pairs = [self.rope(int(s), length, dtype) for s in start]
+                return tuple(torch.stack([p[i] for p in pairs])[:, None] for i in range(2))
+            positions = torch.from_numpy(start).to(self.inv_freq.device, torch.float32)[:, None]
+            positions = positions + torch.arange(length, device=self.inv_freq.device, dtype=torch.float32)
+            freqs = positions[..., None] * self.inv_freq  # [B, T, head_dim / 2]
+            angles = torch.cat((freqs, freqs), dim=-1)[:, None]
+            cos, sin = angles.cos(), angles.sin()
+            if self.rope_scale != 1.0:
+                cos, sin = cos * self.rope_scale, sin * self.rope_scale
+            return cos.to(dtype), sin.to(dtype)
         inv_freq = self.inv_freq
         if self.dynamic_rope and start + length > self.args.max_position_embeddings:
             # dynamic NTK: this forward's frequencies follow its max position + 1, as transformers'
@@ -136,7 +151,7 @@ class Transformer(nn.Module):
         """tokens: [B, T] -> logits [B, T, V] (all_logits) or [B, 1, V] for the last position.
         `layer_done(i)` is called after layer i (progress of a long prompt)."""
         h = self.model.embed_tokens(tokens)
-        cos, sin = self.rope(cache.offset, tokens.shape[1], h.dtype)
+        cos, sin = self.rope(cache.offsets() if cache.rows > 1 else cache.offset, tokens.shape[1], h.dtype)
         for i, (layer, layer_cache) in enumerate(zip(self.model.layers, cache.layers)):
             h = layer(h, cos, sin, layer_cache)
             if layer_done is not None:

@@ -81,6 +81,17 @@ class TorchOps(KernelPaths):
     def nbytes(self, x):
         return x.numel() * x.element_size()
 
+    def take_rows(self, x, rows):
+        return x.index_select(0, torch.tensor(list(rows), device=x.device))
+
+    def write_rows(self, buf, starts, x):
+        b, h, _, d = x.shape
+        idx = torch.tensor(list(starts), device=buf.device).view(b, 1, 1, 1).expand(b, h, 1, d)
+        return buf.scatter_(2, idx, x)
+
+    def row_values(self, values, like):
+        return torch.tensor([int(v) for v in values], dtype=torch.int32, device=like.device)
+
     def partial_attention(self, q, k, v, scale, causal_offset=None, with_lse=True, key_bias=None):
         b, hq, t, d = q.shape
         hkv, s = k.shape[1], k.shape[2]

@@ -128,6 +128,22 @@ class TorchRuntime:
         with self.lock:
             return self.model(tokens, cache, all_logits=all_logits, layer_done=layer_done)[0]
 
+    @torch.inference_mode()
+    def decode(self, tokens: list[int], cache: KVCache) -> torch.Tensor:
+        """One decode step of a batch: token b goes after what row b of the cache holds, each row
+        at its own position; logits [B, V]."""
+        check_token_ids(tokens, self.args.vocab_size)
+        if len(tokens) != cache.rows:
+            raise KvrtError(f"{len(tokens)} tokens for a cache of {cache.rows} rows")
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
+        with self.lock:
+            return self.model(ids, cache)[:, -1]
+
+    def kv_shape(self) -> tuple[int, int, int, int]:
+        """(layers, KV heads, head dim, bytes per element) of what the cache stores."""
+        a = self.args
+        return a.num_layers, a.num_kv_heads, a.head_dim, torch.empty((), dtype=self.dtype).element_size()
+
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize()

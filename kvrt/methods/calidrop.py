@@ -21,6 +21,11 @@ Choices where the paper is silent, kept as parameters:
 
 from __future__ import annotations
 
+from typing import Sequence
+
+import numpy as np
+
+from kvrt import rows as batch_rows
 from kvrt.attention import merge_partials
 from kvrt.errors import InvalidValue
 from kvrt.methods.base import selection
@@ -67,8 +72,44 @@ class CalibrationTier:
         self.store = evicted_store(ops, config.offload)
         self.scores = None  # host float32 [B, Hkv, E]
         self.proxy = self.out = self.lse = None
-        self.length = 0  # evicted tokens the stored partial covers
-        self.counts = dict.fromkeys(BRANCHES, 0)
+        self.length = 0  # evicted tokens the stored partial covers (the most of any row, in a batch)
+        self.row_lengths: np.ndarray | None = None  # per row, when the rows of a batch differ
+        self.counts = {name: np.zeros(1, dtype=np.int64) for name in BRANCHES}  # per batch row
+
+    def lengths(self) -> np.ndarray:
+        if self.row_lengths is not None:
+            return self.row_lengths
+        return np.full(len(self.counts["skip"]), self.length)
+
+    def signature(self, row: int) -> tuple:
+        """What must match for rows to compress together: the partial's and the store's lengths."""
+        return (int(self.lengths()[row]), *self.store.signature(row))
+
+    def take(self, rows: Sequence[int]) -> "CalibrationTier":
+        ops, rows = self.ops, list(rows)
+        out = CalibrationTier(ops, self.config)
+        out.store = self.store.take(rows)
+        lengths = self.lengths()[rows]
+        out.length, out.row_lengths = int(lengths.max()), batch_rows.ragged(lengths)
+        out.counts = {name: c[rows] for name, c in self.counts.items()}
+        if out.length:  # rows that evicted nothing yet take no partial: their first eviction starts one
+            out.proxy, out.out, out.lse = (batch_rows.take(ops, a, rows) for a in (self.proxy, self.out, self.lse))
+            out.scores = batch_rows.take(ops, self.scores, rows, -1, int(out.store.lengths().max(initial=0)))
+        return out
+
+    @staticmethod
+    def stack(parts: Sequence["CalibrationTier"], counts: Sequence[int]) -> "CalibrationTier":
+        """Rows without a partial yet get proxy 0, out 0 and lse −inf: they calibrate with nothing."""
+        ops, out = parts[0].ops, CalibrationTier(parts[0].ops, parts[0].config)
+        out.store = type(parts[0].store).stack([p.store for p in parts], counts)
+        lengths = np.concatenate([p.lengths() for p in parts])
+        out.length, out.row_lengths = int(lengths.max()), batch_rows.ragged(lengths)
+        out.counts = {name: np.concatenate([p.counts[name] for p in parts]) for name in BRANCHES}
+        out.proxy = batch_rows.stack(ops, [p.proxy for p in parts], counts, None, 0.0)
+        out.out = batch_rows.stack(ops, [p.out for p in parts], counts, None, 0.0)
+        out.lse = batch_rows.stack(ops, [p.lse for p in parts], counts, None, float("-inf"))
+        out.scores = batch_rows.stack(ops, [p.scores for p in parts], counts, -1, float("-inf"))
+        return out
 
     def add_evicted(self, k: Array, v: Array, scores: Array, q: Array, scale: float) -> None:
         """Take newly evicted k/v [B, Hkv, E, D] (with their eviction scores) from a chunk whose
@@ -126,11 +167,19 @@ class CalibrationTier:
             self.proxy = ops.where(last, ops.to_float32(q[:, :, -1]), self.proxy)
         calibrate = (rho > cfg.theta2) & ~recompute
         used = calibrate | recompute
-        n_cal, n_rec, total = ops.count(calibrate), ops.count(recompute), rho.shape[0] * rho.shape[1] * rho.shape[2]
-        self.counts["calibrate"] += n_cal
-        self.counts["recompute"] += n_rec
-        self.counts["skip"] += total - n_cal - n_rec
+        self._count(calibrate, recompute)
         return out, ops.where(used, lse, ops.full(lse.shape, float("-inf"), lse))
+
+    def _count(self, calibrate: Array, recompute: Array) -> None:
+        """Branch counts per batch row; a row of a batch that has evicted nothing yet counts nothing."""
+        b = calibrate.shape[0]
+        n_cal = self.ops.to_numpy(calibrate).reshape(b, -1).sum(axis=1).astype(np.int64)
+        n_rec = self.ops.to_numpy(recompute).reshape(b, -1).sum(axis=1).astype(np.int64)
+        active = self.lengths() > 0
+        total = calibrate.shape[1] * calibrate.shape[2]
+        self.counts["calibrate"] += n_cal * active
+        self.counts["recompute"] += n_rec * active
+        self.counts["skip"] += (total - n_cal - n_rec) * active
 
     def recomputed(self, q: Array, recompute: Array, scale: float) -> tuple[Array, Array]:
         """Partial of q over the evicted tier, computed only for the KV heads whose query heads ask

@@ -3,6 +3,11 @@ quantized in kvrt's KIVI format (`calidrop:offload=int2|int4|int8`, groups of 32
 
 from __future__ import annotations
 
+from typing import Sequence
+
+import numpy as np
+
+from kvrt import rows as batch_rows
 from kvrt.attention import merge_partials
 from kvrt.errors import InvalidValue
 from kvrt.ops import Array, Ops
@@ -28,10 +33,39 @@ class FullStore:
     def __init__(self, ops: Ops, host: bool = False):
         self.ops, self.host = ops, host
         self.k = self.v = None
+        self.row_lengths: np.ndarray | None = None  # per row, when the rows of a batch differ
 
     @property
     def length(self) -> int:
         return 0 if self.k is None else self.k.shape[2]
+
+    def lengths(self) -> np.ndarray:
+        if self.row_lengths is not None:
+            return self.row_lengths
+        return np.full(0 if self.k is None else self.k.shape[0], self.length)
+
+    def take(self, rows: Sequence[int]) -> "FullStore":
+        out = FullStore(self.ops, self.host)
+        if self.k is None:
+            return out
+        lengths = self.lengths()[list(rows)]
+        n = int(lengths.max())
+        out.k, out.v = (batch_rows.take(self.ops, a, rows, -2, n) for a in (self.k, self.v))
+        out.row_lengths = batch_rows.ragged(lengths)
+        return out
+
+    @staticmethod
+    def stack(parts: Sequence["FullStore"], counts: Sequence[int]) -> "FullStore":
+        ops, out = parts[0].ops, FullStore(parts[0].ops, parts[0].host)
+        out.k = batch_rows.stack(ops, [p.k for p in parts], counts, -2, 0)
+        if out.k is not None:
+            out.v = batch_rows.stack(ops, [p.v for p in parts], counts, -2, 0)
+            lengths = [p.lengths() if p.k is not None else np.zeros(c, dtype=np.int64) for p, c in zip(parts, counts)]
+            out.row_lengths = batch_rows.ragged(np.concatenate(lengths))
+        return out
+
+    def signature(self, row: int) -> tuple:
+        return (int(self.lengths()[row]) if self.k is not None else 0,)
 
     def add(self, k: Array, v: Array) -> None:
         if self.host:
@@ -47,9 +81,11 @@ class FullStore:
     def partial(self, q: Array, scale: float, heads: list[int] | None) -> tuple[Array, Array]:
         ops = self.ops
         k, v = ops.to_device_of(self.k, q), ops.to_device_of(self.v, q)
+        bias = batch_rows.length_bias(ops, self.row_lengths, self.length, k)
         if heads is not None:
             k, v = ops.select_heads(k, heads), ops.select_heads(v, heads)
-        return ops.partial_attention(q, k, v, scale)
+            bias = None if bias is None else ops.select_heads(bias, heads)
+        return ops.partial_attention(q, k, v, scale, None, True, bias)
 
     def arrays(self) -> list[Array]:
         return [a for a in (self.k, self.v) if a is not None]
@@ -68,6 +104,27 @@ class QuantizedStore:
     @property
     def length(self) -> int:
         return self.groups.length + self.rest.length
+
+    def lengths(self) -> np.ndarray:
+        """Evicted tokens held per batch row (groups and the full-precision rest)."""
+        groups, rest = self.groups.lengths(), self.rest.lengths()
+        return groups if not len(rest) else rest if not len(groups) else groups + rest
+
+    def take(self, rows: Sequence[int]) -> "QuantizedStore":
+        out = QuantizedStore(self.ops, self.config.bits)
+        out.groups, out.rest = self.groups.take(rows), self.rest.take(rows)
+        return out
+
+    @staticmethod
+    def stack(parts: Sequence["QuantizedStore"], counts: Sequence[int]) -> "QuantizedStore":
+        out = QuantizedStore(parts[0].ops, parts[0].config.bits)
+        out.groups = type(out.groups).stack([p.groups for p in parts], counts)
+        out.rest = FullStore.stack([p.rest for p in parts], counts)
+        return out
+
+    def signature(self, row: int) -> tuple:
+        groups = self.groups.lengths()
+        return (int(groups[row]) if len(groups) else 0, *self.rest.signature(row))
 
     def add(self, k: Array, v: Array) -> None:
         self.rest.add(k, v)

@@ -12,7 +12,11 @@ in full precision. OTT's outlier tracing (arXiv 2505.10938) builds on this tier.
 from __future__ import annotations
 
 from math import gcd
+from typing import Sequence
 
+import numpy as np
+
+from kvrt import rows as batch_rows
 from kvrt.attention import merge_partials
 from kvrt.buffer import SeqBuffer
 from kvrt.errors import InvalidValue
@@ -62,8 +66,48 @@ class QuantizedTier:
         names = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
         # one row can be a whole group (scales) or several tokens (packed codes): grow without a fixed step
         self.buffers = {name: SeqBuffer(ops, step=1) for name in names}
-        self.length = 0
+        self.length = 0  # tokens flushed (the longest row's, in a batch)
+        self.row_lengths: np.ndarray | None = None  # per row, when the rows of a batch differ
         self.shape = None  # (B, Hkv, D)
+
+    def lengths(self) -> np.ndarray:
+        if self.row_lengths is not None:
+            return self.row_lengths
+        return np.full(0 if self.shape is None else self.shape[0], self.length)
+
+    def padding_bias(self, first: int, last: int) -> Array | None:
+        """−inf on the group slots first..last-1 that a shorter row of a batch has not filled."""
+        if self.row_lengths is None:
+            return None
+        g = self.config.group
+        like = self.buffers["k_scale"].view()
+        return batch_rows.length_bias(self.ops, self.row_lengths - first * g, (last - first) * g, like)
+
+    def take(self, rows: Sequence[int]) -> "QuantizedTier":
+        out = self._empty_like()
+        if self.shape is None:
+            return out
+        out.buffers = {name: buf.take(rows) for name, buf in self.buffers.items()}
+        lengths = self.lengths()[list(rows)]
+        out.length, out.row_lengths = int(lengths.max()), batch_rows.ragged(lengths)
+        out.shape = (len(rows), *self.shape[1:])
+        return out
+
+    @staticmethod
+    def stack(parts: Sequence["QuantizedTier"], counts: Sequence[int]) -> "QuantizedTier":
+        out = parts[0]._empty_like()
+        shape = next((p.shape for p in parts if p.shape is not None), None)
+        if shape is None:
+            return out
+        out.buffers = {name: SeqBuffer.stack([p.buffers[name] for p in parts], counts) for name in out.buffers}
+        lengths = np.concatenate([p.lengths() if p.shape is not None else np.zeros(c, dtype=np.int64)
+                                  for p, c in zip(parts, counts)])
+        out.length, out.row_lengths = int(lengths.max()), batch_rows.ragged(lengths)
+        out.shape = (sum(counts), *shape[1:])
+        return out
+
+    def _empty_like(self) -> "QuantizedTier":
+        return QuantizedTier(self.ops, self.config)
 
     def add(self, k: Array, v: Array, traced: Array | None = None) -> None:
         """Quantize and store whole groups: k, v [B, Hkv, n·G, D]; traced (bool [B, Hkv, n·G]) marks
@@ -112,13 +156,14 @@ class QuantizedTier:
         kernel = None if heads is not None else ops.quantized_kernel(q, self.shape[1], cfg.group,
                                                                      cfg.value_group_for(self.shape[2]))
         if kernel is not None:
-            fused = kernel(q, *self.stored(0, groups), scale, key_bias=self.block_bias(0, groups))
+            bias = batch_rows.add_bias(self.block_bias(0, groups), self.padding_bias(0, groups))
+            fused = kernel(q, *self.stored(0, groups), scale, key_bias=bias)
             return merge_partials(ops, [fused] + self.extra_partials(q, scale, None))
         parts = []
         for first in range(0, groups, self.BLOCK_GROUPS):
             last = min(first + self.BLOCK_GROUPS, groups)
             keys, values = self.block(first, last)
-            bias = self.block_bias(first, last)
+            bias = batch_rows.add_bias(self.block_bias(first, last), self.padding_bias(first, last))
             if heads is not None:
                 keys, values = ops.select_heads(keys, heads), ops.select_heads(values, heads)
                 bias = None if bias is None else ops.select_heads(bias, heads)

@@ -21,6 +21,9 @@ Choices where the paper leaves room, stated here:
 
 from __future__ import annotations
 
+from typing import Sequence
+
+from kvrt import rows as batch_rows
 from kvrt.buffer import SeqBuffer
 from kvrt.errors import InvalidValue
 from kvrt.methods.kivi import KIVI, QuantizedTier
@@ -57,7 +60,34 @@ class TracedTier(QuantizedTier):
         super().__init__(ops, config)
         self.pool_k = self.pool_v = self.pool_norm = None
         self.over_k = self.over_v = self.over_valid = None
-        self.slots = SeqBuffer(ops, step=1)
+        self.slots = SeqBuffer(ops, step=1, pad=-1)
+
+    def _empty_like(self) -> "TracedTier":
+        return TracedTier(self.ops, self.config)
+
+    def take(self, rows: Sequence[int]) -> "TracedTier":
+        out = super().take(rows)
+        ops = self.ops
+        out.pool_k, out.pool_v, out.pool_norm = (batch_rows.take(ops, a, rows) for a in (self.pool_k, self.pool_v,
+                                                                                          self.pool_norm))
+        out.over_k, out.over_v, out.over_valid = (batch_rows.take(ops, a, rows) for a in (self.over_k, self.over_v,
+                                                                                           self.over_valid))
+        out.slots = self.slots.take(rows)
+        return out
+
+    @staticmethod
+    def stack(parts: Sequence["TracedTier"], counts: Sequence[int]) -> "TracedTier":
+        out = QuantizedTier.stack(parts, counts)
+        ops = out.ops
+        # a row that has flushed nothing yet holds an empty pool: zeros with norm +inf, as _trace starts one
+        out.pool_k = batch_rows.stack(ops, [p.pool_k for p in parts], counts, None, 0)
+        out.pool_v = batch_rows.stack(ops, [p.pool_v for p in parts], counts, None, 0)
+        out.pool_norm = batch_rows.stack(ops, [p.pool_norm for p in parts], counts, None, INF)
+        out.over_k = batch_rows.stack(ops, [p.over_k for p in parts], counts, -2, 0)
+        out.over_v = batch_rows.stack(ops, [p.over_v for p in parts], counts, -2, 0)
+        out.over_valid = batch_rows.stack(ops, [p.over_valid for p in parts], counts, -1, 0)
+        out.slots = SeqBuffer.stack([p.slots for p in parts], counts)
+        return out
 
     def add(self, k: Array, v: Array) -> None:
         """Trace and quantize whole groups, one group after another (each sees the pool the one before left)."""
@@ -122,7 +152,9 @@ class TracedTier(QuantizedTier):
 
     def extra_partials(self, q: Array, scale: float, heads: list[int] | None) -> list:
         ops, parts = self.ops, []
-        pools = [(self.pool_k, self.pool_v, None)]  # a filled pool has no empty slot
+        # a row of a batch that has flushed nothing yet has an empty pool (every norm +inf): hidden
+        empty = None if self.pool_norm is None else ops.where(self.pool_norm < INF, 0.0, -INF)
+        pools = [(self.pool_k, self.pool_v, empty)]
         if self.over_k is not None:
             pools.append((self.over_k, self.over_v, ops.where(self.over_valid > 0.5, 0.0, -INF)))
         for k, v, bias in pools:
