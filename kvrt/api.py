@@ -116,10 +116,44 @@ class Model:
         stream = self.stream_ids(ids, **kwargs)
         return Generation(stream.text(), stream.stats)
 
-    def generate(self, prompt: str, **kwargs) -> Generation:
-        """The whole completion at once, with its stats (same arguments as `stream`)."""
+    def generate(self, prompt: str | Sequence[str], **kwargs) -> Generation | list[Generation]:
+        """The whole completion at once, with its stats (same arguments as `stream`). A list of
+        prompts is generated as a batch (`max_batch` rows at once, default 8; see `generate_batch`)."""
+        if not isinstance(prompt, str) and isinstance(prompt, Sequence):
+            return self.generate_batch(prompt, **kwargs)
         stream = self.stream(prompt, **kwargs)
         return Generation(stream.text(), stream.stats)
+
+    def generate_batch(
+        self, prompts: Sequence[str], *, max_tokens: int = 256, system_prompt: str | None = None,
+        chat_template: bool = True, cache: str | CacheSpec = "full", stop: Sequence[str] = (),
+        truncate: bool = False, params: SamplingParams | None = None, max_batch: int = 8, **sampling,
+    ) -> list[Generation]:
+        """One Generation per prompt, decoded together (kvrt.batch: one model call per step for all
+        rows, each over its own compressed cache); greedy text equals each prompt's text alone."""
+        ids = [self.encode_prompt(p, system_prompt, chat_template) for p in prompts]
+        fitted = [self.fit_prompt(i, max_tokens, truncate) for i in ids]
+        results = self.generate_ids_batch(fitted, max_tokens=max_tokens, cache=cache, stop=stop, params=params,
+                                          max_batch=max_batch, **sampling)
+        for result, full, kept in zip(results, ids, fitted):
+            result.stats.truncated_tokens = len(full) - len(kept)
+        return results
+
+    def generate_ids_batch(self, prompts: Sequence[Sequence[int]], *, max_tokens: int, cache: str | CacheSpec = "full",
+                           stop: Sequence[str] = (), params: SamplingParams | None = None, max_batch: int = 8,
+                           **sampling) -> list[Generation]:
+        """`generate_batch` for already-tokenized prompts (kvrt eval --batch)."""
+        from kvrt.batch import Row, generate_rows
+
+        if max_batch < 1:
+            raise InvalidValue(f"max_batch must be >= 1, got {max_batch}")
+        if any(not ids for ids in prompts):
+            raise InvalidValue("no prompt token ids to start from")
+        params = params or SamplingParams(**sampling)
+        spec = CacheSpec.parse(cache)
+        rows = [Row(self, ids, spec, params, max_tokens, stop) for ids in prompts]
+        generate_rows(self, rows, max_batch=max_batch)
+        return [Generation(row.text, row.stats) for row in rows]
 
     def chat_session(self, system_prompt: str | None = None, cache: str | CacheSpec = "full",
                      overflow: str = "drop") -> ChatSession:
