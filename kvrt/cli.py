@@ -243,8 +243,10 @@ def chat_turn(session, line: str, params, max_tokens: int, stop, verbose: bool) 
 @click.option("--ray", "ray_address", default=None,
               help="Shard over Ray: a cluster ADDRESS, 'auto' (the running cluster) or 'local' (start one).")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Ray workers (one model each).")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Samples of a task decoded together (greedy predictions are the same as --batch 1's).")
 def eval_command(model, backend, dtype, suite, tasks, caches, lengths, limit, seed, max_length, haystack, data_dir,
-                 out, overwrite, ray_address, workers):
+                 out, overwrite, ray_address, workers, batch):
     """Evaluate cache specs side by side on long-context tasks (resumable)."""
     from pathlib import Path
 
@@ -263,7 +265,7 @@ def eval_command(model, backend, dtype, suite, tasks, caches, lengths, limit, se
                         data_dir=data_dir)
     m = load_model(model, backend, dtype)
     summary = run_eval(m, settings, Path(out), overwrite=overwrite, progress=True, report=log,
-                       ray_address=ray_address, workers=workers)
+                       ray_address=ray_address, workers=workers, batch=batch)
     log(f"{counted(summary['written'], 'sample')} written over {counted(summary['cells'], 'cell')} into {out}")
     report_run(out)
 
@@ -306,6 +308,71 @@ def models():
         click.echo(f"no models cached under {kvrt_home()} (try: kvrt pull default)")
     for entry in entries:
         click.echo(f"{entry['name']:<40} {entry['bytes'] / 2**20:>9.1f} MiB  {entry['path']}")
+
+
+@cli.command()
+@model_options
+@cache_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="0 picks a free port.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Requests prefilled or decoded at once.")
+@click.option("--kv-memory", default=None,
+              help="KV cache budget for admission: bytes or a size like 512MiB, 2GiB, 1.5GB, 300M [no limit].")
+@click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Requests that may wait for admission; beyond them a request gets HTTP 429.")
+@click.option("--prefill-chunk", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Prompt tokens prefilled per engine step (running decodes wait at most one chunk).")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Tokens generated for a request that names no max_tokens.")
+def serve(model, backend, dtype, cache_spec, host, port, max_batch, kv_memory, max_queue, prefill_chunk, max_tokens):
+    """Serve the model over an OpenAI-compatible HTTP API, with continuous batching."""
+    budget = parse_size(kv_memory, "--kv-memory") if kv_memory is not None else None
+    try:
+        from kvrt.serve import bind, build_app, serve as run_server
+    except ImportError as exc:
+        raise KvrtError(f"kvrt serve needs fastapi and uvicorn ({exc}): pip install 'kvrt[serve]'") from None
+    from kvrt.engine import Engine
+
+    sock = bind(host, port)
+    try:
+        m = load_model(model, backend, dtype)
+        engine = Engine(m, cache=cache_spec, max_batch=max_batch, kv_memory=budget, max_queue=max_queue,
+                        prefill_chunk=prefill_chunk).start()
+    except BaseException:
+        sock.close()
+        raise
+    app = build_app(m, engine, name=model, max_tokens=max_tokens)
+    bound_host, bound_port = sock.getsockname()[:2]
+    kv = "no KV memory limit" if budget is None else f"KV memory {human_size(budget)}"
+    log(f"serving '{model}' ({m.backend}, cache {cache_spec}) on http://{bound_host}:{bound_port}/v1; "
+        f"{kv}, max batch {max_batch}, queue {max_queue}")
+    run_server(app, sock, engine)
+    log("stopped")
+
+
+SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+              "t": 10**12, "tb": 10**12, "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30,
+              "gib": 2**30, "ti": 2**40, "tib": 2**40}
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """Bytes from '1048576', '512MiB', '2GiB', '1.5GB' or '300M' (K/M/G/T are powers of 1000, Ki/Mi/Gi/Ti of 1024)."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", text)
+    unit = match and SIZE_UNITS.get(match.group(2).lower())
+    if not unit or int(float(match.group(1)) * unit) < 1:
+        raise InvalidValue(f"{what} takes a positive size in bytes or with a unit (512MiB, 2GiB, 1.5GB, 300M), "
+                           f"got '{text}'")
+    return int(float(match.group(1)) * unit)
+
+
+def human_size(n: int) -> str:
+    for unit, factor in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= factor:
+            return f"{n / factor:.1f} {unit}"
+    return f"{n} bytes"
 
 
 def main():
