@@ -313,3 +313,21 @@ def test_bad_eval_input_is_one_line(long_tiny, tmp_path, extra, needle):
     assert result.exit_code != 0 and "Traceback" not in result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and needle in errors[0], result.stderr
+
+
+def test_batched_samples_give_the_predictions_of_one_at_a_time(model, tmp_path):
+    """--batch 3 decodes a cell's samples together; every prediction and score equals --batch 1's."""
+    chosen = settings(caches=["full", "streaming:budget=300+calidrop"], tasks=["passkey"], lengths=[350, 400])
+    one, three = tmp_path / "one", tmp_path / "three"
+    assert run_eval(model, chosen, one, progress=False)["written"] == 12
+    assert run_eval(model, chosen, three, progress=False, batch=3)["written"] == 12
+    fields = ("prediction", "score", "prompt_tokens", "generation_tokens")
+    assert {k: [r[f] for f in fields] for k, r in records(three).items()} == \
+           {k: [r[f] for f in fields] for k, r in records(one).items()}
+
+
+def test_jobs_are_batched_within_a_cell_only():
+    a, b = object(), object()
+    jobs = [(0, a, "s0"), (1, a, "s1"), (2, a, "s2"), (3, b, "s3"), (4, b, "s4")]
+    assert [[j[0] for j in g] for g in runner.batched_jobs(jobs, 2)] == [[0, 1], [2], [3, 4]]
+    assert [[j[0] for j in g] for g in runner.batched_jobs(jobs, 1)] == [[0], [1], [2], [3], [4]]

@@ -9,8 +9,9 @@ from typing import Iterator
 from kvrt.errors import KvrtError
 
 
-def ray_records(address: str, workers: int, settings, items: list) -> Iterator[tuple[int, dict]]:
-    """Yield (item index, record) for each (cell, sample) item as workers finish them."""
+def ray_records(address: str, workers: int, settings, items: list, batch: int = 1) -> Iterator[tuple[int, dict]]:
+    """Yield (item index, record) for each (cell, sample) item as workers finish them; each worker
+    decodes up to `batch` samples of a cell together."""
     try:
         import ray
         from ray.util import ActorPool
@@ -32,14 +33,17 @@ def ray_records(address: str, workers: int, settings, items: list) -> Iterator[t
 
             self.model = kvrt.load(model, backend=backend, dtype=dtype)
 
-        def run(self, index: int, cell, sample) -> tuple[int, dict]:
-            from kvrt.eval.runner import run_sample
+        def run(self, jobs: list) -> list[tuple[int, dict]]:
+            from kvrt.eval.runner import run_samples
 
-            return index, run_sample(self.model, cell, sample)
+            return run_samples(self.model, jobs)
 
     if not items:
         return
+    from kvrt.eval.runner import batched_jobs
+
+    groups = batched_jobs([(i, cell, sample) for i, (cell, sample) in enumerate(items)], batch)
     pool = ActorPool([Worker.remote(settings.model, settings.backend, settings.dtype)
-                      for _ in range(min(workers, len(items)))])
-    yield from pool.map_unordered(lambda actor, job: actor.run.remote(*job),
-                                  [(i, cell, sample) for i, (cell, sample) in enumerate(items)])
+                      for _ in range(min(workers, len(groups)))])
+    for records in pool.map_unordered(lambda actor, group: actor.run.remote(group), groups):
+        yield from records

@@ -264,11 +264,13 @@ def plan_summary(plans: list[CellPlan]) -> str:
 
 
 def run_eval(model, settings: Settings, out: Path, overwrite: bool = False, progress: bool | ProgressFactory = True,
-             report: Callable[[str], None] = print, ray_address: str | None = None, workers: int = 2) -> dict:
+             report: Callable[[str], None] = print, ray_address: str | None = None, workers: int = 2,
+             batch: int = 1) -> dict:
     """Run (or resume) every cell, here or sharded over Ray workers (`ray_address`: a cluster's
     address, "auto" for the running one, "local" to start one with `workers` workers); this
-    process alone writes the files. `progress`: True shows it on stderr, False stays silent, or
-    a factory made like `kvrt.progress.Progress`. Returns {"cells": n, "written": n}."""
+    process alone writes the files. `batch` > 1 decodes that many samples of a cell together
+    (kvrt.batch; greedy predictions equal batch 1's). `progress`: True shows it on stderr, False
+    stays silent, or a factory made like `kvrt.progress.Progress`. Returns {"cells": n, "written": n}."""
     show = progress_factory(progress)
     prepare_out(out, settings, overwrite)
     plans = plan_cells(model, settings, cells(settings, model.context_length, report), out, report, show)
@@ -279,9 +281,10 @@ def run_eval(model, settings: Settings, out: Path, overwrite: bool = False, prog
     if ray_address:
         from kvrt.eval.distributed import ray_records
 
-        results = ray_records(ray_address, workers, settings, [(cell, sample) for cell, _, sample in work])
+        results = ray_records(ray_address, workers, settings, [(cell, sample) for cell, _, sample in work], batch)
     else:
-        results = ((i, run_sample(model, cell, sample)) for i, (cell, _, sample) in enumerate(work))
+        jobs = [(i, cell, sample) for i, (cell, _, sample) in enumerate(work)]
+        results = (pair for group in batched_jobs(jobs, batch) for pair in run_samples(model, group))
     written = 0
     with show("eval", len(work), "samples", log_every=0) as bar:
         for i, record in results:  # in completion order; each record goes to its own cell's file
@@ -292,9 +295,36 @@ def run_eval(model, settings: Settings, out: Path, overwrite: bool = False, prog
     return {"cells": len(plans), "written": written}
 
 
+def batched_jobs(jobs: list[tuple], size: int) -> list[list[tuple]]:
+    """(index, cell, sample) jobs in groups of at most `size` that share a cell (its spec and budget of
+    new tokens), in order."""
+    groups: list[list[tuple]] = []
+    for job in jobs:
+        if groups and len(groups[-1]) < size and groups[-1][0][1] == job[1]:
+            groups[-1].append(job)
+        else:
+            groups.append([job])
+    return groups
+
+
+def run_samples(model, jobs: list[tuple]) -> list[tuple[int, dict]]:
+    """(index, record) of each (index, cell, sample) job of one cell: alone, or decoded as one batch."""
+    if len(jobs) == 1:
+        index, cell, sample = jobs[0]
+        return [(index, run_sample(model, cell, sample))]
+    cell = jobs[0][1]
+    gens = model.generate_ids_batch([sample.prompt_ids for _, _, sample in jobs], max_tokens=cell.task.max_new_tokens,
+                                    cache=cell.spec, params=SamplingParams(), max_batch=len(jobs))
+    return [(index, sample_record(cell, sample, gen)) for (index, _, sample), gen in zip(jobs, gens)]
+
+
 def run_sample(model, cell: Cell, sample) -> dict:
     gen = model.generate_ids(sample.prompt_ids, max_tokens=cell.task.max_new_tokens, cache=cell.spec,
                              params=SamplingParams())
+    return sample_record(cell, sample, gen)
+
+
+def sample_record(cell: Cell, sample, gen) -> dict:
     prediction = gen.text
     score = score_sample(cell.task.metric, cell.task.scored_text(prediction), sample.answers, sample.meta)
     s = gen.stats
