@@ -4,6 +4,7 @@
     python bench/gpu_kernels.py --out DIR       # also write DIR/gpu_kernels.json
     python bench/gpu_kernels.py --smoke         # CPU, TRITON_INTERPRET=1, tiny shapes: the script itself runs
 
+Correctness includes batches of rows with per-row lengths (the decode kernels' `lengths`).
 Timings (median of CUDA-event-timed repeats, after warm-up), Llama-3-8B attention shapes
 (32 query heads, 8 KV heads, head dim 128, bf16):
 1. device-to-device copy bandwidth (bytes read + written / time): the ceiling;
@@ -176,7 +177,35 @@ def correctness(shape: Shape, failures: list) -> None:
             window = torch.randn(2, hkv * g, 32, d, device=dev, generator=gen).to(dtype)
             rows.append(check(f"window scores {tag}", window_scores(window, k, 0.1),
                               ref.window_scores(window.float(), k.float(), 0.1), 1e-3, failures))
+            rows += ragged_checks(shape, ref, gen, dtype, g, s, tol, tag, failures)
     table("Correctness against the reference twins", ["check", "max abs error", "tolerance", ""], rows)
+
+
+def ragged_checks(shape: Shape, ref, gen, dtype, g: int, s: int, tol: float, tag: str, failures: list) -> list:
+    """The decode kernels over a batch of rows stored rectangularly with per-row lengths (full, empty, a
+    third; whole groups for the quantized tier) against the twin given the equivalent -inf key bias."""
+    dev, hkv, d, group, rows = shape.device, 2, shape.head_dim, shape.group, []
+    k, v = (torch.randn(3, hkv, s + 64, d, device=dev, generator=gen).to(dtype)[:, :, :s] for _ in range(2))
+    q = torch.randn(3, hkv * g, 1, d, device=dev, generator=gen).to(dtype)
+    bias = torch.where(torch.rand(3, hkv, s, device=dev, generator=gen) < 0.05, float("-inf"), 0.0)
+    whole = s // group * group
+    for name, lengths in (("decode", [s, 0, s // 3]),
+                          ("quantized decode", [whole, 0, max(group, whole // 3 // group * group)])):
+        n = s if name == "decode" else whole
+        lengths = torch.tensor(lengths, dtype=torch.int32, device=dev)
+        hidden = torch.arange(n, device=dev) >= lengths[:, None, None]
+        r_bias = bias[..., :n].masked_fill(hidden, float("-inf"))
+        if name == "decode":
+            out, lse = decode_attention(q, k, v, 0.1, None, bias, lengths=lengths)
+            r_out, r_lse = ref.partial_attention(q.float(), k.float(), v.float(), 0.1, None, True, r_bias)
+        else:
+            keys, values = quantize_keys_fused(k[:, :, :n], 2, group), quantize_values_fused(v[:, :, :n], 2, d)
+            out, lse = quantized_decode_attention(q, keys, values, 0.1, key_bias=bias[..., :n], lengths=lengths)
+            r_out, r_lse = ref.partial_attention(q.float(), dequantize_keys(ref, keys).float(),
+                                                 dequantize_values(ref, values).float(), 0.1, None, True, r_bias)
+        rows.append(check(f"{name} out, lengths {lengths.tolist()} {tag}", out, r_out, tol, failures))
+        rows.append(check(f"{name} lse, lengths {lengths.tolist()} {tag}", lse, r_lse, 1e-3, failures))
+    return rows
 
 
 # ---- 2. decode attention -----------------------------------------------------------------------

@@ -2,7 +2,10 @@
 program reads one KV head's keys and values once, straight from the cache buffer's strides (a
 [:, :, :S] view, never copied), for all the G·T query rows of that head (GQA), with tl.dot for
 q·kᵀ and p·v and an online softmax in float32. Each split returns its (out, lse); the splits
-merge by log-sum-exp like any other tiers.
+merge by log-sum-exp like any other tiers. With per-row lengths (a batch of sequences stored
+rectangularly, each row padded at the end of the token axis), a program stops at its row's length:
+it reads no key past it, and a split wholly past it exits at once (out 0, lse -inf, weighed as
+nothing by the merge).
 
 Reference twin: Ops.partial_attention(q, k, v, scale, causal_offset, with_lse=True, key_bias).
 """
@@ -26,14 +29,14 @@ def exact_dot(a, b):
 
 @triton.jit
 def _decode_split(
-    q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, bias_ptr, len_ptr, out_ptr, lse_ptr,
     S, HKV, ROWS, T, causal_offset, scale, split_len,
     s_q_bh, s_q_r,  # q as [B·Hkv, ROWS, D]
     s_k_b, s_k_h, s_k_t, s_v_b, s_v_h, s_v_t,  # k, v as [B, Hkv, S, D] views, channels contiguous
     s_b_b, s_b_h,
     s_o_bh, s_o_split, s_o_r, s_l_bh, s_l_split,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_LENGTHS: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -55,6 +58,8 @@ def _decode_split(
     stop = tl.minimum(start + split_len, S)
     if CAUSAL:
         stop = tl.minimum(stop, causal_offset + T)  # no row sees past the last query's horizon
+    if HAS_LENGTHS:
+        stop = tl.minimum(stop, tl.load(len_ptr + b))  # keys from the row's length on are padding: unread
     horizon = causal_offset + rows % T  # row r = g·T + t sees keys j <= causal_offset + t
     for n0 in range(start, stop, BLOCK_N):
         tok = n0 + tl.arange(0, BLOCK_N)
@@ -100,17 +105,26 @@ def merge_splits(out, lse):
     return (weights[..., None] * out).sum(dim=1), total
 
 
+def row_lengths(lengths, b: int, device):
+    """lengths as the kernels read them: int32 [B], contiguous, on the queries' device."""
+    if tuple(lengths.shape) != (b,):
+        raise ValueError(f"lengths must have shape [{b}] (one per batch row), got {list(lengths.shape)}")
+    return lengths.to(device=device, dtype=torch.int32).contiguous()
+
+
 def _channels_contiguous(x):
     return x if x.stride(-1) == 1 else x.contiguous()  # the kernel steps channels by 1
 
 
 def decode_attention(q, k, v, scale: float, causal_offset: int | None = None, key_bias=None,
-                     splits: int | None = None, block_n: int = 64):
+                     splits: int | None = None, block_n: int = 64, *, lengths=None):
     """(out [B, Hq, T, D] in q's dtype, lse [B, Hq, T] float32) of q over keys/values [B, Hkv, S, D].
 
     k, v may be views along the token axis of a larger buffer (read through their strides);
     causal_offset None: every key visible, else query t sees keys j <= causal_offset + t;
-    key_bias: float32 [B, Hkv, S] added to the scores (-inf hides a key), or None.
+    key_bias: float32 [B, Hkv, S] added to the scores (-inf hides a key), or None;
+    lengths: int32 [B] on q's device, or None: row b's keys j >= lengths[b] are hidden as a -inf
+    bias would hide them, and never read (a row of length 0 sees no key: out 0, lse -inf).
     Meant for decode: G·T <= 16 query rows per KV head."""
     b, hq, t, d = q.shape
     _, hkv, s, _ = k.shape
@@ -125,17 +139,18 @@ def decode_attention(q, k, v, scale: float, causal_offset: int | None = None, ke
     splits = triton.cdiv(s, split_len)
     qr = q.reshape(b * hkv, rows, d).contiguous()  # row r = g·T + t; a few rows, cheap to copy
     bias = _channels_contiguous(key_bias.float()) if key_bias is not None else qr  # unused when None
+    lens = row_lengths(lengths, b, q.device) if lengths is not None else qr  # unused when None
     out = torch.empty(b * hkv, splits, rows, d, device=q.device, dtype=torch.float32)
     lse = torch.empty(b * hkv, splits, rows, device=q.device, dtype=torch.float32)
     _decode_split[(b * hkv, splits)](
-        qr, k, v, bias, out, lse,
+        qr, k, v, bias, lens, out, lse,
         s, hkv, rows, t, causal_offset or 0, scale, split_len,
         qr.stride(0), qr.stride(1),
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         bias.stride(0), bias.stride(1),
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_R=triton.next_power_of_2(rows), BLOCK_N=block_n,
-        HAS_BIAS=key_bias is not None, CAUSAL=causal_offset is not None,
+        HAS_BIAS=key_bias is not None, CAUSAL=causal_offset is not None, HAS_LENGTHS=lengths is not None,
     )
     merged, total = merge_splits(out, lse)
     return merged.reshape(b, hq, t, d).to(q.dtype), total.reshape(b, hq, t)

@@ -3,7 +3,9 @@ sequence (flash-decoding): each program reads one KV head's packed key and value
 their scales and zeros, dequantizes them in registers, and runs an online softmax for all the
 query rows of that KV head (GQA: the head's data is read once), with tl.dot for q·kᵀ and p·v on
 the dequantized tiles rounded to the model dtype, as the reference dequantizes. Each split
-returns its (out, lse); the splits merge by log-sum-exp like any other tiers.
+returns its (out, lse); the splits merge by log-sum-exp like any other tiers. With per-row lengths
+(a batch stored rectangularly, each row padded at the end), a program stops at its row's length:
+no word or scale past it is read, and a split wholly past it exits at once.
 
 Reference twin: QuantizedTier.partial (dequantize a block, then Ops.partial_attention).
 """
@@ -14,18 +16,18 @@ import torch
 import triton
 import triton.language as tl
 
-from kvrt.kernels_cuda.decode import exact_dot, merge_splits
+from kvrt.kernels_cuda.decode import exact_dot, merge_splits, row_lengths
 
 
 @triton.jit
 def _quantized_decode_split(
-    q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, bias_ptr, out_ptr, lse_ptr,
+    q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, bias_ptr, len_ptr, out_ptr, lse_ptr,
     S, HKV, ROWS, scale, split_len,
     s_q_bh, s_q_r,  # q as [B·Hkv, ROWS, D]
     s_kc_bh, s_kc_w, s_ks_bh, s_ks_g, s_vc_bh, s_vc_t, s_vs_bh, s_vs_t, s_b_bh,
     s_o_bh, s_o_split, s_o_r, s_l_bh, s_l_split,
     BITS: tl.constexpr, GROUP: tl.constexpr, VGROUP: tl.constexpr, D: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -41,6 +43,8 @@ def _quantized_decode_split(
     acc = tl.zeros([R, D], tl.float32)
     start = split * split_len
     stop = tl.minimum(start + split_len, S)
+    if HAS_LENGTHS:
+        stop = tl.minimum(stop, tl.load(len_ptr + bh // HKV))  # the row's padding: unread
     for n0 in range(start, stop, BLOCK_N):
         tok = n0 + tl.arange(0, BLOCK_N)
         ok = tok < stop
@@ -75,11 +79,13 @@ def _quantized_decode_split(
 
 
 def quantized_decode_attention(q, keys, values, scale: float, key_bias=None, splits: int | None = None,
-                               block_n: int = 32):
+                               block_n: int = 32, *, lengths=None):
     """(out [B, Hq, T, D] in q's dtype, lse [B, Hq, T] float32) of q over a quantized tier.
 
     keys/values: kvrt.quant.QuantizedKeys / QuantizedValues of the whole tier (S tokens);
-    key_bias: float32 [B, Hkv, S] or None."""
+    key_bias: float32 [B, Hkv, S] or None; lengths: int32 [B] on q's device, or None: row b's tokens
+    t >= lengths[b] (a whole number of groups) are hidden as a -inf bias would hide them, and never
+    read (a row of length 0 sees no key: out 0, lse -inf)."""
     b, hq, t, d = q.shape
     _, hkv, s, _ = keys.shape
     g = hq // hkv
@@ -94,18 +100,19 @@ def quantized_decode_attention(q, keys, values, scale: float, key_bias=None, spl
     vs = values.scale.reshape(b * hkv, s, -1).contiguous()
     vz = values.zero.reshape(b * hkv, s, -1).contiguous()
     bias = key_bias.reshape(b * hkv, s).contiguous().float() if key_bias is not None else vs  # unused when None
+    lens = row_lengths(lengths, b, q.device) if lengths is not None else vs  # unused when None
     out = torch.empty(b * hkv, splits, rows, d, device=q.device, dtype=torch.float32)
     lse = torch.empty(b * hkv, splits, rows, device=q.device, dtype=torch.float32)
     block_r = max(triton.next_power_of_2(rows), 2)
     _quantized_decode_split[(b * hkv, splits)](
-        qr, kc, ks, kz, vc, vs, vz, bias, out, lse,
+        qr, kc, ks, kz, vc, vs, vz, bias, lens, out, lse,
         s, hkv, rows, scale, split_len,
         qr.stride(0), qr.stride(1),
         kc.stride(0), kc.stride(1), ks.stride(0), ks.stride(1), vc.stride(0), vc.stride(1), vs.stride(0), vs.stride(1),
         bias.stride(0),
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         BITS=keys.bits, GROUP=keys.group, VGROUP=values.group, D=d, BLOCK_R=block_r, BLOCK_N=block_n,
-        HAS_BIAS=key_bias is not None,
+        HAS_BIAS=key_bias is not None, HAS_LENGTHS=lengths is not None,
     )
     merged, total = merge_splits(out, lse)
     return merged.reshape(b, hq, t, d).to(q.dtype), total.reshape(b, hq, t)

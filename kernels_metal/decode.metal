@@ -2,12 +2,14 @@
 // the sequence like quantized_decode.metal: one simdgroup per (batch·KV head, split), lane l owns channels
 // c = e·32 + l, one read of the KV head's keys and values for all ROWS = G·TQ query rows (GQA; row
 // r = g·TQ + t), online float32 softmax. Query t sees keys j <= offset + t (meta[3]; S when no causal
-// mask); key_bias −inf hides a key. Each split writes its (out, lse); the wrapper merges the splits.
+// mask); key_bias −inf hides a key. With per-row lengths (a batch stored rectangularly, each row padded at
+// the end of the token axis), batch row b reads no key j >= lengths[b]: a split wholly past it exits at once.
+// Each split writes its (out, lse); the wrapper merges the splits.
 // The inputs are read where they lie, through their element strides (sources.py builds this kernel with
 // ensure_row_contiguous=False): keys and values [B, Hkv, S, D] are usually a SeqBuffer's view of a larger
 // capacity buffer, which MLX would otherwise copy whole at every step; q [B, Hq, TQ, D] and bias
-// [B, Hkv, S] (float32) are small and read the same way, so no input's layout is assumed.
-// Template: D, ROWS, TQ, HAS_BIAS. meta = [S, tokens per split, splits, causal offset, Hkv].
+// [B, Hkv, S] (float32) and lengths [B] (int32) are small and read the same way, so no input's layout is assumed.
+// Template: D, ROWS, TQ, HAS_BIAS, HAS_LENGTHS. meta = [S, tokens per split, splits, causal offset, Hkv].
 constexpr int E = D / 32;
 constexpr int G = ROWS / TQ;
 const uint bh = threadgroup_position_in_grid.x;
@@ -18,8 +20,9 @@ const int offset = meta[3];
 const int64_t batch = int64_t(bh) / meta[4];
 const int64_t head = int64_t(bh) % meta[4];
 const int start = int(split) * meta[1];
-// no row sees a key past offset + TQ - 1
-const int stop = metal::min(metal::min(start + meta[1], S), offset + TQ);
+// no row sees a key past offset + TQ - 1, nor one past its batch row's length
+const int stop = metal::min(metal::min(metal::min(start + meta[1], S), offset + TQ),
+                            HAS_LENGTHS ? lengths[batch * lengths_strides[0]] : S);
 const float scale = qscale[0];
 // element offsets of this (batch, KV head) in 64 bits (a whole buffer may pass 2^31 elements); steps along
 // the token and channel axes in 32, so the loop does no 64-bit multiply (one head's rows stay far below 2^31)

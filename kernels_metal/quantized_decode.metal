@@ -3,13 +3,15 @@
 // each packed key and value word once for all ROWS = G·T query rows of its KV head (GQA; row r = g·T + t),
 // dequantizes in registers and runs an online float32 softmax. Each split writes its (out, lse); the
 // wrapper merges the splits by log-sum-exp. key_bias −inf hides a key (OTT's traced slots, arXiv 2505.10938).
+// With per-row lengths (a batch stored rectangularly, each row padded at the end of the token axis), batch
+// row b reads no token t >= lengths[b]: a split wholly past it exits at once.
 // The inputs are read where they lie, through their element strides (sources.py builds this kernel with
 // ensure_row_contiguous=False): the tier's six arrays are views of their SeqBuffers along the token axis
 // (QuantizedTier.stored), which MLX would otherwise copy whole at every step; q [B, Hq, T, D] and bias
-// [B, Hkv, S] (float32) are small and read the same way, so no input's layout is assumed.
+// [B, Hkv, S] (float32) and lengths [B] (int32) are small and read the same way, so no input's layout is assumed.
 // kc [B, Hkv, S/PER, D], ks/kz [B, Hkv, S/GROUP, D], vc [B, Hkv, S, D/PER], vs/vz [B, Hkv, S, D/VGROUP].
 // Template: KT (scale/zero dtype, the model's), D, ROWS, BITS, GROUP (tokens per key scale),
-// VGROUP (channels per value scale), HAS_BIAS. meta = [S, tokens per split, splits, Hkv, T].
+// VGROUP (channels per value scale), HAS_BIAS, HAS_LENGTHS. meta = [S, tokens per split, splits, Hkv, T].
 constexpr int E = D / 32;
 constexpr int PER = 32 / BITS;
 constexpr uint MASK = (1u << BITS) - 1u;
@@ -21,7 +23,7 @@ const int T = meta[4];
 const int64_t batch = int64_t(bh) / meta[3];
 const int64_t head = int64_t(bh) % meta[3];
 const int start = int(split) * meta[1];
-const int stop = metal::min(start + meta[1], S);
+const int stop = metal::min(metal::min(start + meta[1], S), HAS_LENGTHS ? lengths[batch * lengths_strides[0]] : S);
 const float scale = qscale[0];
 // element offsets of this (batch, KV head) in each array of the tier in 64 bits (a whole buffer may pass
 // 2^31 elements); steps along its last two axes in 32, so the loop does no 64-bit multiply

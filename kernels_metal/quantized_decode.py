@@ -6,7 +6,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from kvrt.kernels_metal import splits as split_merge
-from kvrt.kernels_metal.sources import meta, placeholder, scalar
+from kvrt.kernels_metal.sources import meta, placeholder, row_lengths, scalar
 
 MAX_ROWS = 16  # query rows per KV head held in registers (G·T at decode)
 
@@ -17,10 +17,13 @@ def fits(q: mx.array, kv_heads: int) -> bool:
     return q.shape[2] * (q.shape[1] // kv_heads) <= MAX_ROWS and d % 32 == 0 and d <= 256
 
 
-def quantized_decode_attention(q, keys, values, scale: float, key_bias=None, splits: int | None = None):
+def quantized_decode_attention(q, keys, values, scale: float, key_bias=None, splits: int | None = None, *,
+                               lengths=None):
     """(out [B, Hq, T, D] in q's dtype, lse [B, Hq, T] float32) of q over kvrt.quant.QuantizedKeys /
-    QuantizedValues of S tokens; key_bias float32 [B, Hkv, S] or None (−inf hides a key)."""
-    _, hq, t, d = q.shape
+    QuantizedValues of S tokens; key_bias float32 [B, Hkv, S] or None (−inf hides a key); lengths int32 [B]
+    or None: row b's tokens t >= lengths[b] (a whole number of groups) are hidden as a −inf bias would hide
+    them, and never read (a row of length 0 sees no key: out 0, lse −inf)."""
+    b, hq, t, d = q.shape
     _, hkv, s, _ = keys.shape
     if s == 0:
         return split_merge.no_keys(q)
@@ -30,8 +33,10 @@ def quantized_decode_attention(q, keys, values, scale: float, key_bias=None, spl
     inputs = [
         q, keys.codes, keys.scale, keys.zero, values.codes, values.scale, values.zero,
         key_bias.astype(mx.float32) if key_bias is not None else placeholder(mx.float32),
+        row_lengths(lengths, b) if lengths is not None else placeholder(mx.int32),
         meta(s, span, n, hkv, t), scalar(scale),
     ]
     template = [("KT", keys.scale.dtype), ("D", d), ("ROWS", (hq // hkv) * t), ("BITS", keys.bits),
-                ("GROUP", keys.group), ("VGROUP", values.group), ("HAS_BIAS", key_bias is not None)]
+                ("GROUP", keys.group), ("VGROUP", values.group), ("HAS_BIAS", key_bias is not None),
+                ("HAS_LENGTHS", lengths is not None)]
     return split_merge.launch_merged("quantized_decode", q, hkv, n, inputs, template)

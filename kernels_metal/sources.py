@@ -28,9 +28,9 @@ class Kernel:
 
 
 KERNELS = {k.name: k for k in (
-    Kernel("quantized_decode", ("q", "kc", "ks", "kz", "vc", "vs", "vz", "bias", "meta", "qscale"), ("out", "lse"),
-           strided=True),
-    Kernel("decode", ("q", "keys", "values", "bias", "meta", "qscale"), ("out", "lse"), strided=True),
+    Kernel("quantized_decode", ("q", "kc", "ks", "kz", "vc", "vs", "vz", "bias", "lengths", "meta", "qscale"),
+           ("out", "lse"), strided=True),
+    Kernel("decode", ("q", "keys", "values", "bias", "lengths", "meta", "qscale"), ("out", "lse"), strided=True),
     Kernel("quantize_keys", ("k", "traced", "meta"), ("codes", "scales", "zeros")),
     Kernel("quantize_values", ("v", "meta"), ("codes", "scales", "zeros")),
     Kernel("window_lse", ("q", "k", "meta", "qscale"), ("lse",), strided=True),
@@ -71,6 +71,14 @@ def scalar(value: float) -> mx.array:
     return mx.array([value], dtype=mx.float32)
 
 
+def row_lengths(lengths, b: int) -> mx.array:
+    """Per-row lengths as the decode kernels read them: int32 [B] (read through its stride, so a view is fine)."""
+    if tuple(lengths.shape) != (b,):
+        raise ValueError(f"lengths must have shape [{b}] (one per batch row), got {list(lengths.shape)}")
+    return lengths if lengths.dtype == mx.int32 else lengths.astype(mx.int32)
+
+
 def placeholder(dtype) -> mx.array:
-    """A one-element stand-in for an absent optional input (bias, traced); the template flag keeps it unread."""
+    """A one-element stand-in for an absent optional input (bias, lengths, traced); the template flag keeps it
+    unread."""
     return mx.zeros((1,), dtype=dtype)

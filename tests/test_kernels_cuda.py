@@ -22,21 +22,37 @@ OPS = TorchOps()
 @pytest.mark.parametrize("d,g,hkv", [(64, 1, 2), (64, 3, 1), (128, 4, 2), (64, 7, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("biased", [False, True])
-def test_quantized_decode_attention_equals_its_reference(bits, d, g, hkv, dtype, biased):
+@pytest.mark.parametrize("ragged", [False, True])
+def test_quantized_decode_attention_equals_its_reference(bits, d, g, hkv, dtype, biased, ragged):
+    """ragged: a batch of 4 rows with per-row lengths in whole groups (0, full, ending inside the first
+    and inside the second split) against the twin given the equivalent key bias; each row's padding
+    has NaN scales and zeros, so it must go unread."""
     from kvrt.kernels_cuda.quantized_decode import quantized_decode_attention
 
     gen = torch.Generator().manual_seed(bits * 1000 + d + g)
-    s = 112  # 7 groups of 16; not a multiple of the 32-token block
-    k, v = (torch.randn(1, hkv, s, d, generator=gen).to(dtype) for _ in range(2))
-    q = torch.randn(1, hkv * g, 1, d, generator=gen).to(dtype)
+    s, b = 112, 4 if ragged else 1  # 7 groups of 16; not a multiple of the 32-token block
+    k, v = (torch.randn(b, hkv, s, d, generator=gen).to(dtype) for _ in range(2))
+    q = torch.randn(b, hkv * g, 1, d, generator=gen).to(dtype)
     keys, values = quantize_keys(OPS, k, bits, 16), quantize_values(OPS, v, bits, 32)
-    bias = None
+    bias = ref_bias = lengths = None
     if biased:  # OTT hides traced slots: -inf on a few tokens
-        bias = torch.zeros(1, hkv, s)
+        bias = ref_bias = torch.zeros(b, hkv, s)
         bias[:, :, torch.randperm(s, generator=gen)[:9]] = float("-inf")
+    if ragged:
+        lengths = torch.tensor([0, s, 48, 80], dtype=torch.int32)  # 2 splits of 64 tokens
+        hidden = torch.arange(s) >= lengths[:, None, None].long()
+        ref_bias = torch.where(hidden, float("-inf"), 0.0) + (bias if biased else 0.0)
     ref_out, ref_lse = OPS.partial_attention(q, dequantize_keys(OPS, keys), dequantize_values(OPS, values), 0.125,
-                                             key_bias=bias)
-    out, lse = quantized_decode_attention(q, keys, values, 0.125, key_bias=bias, splits=3)
+                                             key_bias=ref_bias)
+    if ragged:
+        for row, n in enumerate(lengths.tolist()):
+            for x in (keys.scale, keys.zero):  # per group of 16 tokens
+                x[row, :, n // 16:] = float("nan")
+            for x in (values.scale, values.zero):
+                x[row, :, n:] = float("nan")
+            if biased:
+                bias[row, :, n:] = 0.0  # shown: a kernel reading the padding meets its NaN scales
+    out, lse = quantized_decode_attention(q, keys, values, 0.125, key_bias=bias, splits=3, lengths=lengths)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     assert out.dtype == dtype and out.shape == ref_out.shape
     torch.testing.assert_close(out.float(), ref_out.float(), atol=tol, rtol=tol)
@@ -58,11 +74,14 @@ def test_a_split_with_every_key_hidden_weighs_nothing():
 
 
 @pytest.mark.parametrize("cc", [80, 90])
-def test_quantized_decode_compiles_ahead_of_time(cc):
+@pytest.mark.parametrize("has_lengths", [False, True])
+def test_quantized_decode_compiles_ahead_of_time(cc, has_lengths):
     pointers = {"q_ptr": "*fp16", "kc_ptr": "*i32", "ks_ptr": "*fp16", "kz_ptr": "*fp16", "vc_ptr": "*i32",
-                "vs_ptr": "*fp16", "vz_ptr": "*fp16", "bias_ptr": "*fp32", "out_ptr": "*fp32", "lse_ptr": "*fp32"}
+                "vs_ptr": "*fp16", "vz_ptr": "*fp16", "bias_ptr": "*fp32", "len_ptr": "*i32", "out_ptr": "*fp32",
+                "lse_ptr": "*fp32"}
     compile_ahead_of_time("kvrt.kernels_cuda.quantized_decode", "_quantized_decode_split", cc, pointers,
-                          "dict(BITS=2, GROUP=128, VGROUP=128, D=128, BLOCK_R=4, BLOCK_N=32, HAS_BIAS=True)")
+                          "dict(BITS=2, GROUP=128, VGROUP=128, D=128, BLOCK_R=4, BLOCK_N=32, HAS_BIAS=True, "
+                          f"HAS_LENGTHS={has_lengths})")
 
 
 def test_kernels_dispatch_on_cuda_unless_turned_off(monkeypatch):

@@ -29,8 +29,31 @@ def cache_views(gen, b, hkv, s, d, dtype):
     return k, v
 
 
+def ragged_lengths(s, block):
+    """int32 [4]: rows of a batch stored rectangularly: full, empty, ending on a block (and maybe
+    split) boundary, ending inside a block."""
+    return torch.tensor([s, 0, block, s // 2 + 3], dtype=torch.int32)
+
+
+def length_bias(lengths, hkv, s, bias=None):
+    """The key bias equivalent to `lengths` (0 below a row's length, -inf at and above), plus `bias`."""
+    hidden = torch.arange(s)[None, None, :] >= lengths[:, None, None].long()
+    out = torch.where(hidden, INF, 0.0).expand(len(lengths), hkv, s)
+    return out + bias if bias is not None else out.contiguous()
+
+
+def poison_padding(lengths, *arrays, fill=float("nan")):
+    """Fill each row's padding (token axis 2, from lengths[b] on) with `fill` in place, views included.
+    NaN keys and values: a kernel that lets a row's padding into its arithmetic returns NaN; a bias of
+    0 there shows those keys (-inf would hide them)."""
+    for x in arrays:
+        for row, n in enumerate(lengths.tolist()):
+            x[row, :, n:] = fill
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("biased", [False, True])
+@pytest.mark.parametrize("ragged", [False, True])
 @pytest.mark.parametrize("d,g,hkv,t,causal_offset,s,splits", [
     (64, 1, 2, 1, None, 100, 1),
     (128, 4, 2, 2, 255, 257, 3),  # causal_offset = S - T: the newest two queries of a step
@@ -38,20 +61,31 @@ def cache_views(gen, b, hkv, s, d, dtype):
     (128, 3, 1, 1, None, 257, 4),
     (96, 4, 1, 2, 40, 100, 2),  # head dim not a power of 2; the second split past every horizon
 ])
-def test_decode_attention_equals_its_reference(dtype, biased, d, g, hkv, t, causal_offset, s, splits):
+def test_decode_attention_equals_its_reference(dtype, biased, ragged, d, g, hkv, t, causal_offset, s, splits):
+    """ragged: a batch of 4 rows with per-row lengths (full, 0, ending on a 64-key block, inside one)
+    against the twin given the equivalent key bias; each row's padding is NaN (its bias 0), so it must
+    go unread."""
     from kvrt.kernels_cuda.decode import decode_attention
 
     gen = torch.Generator().manual_seed(d + 10 * g + s + t)
-    k, v = cache_views(gen, 2, hkv, s, d, dtype)
-    q = torch.randn(2, hkv * g, t, d, generator=gen).to(dtype)
-    bias = None
+    b = 4 if ragged else 2
+    k, v = cache_views(gen, b, hkv, s, d, dtype)
+    q = torch.randn(b, hkv * g, t, d, generator=gen).to(dtype)
+    bias = ref_bias = lengths = None
     if biased:  # a float bias with some keys hidden, as OTT's traced slots are
-        bias = torch.randn(2, hkv, s, generator=gen)
-        bias[torch.rand(2, hkv, s, generator=gen) < 0.1] = INF
-    out, lse = decode_attention(q, k, v, 0.125, causal_offset, bias, splits=splits)
-    ref_out, _ = OPS.partial_attention(q, k, v, 0.125, causal_offset, True, bias)
+        bias = ref_bias = torch.randn(b, hkv, s, generator=gen)
+        bias[torch.rand(b, hkv, s, generator=gen) < 0.1] = INF
+    if ragged:
+        lengths = ragged_lengths(s, 64)
+        ref_bias = length_bias(lengths, hkv, s, bias)
+    ref_out, _ = OPS.partial_attention(q, k, v, 0.125, causal_offset, True, ref_bias)
     # the kernel's products are exact and accumulate in float32: its lse is float32's, whatever the dtype
-    _, ref_lse = OPS.partial_attention(q.float(), k.float(), v.float(), 0.125, causal_offset, True, bias)
+    _, ref_lse = OPS.partial_attention(q.float(), k.float(), v.float(), 0.125, causal_offset, True, ref_bias)
+    if ragged:
+        poison_padding(lengths, k, v)
+        if biased:
+            poison_padding(lengths, bias, fill=0.0)
+    out, lse = decode_attention(q, k, v, 0.125, causal_offset, bias, splits=splits, lengths=lengths)
     assert out.dtype == dtype and out.shape == ref_out.shape and lse.dtype == torch.float32
     torch.testing.assert_close(out.float(), ref_out.float(), atol=OUT_TOL[dtype], rtol=OUT_TOL[dtype])
     torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
@@ -113,24 +147,30 @@ def test_window_scores_equal_their_reference(dtype, w, g, d, s, splits):
     torch.testing.assert_close(got.sum(-1), torch.full((2, 2), float(w)), atol=1e-4, rtol=1e-5)  # W softmaxes
 
 
+DECODE_POINTERS = dict(q_ptr="*T", k_ptr="*T", v_ptr="*T", bias_ptr="*fp32", len_ptr="*i32", out_ptr="*fp32",
+                       lse_ptr="*fp32")
+QUANTIZED_POINTERS = dict(q_ptr="*T", kc_ptr="*i32", ks_ptr="*T", kz_ptr="*T", vc_ptr="*i32", vs_ptr="*T", vz_ptr="*T",
+                          bias_ptr="*fp32", len_ptr="*i32", out_ptr="*fp32", lse_ptr="*fp32")
 KERNELS = [  # module, kernel, pointers (*T: the model dtype), constants
-    ("decode", "_decode_split",
-     dict(q_ptr="*T", k_ptr="*T", v_ptr="*T", bias_ptr="*fp32", out_ptr="*fp32", lse_ptr="*fp32"),
-     "dict(D=128, BLOCK_D=128, BLOCK_R=16, BLOCK_N=64, HAS_BIAS=True, CAUSAL=True)"),
+    ("decode", "_decode_split", DECODE_POINTERS,
+     "dict(D=128, BLOCK_D=128, BLOCK_R=16, BLOCK_N=64, HAS_BIAS=True, CAUSAL=True, HAS_LENGTHS=False)"),
+    ("decode", "_decode_split", DECODE_POINTERS,  # a batch of rows with their lengths
+     "dict(D=128, BLOCK_D=128, BLOCK_R=16, BLOCK_N=64, HAS_BIAS=True, CAUSAL=True, HAS_LENGTHS=True)"),
     ("window_scores", "_window_row_lse", dict(q_ptr="*T", k_ptr="*T", lse_ptr="*fp32"),
      "dict(D=128, BLOCK_D=128, BLOCK_R=64, BLOCK_N=64)"),
     ("window_scores", "_window_key_scores", dict(q_ptr="*T", k_ptr="*T", lse_ptr="*fp32", out_ptr="*fp32"),
      "dict(D=128, BLOCK_D=128, BLOCK_R=64, BLOCK_N=64)"),
-    ("quantized_decode", "_quantized_decode_split",
-     dict(q_ptr="*T", kc_ptr="*i32", ks_ptr="*T", kz_ptr="*T", vc_ptr="*i32", vs_ptr="*T", vz_ptr="*T",
-          bias_ptr="*fp32", out_ptr="*fp32", lse_ptr="*fp32"),
-     "dict(BITS=2, GROUP=128, VGROUP=128, D=128, BLOCK_R=16, BLOCK_N=32, HAS_BIAS=True)"),
+    ("quantized_decode", "_quantized_decode_split", QUANTIZED_POINTERS,
+     "dict(BITS=2, GROUP=128, VGROUP=128, D=128, BLOCK_R=16, BLOCK_N=32, HAS_BIAS=True, HAS_LENGTHS=False)"),
+    ("quantized_decode", "_quantized_decode_split", QUANTIZED_POINTERS,
+     "dict(BITS=2, GROUP=128, VGROUP=128, D=128, BLOCK_R=16, BLOCK_N=32, HAS_BIAS=True, HAS_LENGTHS=True)"),
 ]
 
 
 @pytest.mark.parametrize("cc", [80, 90])
 @pytest.mark.parametrize("dtype,module,kernel,pointers,constants", [
-    pytest.param(dtype, *spec, id=f"{spec[1]}-{dtype}") for spec in KERNELS for dtype in ["fp16", "bf16"]
+    pytest.param(dtype, *spec, id=f"{spec[1]}-{dtype}" + ("-lengths" if "HAS_LENGTHS=True" in spec[3] else ""))
+    for spec in KERNELS for dtype in ["fp16", "bf16"]
     if not (spec[0] == "quantized_decode" and dtype == "fp16")  # compiled for fp16 in test_kernels_cuda.py
 ])
 def test_attention_kernels_compile_ahead_of_time(cc, dtype, module, kernel, pointers, constants):

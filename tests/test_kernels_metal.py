@@ -17,9 +17,10 @@ mx.fast.metal_kernel runs only on a Metal GPU, so the kernels are checked three 
     mx.fast.metal_kernel is replaced by the emulator, so the Python wrappers run unchanged (layouts,
     grids, split merge), and their outputs are compared with the MLX reference twins on random inputs
     (bits 2/4/8, head dim 32-128, GQA 1/3/4/7, lengths no split or block multiple, float32, float16 and
-    bfloat16, with and without −inf key bias, traced OTT slots, constant groups): the quantizers bit-exact,
-    attention and window scores within float tolerance. The decode and window kernels are built with
-    ensure_row_contiguous=False and read their inputs through `<name>_strides`; their tests hand them the
+    bfloat16, with and without −inf key bias, traced OTT slots, constant groups, batches of rows with per-row
+    lengths whose padding is NaN): the quantizers bit-exact, attention and window scores within float
+    tolerance. The decode and window kernels are built with ensure_row_contiguous=False and read their
+    inputs through `<name>_strides`; their tests hand them the
     cache's arrays as the cache does, views of larger capacity buffers along the token axis (SeqBuffer.view),
     q as a slice or a transpose, and the emulator passes each view as MLX would (its own element strides,
     a pointer to its first element) with every byte the view skips set to 0xFF, so an index that ignores a
@@ -169,15 +170,42 @@ def hidden_bias(rng, b, hkv, s, count):
     return mx.array(bias)
 
 
+def length_bias(lengths, hkv, s, bias=None):
+    """float32 [B, Hkv, S]: the key bias equivalent to per-row `lengths` (0 below a row's length, −inf at and
+    above), plus `bias`."""
+    hidden = np.arange(s)[None, None, :] >= np.array(lengths)[:, None, None]
+    out = np.broadcast_to(np.where(hidden, -np.inf, 0.0).astype(np.float32), (len(lengths), hkv, s))
+    return mx.array(out) + bias if bias is not None else mx.array(out)
+
+
+def poison_padding(lengths, x, per=1, fill=np.nan):
+    """x with `fill` in each row's padding (token axis 2, from lengths[b] // per on). NaN keys and values: a
+    kernel that lets a row's padding into its arithmetic returns NaN; a bias of 0 there shows those keys (a NaN
+    or −inf bias would hide them)."""
+    a = np.array(x.astype(mx.float32))
+    for row, n in enumerate(lengths):
+        a[row, :, n // per:] = fill
+    return mx.array(a).astype(x.dtype)
+
+
+def spread(lengths):
+    """int32 lengths [B] as a strided view (every other element of a buffer), so the kernel must read them
+    through their stride."""
+    view = mx.array(np.repeat(np.array(lengths, np.int32), 2))[::2]
+    assert layout(view)[1] == [2]
+    return view
+
+
 # --- (a) syntax -------------------------------------------------------------------------------
 
 SYNTAX = {  # kernel: (template, input dtypes: None = the model dtype, output dtypes)
     "quantized_decode": ([("KT", None), ("D", 128), ("ROWS", 4), ("BITS", 2), ("GROUP", 128), ("VGROUP", 128),
-                          ("HAS_BIAS", True)],
-                         [None, mx.int32, None, None, mx.int32, None, None, mx.float32, mx.int32, mx.float32],
+                          ("HAS_BIAS", True), ("HAS_LENGTHS", True)],
+                         [None, mx.int32, None, None, mx.int32, None, None, mx.float32, mx.int32, mx.int32,
+                          mx.float32],
                          [mx.float32, mx.float32]),
-    "decode": ([("D", 128), ("ROWS", 8), ("TQ", 2), ("HAS_BIAS", True)],
-               [None, None, None, mx.float32, mx.int32, mx.float32], [mx.float32, mx.float32]),
+    "decode": ([("D", 128), ("ROWS", 8), ("TQ", 2), ("HAS_BIAS", True), ("HAS_LENGTHS", True)],
+               [None, None, None, mx.float32, mx.int32, mx.int32, mx.float32], [mx.float32, mx.float32]),
     "quantize_keys": ([("T", None), ("D", 128), ("BITS", 4), ("GROUP", 32), ("HAS_TRACED", True)],
                       [None, mx.bool_, mx.int32], [mx.int32, None, None]),
     "quantize_values": ([("T", None), ("D", 128), ("BITS", 2), ("GV", 32)], [None, mx.int32], [mx.int32, None, None]),
@@ -194,7 +222,7 @@ def test_each_kernel_compiles_as_mlx_assembles_it(name, dtype, tmp_path):
     spec, model = sources.KERNELS[name], DTYPES[dtype]
     pick = lambda d: model if d is None else d  # noqa: E731
     template = [(n, pick(v) if v is None or isinstance(v, mx.Dtype) else v) for n, v in template]
-    sizes = [3 if n in ("meta", "qscale") else 4096 for n in spec.inputs]  # small arrays go to `constant`
+    sizes = [3 if n in ("meta", "qscale", "lengths") else 4096 for n in spec.inputs]  # small arrays go to `constant`
     _, text = source_for(f"kvrt_{name}", spec.inputs, spec.outputs, sources.source(name), sources.source("common"),
                          template, [pick(d) for d in ins], sizes, [1] * len(ins), [pick(d) for d in outs])
     done = compile_check(text, tmp_path)
@@ -212,8 +240,8 @@ def test_only_the_intended_thread_attributes_reach_the_signature():
 
 
 STRIDED = {  # kernel: the inputs its body reads through `<name>_strides` (the rest: small, dense, MLX's own)
-    "quantized_decode": {"q", "kc", "ks", "kz", "vc", "vs", "vz", "bias"},
-    "decode": {"q", "keys", "values", "bias"},
+    "quantized_decode": {"q", "kc", "ks", "kz", "vc", "vs", "vz", "bias", "lengths"},
+    "decode": {"q", "keys", "values", "bias", "lengths"},
     "window_lse": {"q", "k"},
     "window_scores": {"q", "k"},
 }
@@ -290,18 +318,31 @@ DECODE_CASES = [  # bits, d, g (query heads per KV head), hkv, t (queries), dtyp
 ]
 
 
+@pytest.mark.parametrize("ragged", [False, True])
 @pytest.mark.parametrize("bits,d,g,hkv,t,dtype,biased", DECODE_CASES)
-def test_quantized_decode_equals_its_reference(emulated, bits, d, g, hkv, t, dtype, biased):
+def test_quantized_decode_equals_its_reference(emulated, bits, d, g, hkv, t, dtype, biased, ragged):
+    """ragged: a batch of 4 rows with per-row lengths in whole groups (full, 0, ending in the second split,
+    ending in the third) against the twin given the equivalent key bias; each row's padding has NaN scales
+    and zeros (and bias 0), so it must go unread."""
     from kvrt.kernels_metal.quantized_decode import quantized_decode_attention
 
     rng = np.random.default_rng(bits * 100 + d + g)
-    s, dt = 112, DTYPES[dtype]  # 7 groups of 16; 3 splits of 38 tokens, the last one short
-    k, v = rand(rng, (2, hkv, s, d), dt), rand(rng, (2, hkv, s, d), dt)
-    q = rand(rng, (2, t, hkv * g, d), dt).swapaxes(1, 2)  # as a model lays it out: [B, T, Hq, D] transposed
+    s, dt, b = 112, DTYPES[dtype], 4 if ragged else 2  # 7 groups of 16; 3 splits of 38 tokens, the last one short
+    k, v = rand(rng, (b, hkv, s, d), dt), rand(rng, (b, hkv, s, d), dt)
+    q = rand(rng, (b, t, hkv * g, d), dt).swapaxes(1, 2)  # as a model lays it out: [B, T, Hq, D] transposed
     keys, values = quantize_keys(OPS, k, bits, 16), quantize_values(OPS, v, bits, 32)
-    bias = hidden_bias(rng, 2, hkv, s, 9) if biased else None
+    bias = want_bias = hidden_bias(rng, b, hkv, s, 9) if biased else None
+    lengths = [s, 0, 48, 80] if ragged else None
+    if ragged:
+        want_bias = length_bias(lengths, hkv, s, bias)
     want_out, want_lse = OPS.partial_attention(q, dequantize_keys(OPS, keys), dequantize_values(OPS, values), 0.125,
-                                               key_bias=bias)
+                                               key_bias=want_bias)
+    if ragged:
+        keys = QuantizedKeys(keys.codes, poison_padding(lengths, keys.scale, 16),
+                             poison_padding(lengths, keys.zero, 16), keys.bits, keys.group, keys.shape)
+        values = QuantizedValues(values.codes, poison_padding(lengths, values.scale),
+                                 poison_padding(lengths, values.zero), values.bits, values.group, values.shape)
+        bias = poison_padding(lengths, bias, fill=0.0) if biased else None
     # the tier's arrays as QuantizedTier.stored hands them over: views of their capacity buffers
     before = 2 if bits == 4 else 0  # stored(first, ...) with first > 0 also starts inside the buffer
     keys = QuantizedKeys(*(in_capacity(rng, x, before=before) for x in (keys.codes, keys.scale, keys.zero)),
@@ -309,7 +350,8 @@ def test_quantized_decode_equals_its_reference(emulated, bits, d, g, hkv, t, dty
     values = QuantizedValues(*(in_capacity(rng, x, before=before) for x in (values.codes, values.scale, values.zero)),
                              values.bits, values.group, values.shape)
     bias = in_capacity(rng, bias, axis=-1) if biased else None
-    out, lse = quantized_decode_attention(q, keys, values, 0.125, key_bias=bias, splits=3)
+    lengths = mx.array(lengths, dtype=mx.int32) if ragged else None
+    out, lse = quantized_decode_attention(q, keys, values, 0.125, key_bias=bias, splits=3, lengths=lengths)
     assert out.dtype == dt and out.shape == q.shape and lse.dtype == mx.float32
     close(out, want_out, TOL[dtype])
     close(lse, want_lse, 1e-4)
@@ -342,20 +384,32 @@ FULL_CASES = [  # d, g, hkv, t, causal_offset, dtype, biased
 ]
 
 
+@pytest.mark.parametrize("ragged", [False, True])
 @pytest.mark.parametrize("d,g,hkv,t,causal_offset,dtype,biased", FULL_CASES)
-def test_full_precision_decode_equals_partial_attention(emulated, d, g, hkv, t, causal_offset, dtype, biased):
+def test_full_precision_decode_equals_partial_attention(emulated, d, g, hkv, t, causal_offset, dtype, biased, ragged):
+    """ragged: a batch of 4 rows with per-row lengths (full, 0, ending on a split boundary, inside a split),
+    handed over as a strided view, against the twin given the equivalent key bias; each row's padding is
+    NaN (its bias 0), so it must go unread."""
     from kvrt.kernels_metal.decode import decode_attention
 
     rng = np.random.default_rng(d + g + t)
-    s, dt, b = 100, DTYPES[dtype], 3 - hkv  # B·Hkv = 2: the view skips rows between heads or batches
+    s, dt = 100, DTYPES[dtype]
+    b = 4 if ragged else 3 - hkv  # B·Hkv = 2: the view skips rows between heads or batches
     k, v = rand(rng, (b, hkv, s, d), dt), rand(rng, (b, hkv, s, d), dt)
     q = rand(rng, (b, t, hkv * g, d), dt).swapaxes(1, 2)  # as a model lays it out: [B, T, Hq, D] transposed
-    bias = hidden_bias(rng, b, hkv, s, 7) if biased else None
-    want_out, want_lse = OPS.partial_attention(q, k, v, 0.1, causal_offset, True, bias)
+    bias = want_bias = hidden_bias(rng, b, hkv, s, 7) if biased else None
+    lengths = [s, 0, 34, 53] if ragged else None  # 3 splits of 34 keys
+    if ragged:
+        want_bias = length_bias(lengths, hkv, s, bias)
+    want_out, want_lse = OPS.partial_attention(q, k, v, 0.1, causal_offset, True, want_bias)
+    if ragged:
+        k, v = poison_padding(lengths, k), poison_padding(lengths, v)
+        bias = poison_padding(lengths, bias, fill=0.0) if biased else None
     # k and v as FullPrecisionTier.partial hands them over: SeqBuffer views of their capacity buffers
     k, v = in_capacity(rng, k, extra=28), in_capacity(rng, v, extra=5)
     bias = in_capacity(rng, bias, axis=-1) if biased else None
-    out, lse = decode_attention(q, k, v, 0.1, causal_offset, bias, splits=3)
+    lengths = spread(lengths) if ragged else None
+    out, lse = decode_attention(q, k, v, 0.1, causal_offset, bias, splits=3, lengths=lengths)
     assert out.dtype == dt and lse.dtype == mx.float32
     close(out, want_out, TOL[dtype])
     want, got = np.array(want_lse), np.array(lse)
@@ -516,11 +570,11 @@ def test_the_quantized_decode_call_matches_its_indexing(recorder):
     assert (hkv, t) == (2, 2)
     assert call["grid"] == (32 * bh, n, 1) and call["threadgroup"] == (32, 1, 1)  # one simdgroup per (head, split)
     assert call["template"] == {"KT": mx.float32, "D": d, "ROWS": rows, "BITS": 4, "GROUP": 32, "VGROUP": 64,
-                                "HAS_BIAS": True}
+                                "HAS_BIAS": True, "HAS_LENGTHS": False}
     shapes = {name: x.shape for name, x in call["inputs"].items()}
     assert shapes == {"q": (2, 6, 2, d), "kc": (2, 2, s // per, d), "ks": (2, 2, s // 32, d), "kz": (2, 2, s // 32, d),
                       "vc": (2, 2, s, d // per), "vs": (2, 2, s, d // 64), "vz": (2, 2, s, d // 64),
-                      "bias": (2, 2, s), "meta": (5,), "qscale": (1,)}
+                      "bias": (2, 2, s), "lengths": (1,), "meta": (5,), "qscale": (1,)}
     assert call["outputs"] == [((bh, n, rows, d), mx.float32), ((bh, n, rows), mx.float32)]
     # the tier's views reach the kernel as they are, and MLX is told not to copy them either
     assert call["ensure_row_contiguous"] is False
@@ -528,6 +582,11 @@ def test_the_quantized_decode_call_matches_its_indexing(recorder):
                                                             values.scale, values.zero)), q=q, bias=bias)
     for name, view in sent.items():
         assert passed_as_is(call["inputs"][name], view), name
+    lengths = mx.array([s, 64], dtype=mx.int32)  # a batch's rows with their lengths: the same launch, flagged
+    kernel(q, keys, values, 0.1, key_bias=bias, lengths=lengths)
+    call = recorder.calls[-1]
+    assert call["template"]["HAS_LENGTHS"] is True and passed_as_is(call["inputs"]["lengths"], lengths)
+    assert call["inputs"]["meta"].tolist()[:3] == [s, span, n] and call["grid"] == (32 * bh, n, 1)
 
 
 def test_full_precision_decode_dispatch(recorder):
@@ -537,11 +596,19 @@ def test_full_precision_decode_dispatch(recorder):
     out, lse = ops.partial_attention(q, k, k, 0.125, causal_offset=48)
     assert ops.paths["decode"] == "metal" and lse.shape == (1, 8, 2)
     (call,) = recorder.calls
-    assert call["name"] == "kvrt_decode" and call["template"] == {"D": 64, "ROWS": 8, "TQ": 2, "HAS_BIAS": False}
+    assert call["name"] == "kvrt_decode" and call["template"] == {"D": 64, "ROWS": 8, "TQ": 2, "HAS_BIAS": False,
+                                                                  "HAS_LENGTHS": False}
     assert call["inputs"]["meta"].tolist()[3:] == [48, 2] and call["grid"][0] == 32 * 2
     assert call["ensure_row_contiguous"] is False  # MLX passes the views as they lie
     assert passed_as_is(call["inputs"]["keys"], k) and passed_as_is(call["inputs"]["values"], k)
     assert passed_as_is(call["inputs"]["q"], q)
+    from kvrt.kernels_metal.decode import decode_attention
+
+    lengths = mx.array([40], dtype=mx.int32)  # a batch's rows with their lengths: the same launch, flagged
+    decode_attention(q, k, k, 0.125, 48, lengths=lengths)
+    call = recorder.calls.pop()
+    assert call["template"]["HAS_LENGTHS"] is True and passed_as_is(call["inputs"]["lengths"], lengths)
+    assert call["grid"] == recorder.calls[0]["grid"]
     ops.partial_attention(q, k, k, 0.125, with_lse=False)  # no lse wanted: mlx's fused attention, no kernel
     ops.partial_attention(rand(rng, (1, 8, 5, 64)), k, k, 0.125)  # 20 rows per KV head: the reference
     ops.partial_attention(rand(rng, (1, 8, 1, 48)), rand(rng, (1, 2, 50, 48)), rand(rng, (1, 2, 50, 48)), 0.1)  # D % 32
