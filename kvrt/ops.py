@@ -78,7 +78,7 @@ class Ops(Protocol):
     # --- math ----------------------------------------------------------------------
     def partial_attention(
         self, q: Array, k: Array, v: Array, scale: float, causal_offset: int | None = None, with_lse: bool = True,
-        key_bias: Array | None = None,
+        key_bias: Array | None = None, key_lengths: "np.ndarray | None" = None,
     ) -> tuple[Array, Array | None]:
         """Softmax attention of q over one tier's keys, with its log-sum-exp.
 
@@ -86,6 +86,8 @@ class Ops(Protocol):
         causal_offset: None = every key visible; else query t sees keys 0 .. causal_offset + t.
         key_bias: None, or float32 [B, Hkv, S] added to every query's scores (−inf hides a key:
         OTT's traced slots, empty pool slots).
+        key_lengths: None, or host ints [B]: row b of a batch holds only its first key_lengths[b] keys
+        (the rest is padding, hidden; a decode kernel does not read it).
         Returns out [B, Hq, T, D] in q's dtype and lse [B, Hq, T] in float32 (None if not with_lse).
         A query that sees no key at all gets out 0 and lse −inf, which the merge weighs as nothing.
         """
@@ -185,7 +187,8 @@ class Ops(Protocol):
 
     def quantized_kernel(self, q: Array, kv_heads: int, key_group: int, value_group: int):
         """A faster path for attention of q over a whole quantized tier stored with these group
-        sizes, called as kernel(q, QuantizedKeys, QuantizedValues, scale, key_bias=...) -> (out, lse):
+        sizes, called as kernel(q, QuantizedKeys, QuantizedValues, scale, key_bias=..., lengths=...) -> (out, lse)
+        (lengths: None or int32 [B] on the device, each row's flushed tokens):
         a fused kernel, or a framework op that computes the format exactly; None where the backend
         has neither (the tier then dequantizes block by block: the reference twin).
         Records which path runs in `self.paths` for --verbose."""

@@ -27,10 +27,20 @@ def ragged(lengths: np.ndarray) -> np.ndarray | None:
 def length_bias(ops: Ops, lengths: np.ndarray | None, extent: int, like: Array) -> Array | None:
     """float32 [B, H, extent] (B, H as like's first axes): 0 on row b's first lengths[b] keys and
     −inf after; None when no row is shorter than the extent (nothing to hide)."""
-    if lengths is None or (lengths >= extent).all():
+    if lengths is None:
+        return None
+    lengths = np.asarray(lengths)
+    if (lengths >= extent).all():
         return None
     limit = ops.row_values(np.minimum(lengths, extent), like)
     return ops.where(ops.positions(0, extent, like=like) < limit[:, None, None], 0.0, -INF)
+
+
+def short_rows(lengths: np.ndarray | None, extent: int) -> np.ndarray | None:
+    """Each row's length cut to the extent, or None when every row fills it (nothing to hide)."""
+    if lengths is None or (lengths >= extent).all():
+        return None
+    return np.minimum(lengths, extent)
 
 
 def add_bias(a: Array | None, b: Array | None) -> Array | None:

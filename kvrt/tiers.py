@@ -43,9 +43,9 @@ class FullPrecisionTier:
         """(out, lse) of q [B, Hq, T, D] over this tier; causal_offset as in Ops.partial_attention.
         Rows of a batch shorter than the longest hide their padding through the key bias."""
         end = self.length if causal_offset is None else min(self.length, causal_offset + q.shape[2])
-        keys = self.keys.view(end)
-        bias = batch_rows.length_bias(self.ops, self.keys.row_lengths, end, keys)
-        return self.ops.partial_attention(q, keys, self.values.view(end), scale, causal_offset, with_lse, bias)
+        lengths = batch_rows.short_rows(self.keys.row_lengths, end)
+        return self.ops.partial_attention(q, self.keys.view(end), self.values.view(end), scale, causal_offset,
+                                          with_lse, key_lengths=lengths)
 
     def take(self, rows: Sequence[int]) -> "FullPrecisionTier":
         out = FullPrecisionTier(self.ops)
@@ -98,8 +98,8 @@ class KeptTier:
         self.row_lengths = None
 
     def partial(self, q: Array, scale: float, causal_offset: int | None, with_lse: bool):
-        bias = batch_rows.length_bias(self.ops, self.row_lengths, self.length, self.k)
-        return self.ops.partial_attention(q, self.k, self.v, scale, None, with_lse, bias)
+        lengths = batch_rows.short_rows(self.row_lengths, self.length)
+        return self.ops.partial_attention(q, self.k, self.v, scale, None, with_lse, key_lengths=lengths)
 
     def take(self, rows: Sequence[int]) -> "KeptTier":
         out = KeptTier(self.ops)

@@ -9,6 +9,7 @@ import numpy as np
 
 from kvrt.errors import KvrtError
 from kvrt.ops import KernelPaths, kernels_allowed
+from kvrt.rows import add_bias, length_bias
 
 
 def causal_mask(t: int, s: int, causal_offset: int) -> mx.array:
@@ -60,7 +61,7 @@ class MLXOps(KernelPaths):
         self.paths["quantized decode"] = "reference"
         return None
 
-    def _quantized_matmul_attention(self, q, keys, values, scale, key_bias=None):
+    def _quantized_matmul_attention(self, q, keys, values, scale, key_bias=None, lengths=None):
         """(out, lse) over a whole quantized tier with mx.quantized_matmul, which computes kvrt's format
         exactly: values are MLX's affine layout as stored (per token, groups of gv channels along the last
         axis, codes little-end-first in 32-bit words, x̂ = q·scale + zero); keys are too once the packed
@@ -73,6 +74,8 @@ class MLXOps(KernelPaths):
         k_scale, k_zero = (x.astype(mx.float32).swapaxes(-1, -2) for x in (keys.scale, keys.zero))
         scores = mx.quantized_matmul(qg, words, k_scale, k_zero, transpose=False, group_size=keys.group,
                                      bits=keys.bits)
+        if lengths is not None:  # a batch's padding groups: hidden through the bias
+            key_bias = add_bias(key_bias, length_bias(self, lengths.tolist(), scores.shape[-1], keys.scale))
         if key_bias is not None:
             scores = scores + mx.expand_dims(key_bias, 2)
         lse = mx.logsumexp(scores, axis=-1, keepdims=True)
@@ -130,12 +133,21 @@ class MLXOps(KernelPaths):
     def row_values(self, values, like):
         return mx.array([int(v) for v in values], dtype=mx.int32)
 
-    def partial_attention(self, q, k, v, scale, causal_offset=None, with_lse=True, key_bias=None):
+    def partial_attention(self, q, k, v, scale, causal_offset=None, with_lse=True, key_bias=None, key_lengths=None):
         """q [B, Hq, T, D], k/v [B, Hkv, S, D] → (out [B, Hq, T, D] in q's dtype, lse [B, Hq, T] float32 or None)."""
         check_qkv(q, k, v)
         b, hq, t, d = q.shape
         hkv, s = k.shape[1], k.shape[2]
         g = hq // hkv
+        if key_lengths is not None:
+            from kvrt.kernels_metal.decode import decode_attention, fits
+
+            if g * t <= DECODE_ROWS and fits(q, hkv) and self.kernels_on(q):
+                self.paths["decode"] = "metal"
+                out, lse = decode_attention(q, k, v, scale, causal_offset, key_bias,
+                                            lengths=self.row_values(key_lengths, q))
+                return out, lse if with_lse else None
+            key_bias = add_bias(key_bias, length_bias(self, key_lengths, s, k))  # the ops path: through the bias
         if not with_lse and key_bias is None:  # no merge follows: the fused kernel (GQA-aware, float32 softmax) needs no lse
             if causal_offset is None:
                 mask = None

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kvrt.ops import KernelPaths, kernels_allowed
+from kvrt.rows import add_bias, length_bias
 
 
 def causal_mask(t: int, s: int, causal_offset: int, device) -> torch.Tensor:
@@ -92,24 +93,29 @@ class TorchOps(KernelPaths):
     def row_values(self, values, like):
         return torch.tensor([int(v) for v in values], dtype=torch.int32, device=like.device)
 
-    def partial_attention(self, q, k, v, scale, causal_offset=None, with_lse=True, key_bias=None):
+    def partial_attention(self, q, k, v, scale, causal_offset=None, with_lse=True, key_bias=None, key_lengths=None):
         b, hq, t, d = q.shape
         hkv, s = k.shape[1], k.shape[2]
+        kernel = decode_sized(q, hkv) and self.kernels_on(q)
+        if key_lengths is not None and not kernel:  # the ops path hides a batch's padding through the bias
+            key_bias, key_lengths = add_bias(key_bias, length_bias(self, key_lengths, s, k)), None
         square = causal_offset == 0 and s == t  # a fresh prompt: SDPA's own (top-left) causal mask fits
         mask = None if causal_offset is None or square else causal_mask(t, s, causal_offset, q.device)
         decode = decode_sized(q, hkv)
-        if not with_lse and key_bias is None:  # no merge follows: the fused SDPA kernel is fastest and needs no lse
+        if not with_lse and key_bias is None and key_lengths is None:  # no merge follows: the fused SDPA kernel is fastest and needs no lse
             if decode:
                 self.paths["decode"] = "sdpa"
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=square, scale=scale, enable_gqa=hq != hkv
             )
             return out, None
-        if decode and self.kernels_on(q):
+        if kernel:
             from kvrt.kernels_cuda.decode import decode_attention
 
             self.paths["decode"] = "triton"
-            return decode_attention(q, k, v, scale, causal_offset, key_bias)
+            lengths = None if key_lengths is None else self.row_values(key_lengths, q)
+            out, lse = decode_attention(q, k, v, scale, causal_offset, key_bias, lengths=lengths)
+            return out, lse if with_lse else None
         if decode:
             self.paths["decode"] = "reference"
         g = hq // hkv

@@ -156,8 +156,9 @@ class QuantizedTier:
         kernel = None if heads is not None else ops.quantized_kernel(q, self.shape[1], cfg.group,
                                                                      cfg.value_group_for(self.shape[2]))
         if kernel is not None:
-            bias = batch_rows.add_bias(self.block_bias(0, groups), self.padding_bias(0, groups))
-            fused = kernel(q, *self.stored(0, groups), scale, key_bias=bias)
+            lengths = batch_rows.short_rows(self.row_lengths, groups * cfg.group)
+            lengths = None if lengths is None else ops.row_values(lengths, q)  # the kernel skips a row's padding
+            fused = kernel(q, *self.stored(0, groups), scale, key_bias=self.block_bias(0, groups), lengths=lengths)
             return merge_partials(ops, [fused] + self.extra_partials(q, scale, None))
         parts = []
         for first in range(0, groups, self.BLOCK_GROUPS):
