@@ -307,6 +307,41 @@ def end_to_end(shape: Shape) -> list[dict]:
     return records
 
 
+# ---- 5. serving: batched decode at a fixed KV memory (issue: the OTT throughput headline) ---------
+def serving(shape: Shape) -> list[dict]:
+    """Decode tok/s at B = 1 and B = 8 (full cache), then, at one KV memory (~4 full caches), as many
+    rows of each spec as fit decoding together (bench/serve.py's fixed_memory_decode)."""
+    from serve import fixed_memory_decode, fixed_memory_table
+
+    from kvrt.cache import stack_caches
+
+    dtype = "float32" if SMOKE else "bfloat16"
+    runtime = TorchRuntime.with_random_weights(shape.model, dtype=dtype, device=shape.device)
+    prompt = shape.prompt // 4
+    ids = torch.randint(0, shape.model.vocab_size, (prompt,), generator=torch.Generator().manual_seed(1)).tolist()
+    cache = runtime.new_cache("full")
+    runtime.forward(ids, cache)
+    rates = {}
+    for rows in (1, 8):
+        batch = stack_caches([cache] * rows)
+        runtime.decode([1] * rows, batch)
+        sync(shape.device)
+        t0 = time.perf_counter()
+        for _ in range(shape.steps):
+            runtime.decode([1] * rows, batch)
+        sync(shape.device)
+        rates[rows] = rows * shape.steps / (time.perf_counter() - t0)
+        del batch
+    del cache
+    table(f"Batched decode, full cache, {prompt}-token prompts", ["B", "decode tok/s", "vs B=1"],
+          [[b, r, f"{r / rates[1]:.2f}x"] for b, r in rates.items()])
+    specs = ["full", "ott:bits=2", f"snapkv:budget={shape.budget}", f"snapkv:budget={shape.budget}+ott:bits=2"]
+    results = fixed_memory_decode(runtime, ids, specs, 4.0, shape.steps, 64, sync=lambda: sync(shape.device))
+    print(f"\n### Decode at a fixed KV memory (~4 full caches of {prompt} tokens)\n")
+    print(fixed_memory_table(results))
+    return [dict(batched=rates)] + results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="CPU under TRITON_INTERPRET=1, tiny shapes")
@@ -325,7 +360,8 @@ def main() -> int:
     correctness(shape, failures)
     copy_bw = copy_bandwidth(shape)
     result = dict(device=name, copy_bytes_per_s=copy_bw, decode=decode_timings(shape, copy_bw),
-                  prefill=prefill_timings(shape), end_to_end=end_to_end(shape), failures=failures)
+                  prefill=prefill_timings(shape), end_to_end=end_to_end(shape), serving=serving(shape),
+                  failures=failures)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "gpu_kernels.json"), "w") as f:
