@@ -193,6 +193,9 @@ class LayerCache:
     def _compress_rows(self, q: Array, scale: float) -> None:
         """A decode step of a batch: compress the rows that need it, rows in the same state together
         (each such group runs the one-sequence code above on its own rows, cut to their lengths)."""
+        evicts = self.eviction is not None and self.quantized is None and self.eviction.compresses_chunk(1)
+        if not (evicts or self.quantized is not None):
+            return  # full, SnapKV, PyramidKV: decode tokens are only appended
         due = [b for b in range(self.rows) if self._row_due(b)]
         groups: dict[tuple, list[int]] = {}
         for b in due:
@@ -218,8 +221,7 @@ class LayerCache:
 
     def _row_due(self, b: int) -> bool:
         """Whether row b compresses after a decode token (as `_compress` would for it alone)."""
-        held = int(self.kept.lengths()[b]) + int(self.newest.lengths()[b]) if self.kept.length else int(
-            self.newest.lengths()[b])
+        held = (int(self.kept.lengths()[b]) if self.kept.length else 0) + int(self.newest.lengths()[b])
         if self.eviction is not None and self.quantized is None and self.eviction.compresses_chunk(1):
             if self.eviction.accumulates or held > _row_value(self.budget, b):
                 return True

@@ -165,3 +165,19 @@ def test_default_model_batched_greedy_equals_alone_for_every_spec(default_model_
 
 
 REPO_README = __import__("pathlib").Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_the_engine_thread_serves_both_backends(tiny):
+    """kvrt serve's engine runs the model on its own thread (MLX once failed there: lazy weights)."""
+    from kvrt.engine import Engine
+
+    model, prompts = tiny
+    spec = "h2o:budget=24+calidrop"
+    engine = Engine(model, cache=spec, max_batch=3, max_queue=8, prefill_chunk=32).start()
+    try:
+        handles = [engine.submit(ids, max_tokens=6, params=SamplingParams()) for ids in prompts]
+        texts = [h.text() for h in handles]
+    finally:
+        engine.stop()
+    assert texts == [model.generate_ids(ids, max_tokens=6, cache=spec).text for ids in prompts]
+    assert all(h.finish_reason in ("stop", "length") and h.completion_tokens <= 6 for h in handles)
