@@ -325,9 +325,22 @@ def models():
               help="Prompt tokens prefilled per engine step (running decodes wait at most one chunk).")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,
               help="Tokens generated for a request that names no max_tokens.")
-def serve(model, backend, dtype, cache_spec, host, port, max_batch, kv_memory, max_queue, prefill_chunk, max_tokens):
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Model replicas behind Ray Serve (each with its own engine and --kv-memory).")
+def serve(model, backend, dtype, cache_spec, host, port, max_batch, kv_memory, max_queue, prefill_chunk, max_tokens,
+          replicas):
     """Serve the model over an OpenAI-compatible HTTP API, with continuous batching."""
     budget = parse_size(kv_memory, "--kv-memory") if kv_memory is not None else None
+    if replicas > 1:
+        from kvrt.serve_ray import serve_replicas
+        from kvrt.spec import CacheSpec
+
+        CacheSpec.parse(cache_spec)  # a bad spec is one line here, not an error in every replica
+        engine = dict(cache=cache_spec, max_batch=max_batch, kv_memory=budget, max_queue=max_queue,
+                      prefill_chunk=prefill_chunk)
+        serve_replicas(model, backend, dtype, engine, host, port, replicas, max_tokens, log)
+        log("stopped")
+        return
     try:
         from kvrt.serve import bind, build_app, serve as run_server
     except ImportError as exc:

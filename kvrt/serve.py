@@ -35,6 +35,7 @@ from kvrt.errors import InvalidValue, KvrtError
 from kvrt.sampling import SamplingParams
 from kvrt.spec import CacheSpec
 
+REPLICA = f"{socket.gethostname()}:{os.getpid()}".encode()
 POLL_SECONDS = 0.25  # how often a waiting request checks for its client and the engine
 
 
@@ -76,7 +77,9 @@ class InternalErrors:
 
         async def tracked(message):
             nonlocal started
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                started = True  # every reply names the process that served it (a replica, behind Ray Serve)
+                message = {**message, "headers": [*message.get("headers", []), (b"x-kvrt-replica", REPLICA)]}
             await send(message)
 
         try:
