@@ -16,9 +16,13 @@ from typing import Sequence
 from kvrt.cache import stack_caches
 from kvrt.errors import KvrtError
 from kvrt.generate import GenerationStats, StopMatcher
+from kvrt.quant import bits_per_element
 from kvrt.sampling import Sampler, SamplingParams
 from kvrt.spec import CacheSpec
 from kvrt.tokenizer import StreamingDetokenizer
+
+
+FINISHED = object()  # the end of a request's event stream (a Row's handle gets it when the row closes)
 
 
 def buffer_rows(tokens: int) -> int:
@@ -38,12 +42,9 @@ def kv_bytes_needed(runtime, spec: CacheSpec, prompt_tokens: int, max_tokens: in
     if eviction is not None:
         budget = max(eviction.layer_budget(i, layers, prompt_tokens) for i in range(layers))
         kept = min(total, budget + (0 if eviction.evicts_during_decode else max_tokens))
-        kept = max(kept, min(total, budget))
     bytes_per_layer = buffer_rows(kept) * per_token
     if quantization is not None:
         full = min(kept, quantization.residual + quantization.group)
-        from kvrt.quant import bits_per_element
-
         bits = bits_per_element(quantization.bits, quantization.group, itemsize)
         quantized = (kept - full) * 9 // 8 + quantization.group  # its buffers grow by an eighth too
         bytes_per_layer = buffer_rows(full) * per_token + int(quantized * per_token * bits / (8 * itemsize))
@@ -165,19 +166,13 @@ class Row:
             reason = "stop" if self.finish_reason == "eos" else self.finish_reason
             self.handle.completion_tokens, self.handle.finish_reason = self.generated, reason
             self.handle.kv_bytes, self.handle.finished_at = stats.kv_bytes, time.perf_counter()
-            self.handle._events.put(_finished())
+            self.handle._events.put(FINISHED)
 
     def fail(self, exc: BaseException) -> None:
         self.cache = None
         if self.handle is not None:
             self.handle.finish_reason = "error"
             self.handle._events.put(exc if isinstance(exc, KvrtError) else KvrtError(f"generation failed: {exc}"))
-
-
-def _finished():
-    from kvrt.engine import FINISHED
-
-    return FINISHED
 
 
 class Batch:

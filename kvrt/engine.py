@@ -22,12 +22,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
-from kvrt.batch import Batch, Row, kv_bytes_needed
+from kvrt.batch import FINISHED, Batch, Row, kv_bytes_needed
 from kvrt.errors import InvalidValue, KvrtError
 from kvrt.sampling import SamplingParams
 from kvrt.spec import CacheSpec
-
-FINISHED = object()  # the end of a request's event stream
 
 
 class QueueFull(KvrtError):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import kvrt
-from kvrt.batch import Batch, Row, generate_rows
+from kvrt.batch import Batch, Row, generate_rows, kv_bytes_needed
 from kvrt.cache import stack_caches
 from kvrt.sampling import SamplingParams
 from kvrt.spec import CacheSpec
@@ -181,3 +181,18 @@ def test_the_engine_thread_serves_both_backends(tiny):
         engine.stop()
     assert texts == [model.generate_ids(ids, max_tokens=6, cache=spec).text for ids in prompts]
     assert all(h.finish_reason in ("stop", "length") and h.completion_tokens <= 6 for h in handles)
+
+
+@pytest.mark.parametrize("spec", TINY_SPECS)
+def test_admission_never_reserves_less_than_a_cache_comes_to_hold(tiny, spec):
+    """The engine admits by kv_bytes_needed: it must bound what the cache holds at its longest."""
+    model, prompts = tiny
+    parsed = CacheSpec.parse(spec)
+    for ids in prompts:
+        cache = model.runtime.new_cache(parsed)
+        token = int(model.runtime.ops.argmax_last(model.runtime.forward(ids, cache)[-1]))
+        most = cache.nbytes()
+        for _ in range(40):
+            token = int(model.runtime.ops.argmax_last(model.runtime.forward([token], cache)[-1]))
+            most = max(most, cache.nbytes())
+        assert most <= kv_bytes_needed(model.runtime, parsed, len(ids), 41), (spec, len(ids))
