@@ -28,9 +28,7 @@ class SeqBuffer:
 
     def lengths(self) -> np.ndarray:
         """Rows stored per batch row."""
-        if self.row_lengths is not None:
-            return self.row_lengths
-        return np.full(0 if self.data is None else self.data.shape[0], self.length)
+        return batch_rows.per_row(self.row_lengths, 0 if self.data is None else self.data.shape[0], self.length)
 
     @property
     def capacity(self) -> int:

@@ -196,7 +196,7 @@ class LayerCache:
         evicts = self.eviction is not None and self.quantized is None and self.eviction.compresses_chunk(1)
         if not (evicts or self.quantized is not None):
             return  # full, SnapKV, PyramidKV: decode tokens are only appended
-        due = [b for b in range(self.rows) if self._row_due(b)]
+        due = [b for b in range(self.rows) if self._row_due(b, evicts)]
         groups: dict[tuple, list[int]] = {}
         for b in due:
             groups.setdefault(self.signature(b), []).append(b)
@@ -219,12 +219,12 @@ class LayerCache:
         position = {b: i for i, b in enumerate(order)}
         self._adopt(merged.take([position[b] for b in range(self.rows)]))
 
-    def _row_due(self, b: int) -> bool:
-        """Whether row b compresses after a decode token (as `_compress` would for it alone)."""
+    def _row_due(self, b: int, evicts: bool) -> bool:
+        """Whether row b compresses after a decode token (as `_compress` would for it alone);
+        `evicts`: the method evicts at decode (and no quantizer defers eviction to chunks)."""
         held = (int(self.kept.lengths()[b]) if self.kept.length else 0) + int(self.newest.lengths()[b])
-        if self.eviction is not None and self.quantized is None and self.eviction.compresses_chunk(1):
-            if self.eviction.accumulates or held > _row_value(self.budget, b):
-                return True
+        if evicts and (self.eviction.accumulates or held > _row_value(self.budget, b)):
+            return True
         return self.quantized is not None and self.quantized.config.groups_to_flush(held) > 0
 
     def _ragged(self) -> bool:

@@ -159,7 +159,7 @@ class Engine:
         """What /metrics reports: rows running and waiting, KV bytes in use and the budget, tokens/s."""
         with self._wake:
             running = sum(len(b) for b in self.batches.values()) + len(self.prefilling)
-            kv = sum(b.nbytes() for b in self.batches.values()) + sum(r.nbytes() for r in self.prefilling)
+            kv = self._held()
             prompt_tps, generation_tps = self.counters.rates()
             return {"running": running, "waiting": len(self.waiting), "kv_bytes": kv,
                     "kv_budget_bytes": self.kv_memory or 0, "kv_reserved_bytes": self._reserved(),
@@ -197,8 +197,11 @@ class Engine:
         for row in rows:
             keys.setdefault(str(row.spec), []).append(row.need)
         projected = sum(len(needs) * max(needs) for needs in keys.values())
-        held = sum(b.nbytes() for b in self.batches.values()) + sum(r.nbytes() for r in self.prefilling)
-        return max(projected, held)
+        return max(projected, self._held())
+
+    def _held(self) -> int:
+        """KV bytes the running caches hold now (batches and prefills)."""
+        return sum(b.nbytes() for b in self.batches.values()) + sum(r.nbytes() for r in self.prefilling)
 
     def _room_for(self, row: Row) -> bool:
         if len(self._rows()) >= self.max_batch:

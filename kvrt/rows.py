@@ -19,6 +19,11 @@ from kvrt.ops import Array, Ops
 INF = float("inf")
 
 
+def per_row(row_lengths: np.ndarray | None, rows: int, length: int) -> np.ndarray:
+    """Each row's length: the per-row lengths where rows differ, else `length` for all `rows`."""
+    return row_lengths if row_lengths is not None else np.full(rows, length)
+
+
 def ragged(lengths: np.ndarray) -> np.ndarray | None:
     """The per-row lengths when rows differ; None when every row has the same length."""
     return None if len(lengths) == 0 or (lengths == lengths[0]).all() else lengths
@@ -27,12 +32,10 @@ def ragged(lengths: np.ndarray) -> np.ndarray | None:
 def length_bias(ops: Ops, lengths: np.ndarray | None, extent: int, like: Array) -> Array | None:
     """float32 [B, H, extent] (B, H as like's first axes): 0 on row b's first lengths[b] keys and
     −inf after; None when no row is shorter than the extent (nothing to hide)."""
+    lengths = short_rows(None if lengths is None else np.asarray(lengths), extent)
     if lengths is None:
         return None
-    lengths = np.asarray(lengths)
-    if (lengths >= extent).all():
-        return None
-    limit = ops.row_values(np.minimum(lengths, extent), like)
+    limit = ops.row_values(lengths, like)
     return ops.where(ops.positions(0, extent, like=like) < limit[:, None, None], 0.0, -INF)
 
 

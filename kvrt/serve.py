@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException
 
 from kvrt.engine import Engine, QueueFull
 from kvrt.errors import InvalidValue, KvrtError
+from kvrt.generate import check_token_ids
 from kvrt.sampling import SamplingParams
 from kvrt.spec import CacheSpec
 
@@ -250,10 +251,7 @@ class Server:
     def completion_ids(self, body: CompletionRequest) -> list[int]:
         if isinstance(body.prompt, str):
             return self.model.encode_prompt(body.prompt, chat_template=False)
-        vocab = self.model.tokenizer.vocab_size
-        bad = [t for t in body.prompt if not 0 <= t < vocab]
-        if bad:
-            raise InvalidValue(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+        check_token_ids(body.prompt, self.model.tokenizer.vocab_size)
         return body.prompt
 
     def chat_ids(self, body: ChatRequest) -> list[int]:

@@ -89,9 +89,7 @@ class KeptTier:
         return 0 if self.k is None else self.k.shape[2]
 
     def lengths(self) -> np.ndarray:
-        if self.row_lengths is not None:
-            return self.row_lengths
-        return np.full(0 if self.k is None else self.k.shape[0], self.length)
+        return batch_rows.per_row(self.row_lengths, 0 if self.k is None else self.k.shape[0], self.length)
 
     def replace(self, k: Array, v: Array, positions: Array) -> None:
         self.k, self.v, self.positions = k, v, positions

@@ -77,9 +77,7 @@ class CalibrationTier:
         self.counts = {name: np.zeros(1, dtype=np.int64) for name in BRANCHES}  # per batch row
 
     def lengths(self) -> np.ndarray:
-        if self.row_lengths is not None:
-            return self.row_lengths
-        return np.full(len(self.counts["skip"]), self.length)
+        return batch_rows.per_row(self.row_lengths, len(self.counts["skip"]), self.length)
 
     def signature(self, row: int) -> tuple:
         """What must match for rows to compress together: the partial's and the store's lengths."""

@@ -40,9 +40,7 @@ class FullStore:
         return 0 if self.k is None else self.k.shape[2]
 
     def lengths(self) -> np.ndarray:
-        if self.row_lengths is not None:
-            return self.row_lengths
-        return np.full(0 if self.k is None else self.k.shape[0], self.length)
+        return batch_rows.per_row(self.row_lengths, 0 if self.k is None else self.k.shape[0], self.length)
 
     def take(self, rows: Sequence[int]) -> "FullStore":
         out = FullStore(self.ops, self.host)

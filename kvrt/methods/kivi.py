@@ -71,9 +71,7 @@ class QuantizedTier:
         self.shape = None  # (B, Hkv, D)
 
     def lengths(self) -> np.ndarray:
-        if self.row_lengths is not None:
-            return self.row_lengths
-        return np.full(0 if self.shape is None else self.shape[0], self.length)
+        return batch_rows.per_row(self.row_lengths, 0 if self.shape is None else self.shape[0], self.length)
 
     def padding_bias(self, first: int, last: int) -> Array | None:
         """−inf on the group slots first..last-1 that a shorter row of a batch has not filled."""
