@@ -25,6 +25,9 @@ class SeqBuffer:
         self.data: Array | None = None
         self.length = 0  # the longest row's
         self.row_lengths: np.ndarray | None = None  # per row, when the rows of a batch differ
+        # after a sliding window dropped the oldest rows, `data` is a view into this allocation
+        self.allocation: Array | None = None
+        self.dropped = 0  # rows dropped off the front of the allocation since it was made
 
     def lengths(self) -> np.ndarray:
         """Rows stored per batch row."""
@@ -56,7 +59,29 @@ class SeqBuffer:
         grown = self.ops.alloc_seq(like, capacity)
         if self.length:
             grown = self.ops.write_seq(grown, 0, self.view())
-        self.data = grown
+        self.data, self.allocation, self.dropped = grown, None, 0
+
+    def stored(self) -> Array | None:
+        """The whole allocation (what the cache's nbytes counts), rows dropped at the front included."""
+        return self.allocation if self.allocation is not None else self.data
+
+    def drop_front(self, drop: np.ndarray) -> None:
+        """Drop each row's oldest drop[b] rows (a sliding window moving on). Dropped evenly, the rows
+        left stay in place as a view into the allocation until `step` rows have gone; then (or when
+        rows drop unevenly) they move to an allocation of their own."""
+        from kvrt.window import drop_front
+
+        lengths = self.lengths()
+        kept = lengths - drop
+        if (drop == drop[0]).all() and self.dropped + int(drop[0]) < self.step:
+            self.allocation, self.dropped = self.stored(), self.dropped + int(drop[0])
+            self.data = self.data[..., int(drop[0]):, :]  # the capacity after the rows stays usable
+        else:
+            rest = drop_front(self.ops, self.view(), drop, lengths, axis=-2)
+            capacity = -(-(int(kept.max()) + 1) // self.step) * self.step
+            self.data = self.ops.write_seq(self.ops.alloc_seq(rest, capacity), 0, rest)
+            self.allocation, self.dropped = None, 0
+        self.length, self.row_lengths = int(kept.max()), batch_rows.ragged(kept)
 
     def view(self, end: int | None = None) -> Array:
         """The stored rows [..., :end, :] (all of them by default)."""

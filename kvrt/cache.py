@@ -19,14 +19,18 @@ from kvrt.methods.base import Candidates, selection
 from kvrt.ops import Array, Ops
 from kvrt.spec import CacheSpec
 from kvrt.tiers import FullPrecisionTier, KeptTier
+from kvrt.window import kept_bias, slide
 
 
 class LayerCache:
     """One layer's KV cache: kept (after eviction), newest (full precision) and calibration tiers."""
 
     def __init__(self, ops: Ops, layer_idx: int, num_layers: int = 1, eviction=None, calibration=None,
-                 quantization=None, query_block: int = 512):
+                 quantization=None, query_block: int = 512, window: int | None = None):
         self.ops = ops
+        self.window = window  # a local layer attends only its last `window` positions (kvrt/window.py)
+        if window is not None:  # a window is bounded already, and lets single tokens go (kvrt/window.py)
+            calibration = quantization = None
         self.layer_idx, self.num_layers = layer_idx, num_layers
         self.query_block = query_block
         self.eviction = eviction
@@ -58,7 +62,7 @@ class LayerCache:
         """
         base = self.newest.length
         self.newest.append(k, v)
-        self.offset += k.shape[2]
+        self.offset = self.offset + k.shape[2]  # a new value: per-row offsets may be shared (newest_start)
         out = self._attention(q, scale, base)
         self.unscored = k.shape[2]
         if self.rows > 1:
@@ -75,7 +79,7 @@ class LayerCache:
         if self.offset:
             raise ValueError("prefilled() takes only a layer's first chunk")
         self.newest.append(k, v)
-        self.offset += k.shape[2]
+        self.offset = self.offset + k.shape[2]  # a new value: per-row offsets may be shared (newest_start)
         self._compress(q, scale)
 
     def _compress(self, q: Array, scale: float) -> None:
@@ -83,17 +87,29 @@ class LayerCache:
 
         Composed, eviction picks among full-precision tokens and its survivors are quantized;
         quantized tokens are final, so eviction runs on multi-token chunks (the prompt, later
-        turns) and decode tokens flow through the residual into the quantized tier."""
-        if self.eviction is not None and (self.quantized is None or q.shape[2] > 1):
-            self._evict(q, scale)
+        turns) and decode tokens flow through the residual into the quantized tier. A local
+        layer first lets go of the tokens that left its window, then evicts among the rest."""
+        evicts = self.eviction is not None and (self.quantized is None or q.shape[2] > 1)
+        if evicts and self.eviction.accumulates:  # H2O's sums cover every chunk, held ones included
+            keys = self._after_kept(self.kept.k, self.newest.keys.view())
+            self.accumulated = self.eviction.accumulate(self.ops, self.accumulated, q, keys, scale, self.query_block)
+            self.unscored = 0
+        if self.window is not None:
+            slide(self)
+        if evicts and not self.holding:  # the rest waits for the prompt's last chunk
+            if self.rows > 1 and self._ragged():  # the window moved rows apart: each evicts on its own
+                self._evict_apart(q, scale)
+            else:
+                self._evict(q, scale)
         if self.quantized is not None and not self.holding:
             self._flush()
 
     def _attention(self, q: Array, scale: float, base: int) -> Array:
         t = q.shape[2]
-        if t == 1:  # decode: every stored key is visible
+        if t == 1:  # decode: every stored key is visible (a local layer's window: see kvrt/window.py)
             return self._attend_block(q, scale, causal_offset=None)
-        if self.ops.fused_prefill and all(tier is self.newest for tier in self.tiers if tier.length):
+        lone = all(tier is self.newest for tier in self.tiers if tier.length)
+        if self.ops.fused_prefill and lone and self.window is None:
             # a lone tier needs no lse, and a flash kernel bounds memory itself: one call, no blocks
             return self.newest.partial(q, scale, base, with_lse=False)[0]
         blocks = [
@@ -105,12 +121,17 @@ class LayerCache:
     def _attend_block(self, q: Array, scale: float, causal_offset: int | None) -> Array:
         active = [tier for tier in self.tiers if tier.length]
         with_lse = len(active) > 1  # a lone tier needs no merge, so skip computing its lse
-        parts = [
-            tier.partial(q, scale, causal_offset if tier is self.newest else None, with_lse)
-            for tier in active
-        ]
+        parts = [self._tier_partial(tier, q, scale, causal_offset, with_lse) for tier in active]
         out, _ = merge_partials(self.ops, parts)
         return out
+
+    def _tier_partial(self, tier, q: Array, scale: float, causal_offset: int | None, with_lse: bool):
+        if tier is self.newest:
+            return tier.partial(q, scale, causal_offset, with_lse, window=self.window)
+        if tier is self.kept and self.window is not None:  # kept tokens may have left some queries' window
+            first = self.offset - 1 if causal_offset is None else self.newest_start + causal_offset
+            return tier.partial(q, scale, None, with_lse, key_bias=kept_bias(self, first, q.shape[2]))
+        return tier.partial(q, scale, None, with_lse)
 
     def _after_kept(self, kept: Array | None, newest: Array) -> Array:
         """A kept-tier array followed by the newest tier's along the token axis: the candidates."""
@@ -119,10 +140,6 @@ class LayerCache:
     def _evict(self, q: Array, scale: float) -> None:
         method, ops, kept, newest = self.eviction, self.ops, self.kept, self.newest
         keys = self._after_kept(kept.k, newest.keys.view())
-        if method.accumulates:
-            self.accumulated = method.accumulate(ops, self.accumulated, q, keys, scale, self.query_block)
-        if self.holding:  # H2O's sums cover every chunk; the rest waits for the prompt's last one
-            return
         total = keys.shape[2]
         if self.budget is None:
             self.budget = method.layer_budget(self.layer_idx, self.num_layers, total)
@@ -142,6 +159,12 @@ class LayerCache:
             self.calibration.add_evicted(*evicted, q, scale)
         newest.clear()
         self.newest_start = self.offset
+
+    def _evict_apart(self, q: Array, scale: float) -> None:
+        parts = [self.take([b]) for b in range(self.rows)]
+        for b, part in enumerate(parts):
+            part._evict(self.ops.take_rows(q, [b]), scale)
+        self._adopt(stack_layers(parts))
 
     def _positions(self, start, count: int, like: Array) -> Array:
         """int32 [B, Hkv, count]: start .. start+count-1, from each row's own start in a batch."""
@@ -178,13 +201,15 @@ class LayerCache:
         newest.clear()  # the residual starts over in a buffer sized to what is left
         if rest_k.shape[2]:
             newest.append(rest_k, rest_v)
-        self.newest_start += drop
+        self.newest_start = self.newest_start + drop
 
     def trim(self, n: int) -> int:
         """Forget the newest n tokens (chat rewinds to a shared prefix); returns how many went.
         Only tokens still in the newest tier can go: compressed ones cannot be un-fed."""
+        if self.window is not None and self.newest_start:  # the window of the rewound position must be whole
+            n = min(n, max(0, self.offset - self.window + 1 - self.newest_start))
         n = self.newest.trim(n)
-        self.offset -= n
+        self.offset = self.offset - n
         if n and self.accumulated is not None:
             self.accumulated = self.accumulated[..., : self.accumulated.shape[2] - n]
         return n
@@ -194,7 +219,7 @@ class LayerCache:
         """A decode step of a batch: compress the rows that need it, rows in the same state together
         (each such group runs the one-sequence code above on its own rows, cut to their lengths)."""
         evicts = self.eviction is not None and self.quantized is None and self.eviction.compresses_chunk(1)
-        if not (evicts or self.quantized is not None):
+        if not (evicts or self.quantized is not None or self.window is not None):
             return  # full, SnapKV, PyramidKV: decode tokens are only appended
         due = [b for b in range(self.rows) if self._row_due(b, evicts)]
         groups: dict[tuple, list[int]] = {}
@@ -222,6 +247,8 @@ class LayerCache:
     def _row_due(self, b: int, evicts: bool) -> bool:
         """Whether row b compresses after a decode token (as `_compress` would for it alone);
         `evicts`: the method evicts at decode (and no quantizer defers eviction to chunks)."""
+        if self.window is not None:
+            return True  # its window moves on every step
         held = (int(self.kept.lengths()[b]) if self.kept.length else 0) + int(self.newest.lengths()[b])
         if evicts and (self.eviction.accumulates or held > _row_value(self.budget, b)):
             return True
@@ -265,6 +292,7 @@ class LayerCache:
         out = LayerCache.__new__(LayerCache)
         out.ops, out.layer_idx, out.num_layers = self.ops, self.layer_idx, self.num_layers
         out.query_block, out.eviction, out.budget = self.query_block, self.eviction, self.budget
+        out.window = self.window
         out.quantized = out.calibration = out.accumulated = None
         out.rows, out.unscored, out.holding = rows, self.unscored, self.holding
         return out
@@ -329,11 +357,16 @@ def stack_layers(parts: Sequence[LayerCache]) -> LayerCache:
 class KVCache:
     """The whole model's cache: one LayerCache per decoder layer, configured by a cache spec."""
 
-    def __init__(self, ops: Ops, num_layers: int, spec: "str | CacheSpec" = "full", query_block: int = 512):
+    def __init__(self, ops: Ops, num_layers: int, spec: "str | CacheSpec" = "full", query_block: int = 512,
+                 windows: Sequence[int | None] | None = None):
+        """`windows`: per layer, the sliding window of a local layer, or None for a global one."""
         self.ops = ops
         self.spec = CacheSpec.parse(spec)
         eviction, calibration, quantization = self.spec.build()
-        self.layers = [LayerCache(ops, i, num_layers, eviction, calibration, quantization, query_block)
+        windows = list(windows) if windows is not None else [None] * num_layers
+        if len(windows) != num_layers:
+            raise ValueError(f"{len(windows)} layer windows for {num_layers} layers")
+        self.layers = [LayerCache(ops, i, num_layers, eviction, calibration, quantization, query_block, windows[i])
                        for i in range(num_layers)]
 
     @property

@@ -50,6 +50,9 @@ class Ops(Protocol):
     # True when partial_attention(with_lse=False) never materializes the T x S scores (a flash
     # kernel), so a lone tier may take a whole prompt in one call instead of query blocks
     fused_prefill: bool
+    # attention-logit soft-capping of the model (Gemma 2: scores become softcap·tanh(scores/softcap)
+    # before the softmax), or None; a runtime sets it on its own ops, and no kernel computes it
+    softcap: float | None
 
     # --- storage -------------------------------------------------------------------
     def alloc_seq(self, like: Array, capacity: int) -> Array:
@@ -78,14 +81,17 @@ class Ops(Protocol):
     # --- math ----------------------------------------------------------------------
     def partial_attention(
         self, q: Array, k: Array, v: Array, scale: float, causal_offset: int | None = None, with_lse: bool = True,
-        key_bias: Array | None = None, key_lengths: "np.ndarray | None" = None,
+        key_bias: Array | None = None, key_lengths: "np.ndarray | None" = None, window: int | None = None,
     ) -> tuple[Array, Array | None]:
         """Softmax attention of q over one tier's keys, with its log-sum-exp.
 
         q: [B, Hq, T, D], k/v: [B, Hkv, S, D] (GQA: query head h reads KV head h // G).
         causal_offset: None = every key visible; else query t sees keys 0 .. causal_offset + t.
+        window: with causal_offset, a sliding window: query t sees keys causal_offset + t − window < j
+        ≤ causal_offset + t (a local layer's prompt, its positions contiguous in this tier).
         key_bias: None, or float32 [B, Hkv, S] added to every query's scores (−inf hides a key:
-        OTT's traced slots, empty pool slots).
+        OTT's traced slots, empty pool slots), or [B, Hkv, T, S], one bias per query (a local layer's
+        window over tokens whose positions are not contiguous).
         key_lengths: None, or host ints [B]: row b of a batch holds only its first key_lengths[b] keys
         (the rest is padding, hidden; a decode kernel does not read it).
         Returns out [B, Hq, T, D] in q's dtype and lse [B, Hq, T] in float32 (None if not with_lse).

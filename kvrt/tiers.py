@@ -39,13 +39,23 @@ class FullPrecisionTier:
         """Tokens held per batch row."""
         return self.keys.lengths()
 
-    def partial(self, q: Array, scale: float, causal_offset: int | None, with_lse: bool):
-        """(out, lse) of q [B, Hq, T, D] over this tier; causal_offset as in Ops.partial_attention.
-        Rows of a batch shorter than the longest hide their padding through the key bias."""
+    def partial(self, q: Array, scale: float, causal_offset: int | None, with_lse: bool, window: int | None = None):
+        """(out, lse) of q [B, Hq, T, D] over this tier; causal_offset and window as in
+        Ops.partial_attention (a window reads only the keys its queries can see). Rows of a batch
+        shorter than the longest hide their padding through the key bias."""
         end = self.length if causal_offset is None else min(self.length, causal_offset + q.shape[2])
+        start = 0 if window is None or causal_offset is None else max(0, causal_offset - window + 1)
         lengths = batch_rows.short_rows(self.keys.row_lengths, end)
-        return self.ops.partial_attention(q, self.keys.view(end), self.values.view(end), scale, causal_offset,
-                                          with_lse, key_lengths=lengths)
+        if start:
+            causal_offset, lengths = causal_offset - start, None if lengths is None else lengths - start
+        keys, values = self.keys.view(end)[..., start:, :], self.values.view(end)[..., start:, :]
+        return self.ops.partial_attention(q, keys, values, scale, causal_offset, with_lse, key_lengths=lengths,
+                                          window=window)
+
+    def drop_front(self, drop: np.ndarray) -> None:
+        """Drop each row's oldest drop[b] tokens (a sliding window moving on)."""
+        self.keys.drop_front(drop)
+        self.values.drop_front(drop)
 
     def take(self, rows: Sequence[int]) -> "FullPrecisionTier":
         out = FullPrecisionTier(self.ops)
@@ -69,7 +79,7 @@ class FullPrecisionTier:
 
     def arrays(self) -> list[Array]:
         """Every array this tier stores (what nbytes counts)."""
-        return [buf.data for buf in (self.keys, self.values) if buf.data is not None]
+        return [buf.stored() for buf in (self.keys, self.values) if buf.data is not None]
 
 
 class KeptTier:
@@ -95,9 +105,11 @@ class KeptTier:
         self.k, self.v, self.positions = k, v, positions
         self.row_lengths = None
 
-    def partial(self, q: Array, scale: float, causal_offset: int | None, with_lse: bool):
+    def partial(self, q: Array, scale: float, causal_offset: int | None, with_lse: bool, key_bias: Array | None = None):
+        """(out, lse) over the kept tokens (all precede the queries); `key_bias` hides those outside
+        a local layer's window."""
         lengths = batch_rows.short_rows(self.row_lengths, self.length)
-        return self.ops.partial_attention(q, self.k, self.v, scale, None, with_lse, key_lengths=lengths)
+        return self.ops.partial_attention(q, self.k, self.v, scale, None, with_lse, key_bias, key_lengths=lengths)
 
     def take(self, rows: Sequence[int]) -> "KeptTier":
         out = KeptTier(self.ops)

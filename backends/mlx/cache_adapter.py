@@ -57,9 +57,10 @@ class MLXLayerCache:
         return out
 
     def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None):
-        """No mask: LayerCache.attend is causal by construction."""
-        if window_size is not None:
-            raise KvrtError("sliding-window attention layers are not supported by kvrt's cache")
+        """No mask: LayerCache.attend is causal by construction, and a local layer keeps its own window."""
+        if window_size is not None and self.layer.window is None:
+            raise KvrtError(f"mlx-lm asks for a sliding window of {window_size} where the model's config "
+                            "names none; kvrt cannot run this model")
         return None
 
     @property

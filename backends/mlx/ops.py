@@ -12,9 +12,20 @@ from kvrt.ops import KernelPaths, kernels_allowed
 from kvrt.rows import add_bias, length_bias
 
 
-def causal_mask(t: int, s: int, causal_offset: int) -> mx.array:
-    """Boolean [T, S]: query t may read key j iff j <= causal_offset + t."""
-    return mx.arange(s)[None, :] <= mx.arange(t)[:, None] + causal_offset
+def causal_mask(t: int, s: int, causal_offset: int, window: int | None = None) -> mx.array:
+    """Boolean [T, S]: query t may read key j iff j <= causal_offset + t (and, with a sliding
+    window, j > causal_offset + t - window)."""
+    rows, keys = mx.arange(t)[:, None] + causal_offset, mx.arange(s)[None, :]
+    visible = keys <= rows
+    return visible if window is None else visible & (keys > rows - window)
+
+
+def add_key_bias(scores: mx.array, key_bias: mx.array, g: int) -> mx.array:
+    """scores [B, Hkv, G·T, S] plus a key bias [B, Hkv, S] (every query) or [B, Hkv, T, S] (per query)."""
+    if key_bias.ndim == 3:
+        return scores + mx.expand_dims(key_bias, 2)
+    b, h, t, s = key_bias.shape
+    return (scores.reshape(b, h, g, t, s) + mx.expand_dims(key_bias, 2)).reshape(b, h, g * t, s)
 
 
 def check_qkv(q: mx.array, k: mx.array, v: mx.array) -> None:
@@ -40,6 +51,7 @@ QMM_GROUPS = (32, 64, 128)  # the group sizes mx.quantized_matmul takes
 class MLXOps(KernelPaths):
     name = "mlx"
     fused_prefill = False  # mlx's CPU attention may build the whole score matrix: keep query blocks
+    softcap = None  # attention-logit soft-capping (Gemma 2), set by a runtime; no kernel computes it
 
     def kernels_on(self, x=None) -> bool:
         """Metal kernels (kernels_metal) run where MLX has Metal and the default device is the GPU, unless
@@ -50,6 +62,9 @@ class MLXOps(KernelPaths):
     def quantized_kernel(self, q, kv_heads, key_group, value_group):
         from kvrt.kernels_metal.quantized_decode import fits, quantized_decode_attention
 
+        if self.softcap is not None:
+            self.paths["quantized decode"] = "reference"
+            return None
         if fits(q, kv_heads) and self.kernels_on(q):
             self.paths["quantized decode"] = "metal"
             return quantized_decode_attention
@@ -96,7 +111,7 @@ class MLXOps(KernelPaths):
         return None
 
     def window_scores(self, q, k, scale):
-        if q.shape[2] <= k.shape[2] and self.kernels_on(q):
+        if q.shape[2] <= k.shape[2] and self.kernels_on(q) and self.softcap is None:
             from kvrt.kernels_metal.window_scores import window_scores_metal
 
             self.paths["window scores"] = "metal"
@@ -133,35 +148,40 @@ class MLXOps(KernelPaths):
     def row_values(self, values, like):
         return mx.array([int(v) for v in values], dtype=mx.int32)
 
-    def partial_attention(self, q, k, v, scale, causal_offset=None, with_lse=True, key_bias=None, key_lengths=None):
+    def partial_attention(self, q, k, v, scale, causal_offset=None, with_lse=True, key_bias=None, key_lengths=None,
+                          window=None):
         """q [B, Hq, T, D], k/v [B, Hkv, S, D] → (out [B, Hq, T, D] in q's dtype, lse [B, Hq, T] float32 or None)."""
         check_qkv(q, k, v)
         b, hq, t, d = q.shape
         hkv, s = k.shape[1], k.shape[2]
         g = hq // hkv
+        window = window if causal_offset is not None else None
+        # the kernels know neither soft-capping, nor a band mask, nor a per-query bias
+        plain = self.softcap is None and window is None and (key_bias is None or key_bias.ndim == 3)
         if key_lengths is not None:
             from kvrt.kernels_metal.decode import decode_attention, fits
 
-            if g * t <= DECODE_ROWS and fits(q, hkv) and self.kernels_on(q):
+            if plain and g * t <= DECODE_ROWS and fits(q, hkv) and self.kernels_on(q):
                 self.paths["decode"] = "metal"
                 out, lse = decode_attention(q, k, v, scale, causal_offset, key_bias,
                                             lengths=self.row_values(key_lengths, q))
                 return out, lse if with_lse else None
             key_bias = add_bias(key_bias, length_bias(self, key_lengths, s, k))  # the ops path: through the bias
-        if not with_lse and key_bias is None:  # no merge follows: the fused kernel (GQA-aware, float32 softmax) needs no lse
+        if not with_lse and key_bias is None and self.softcap is None:
+            # no merge follows: the fused kernel (GQA-aware, float32 softmax) needs no lse
             if causal_offset is None:
                 mask = None
-            elif causal_offset + t == s:  # the last query sees the last key: mlx's own bottom-right causal mask
+            elif causal_offset + t == s and window is None:  # the last query sees the last key: mlx's own causal mask
                 mask = "causal"
             else:
-                mask = causal_mask(t, s, causal_offset)
+                mask = causal_mask(t, s, causal_offset, window)
             if g * t <= DECODE_ROWS:
                 self.paths["decode"] = "sdpa"
             return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask), None
         if g * t <= DECODE_ROWS:  # decode-sized: the Metal kernel reads each KV head once for its G·T rows
             from kvrt.kernels_metal.decode import decode_attention, fits
 
-            if fits(q, hkv) and self.kernels_on(q):
+            if plain and fits(q, hkv) and self.kernels_on(q):
                 self.paths["decode"] = "metal"
                 out, lse = decode_attention(q, k, v, scale, causal_offset, key_bias)
                 return out, lse if with_lse else None
@@ -169,24 +189,28 @@ class MLXOps(KernelPaths):
         # GQA without repeat_kv: fold each KV head's G query heads into the query axis
         qg = q.reshape(b, hkv, g * t, d).astype(mx.float32)
         # scores in float32 so the lse of one tier is as exact as the merge needs
-        scores = (qg @ k.astype(mx.float32).swapaxes(-1, -2)) * scale
+        scores = self._capped((qg @ k.astype(mx.float32).swapaxes(-1, -2)) * scale)
         if causal_offset is not None:
-            visible = causal_mask(t, s, causal_offset)
+            visible = causal_mask(t, s, causal_offset, window)
             scores = mx.where(visible, scores.reshape(b, hkv, g, t, s), -mx.inf).reshape(b, hkv, g * t, s)
         if key_bias is not None:
-            scores = scores + mx.expand_dims(key_bias, 2)
+            scores = add_key_bias(scores, key_bias, g)
         lse = mx.logsumexp(scores, axis=-1, keepdims=True)
         # a row with every key hidden has lse -inf: subtract 0 there so its weights are 0, not nan
         probs = mx.exp(scores - mx.where(mx.isinf(lse), 0.0, lse)).astype(v.dtype)
         out = (probs @ v).reshape(b, hq, t, d).astype(q.dtype)
         return out, lse.reshape(b, hq, t)
 
+    def _capped(self, scores: mx.array) -> mx.array:
+        """Scaled scores, soft-capped to (−softcap, softcap) when the model asks for it (Gemma 2)."""
+        return scores if self.softcap is None else mx.tanh(scores / self.softcap) * self.softcap
+
     def attention_probs(self, q, k, scale, causal_offset=None):
         b, hq, t, d = q.shape
         hkv, s = k.shape[1], k.shape[2]
         g = hq // hkv
         qg = q.reshape(b, hkv, g * t, d).astype(mx.float32)
-        scores = ((qg @ k.astype(mx.float32).swapaxes(-1, -2)) * scale).reshape(b, hkv, g, t, s)
+        scores = self._capped((qg @ k.astype(mx.float32).swapaxes(-1, -2)) * scale).reshape(b, hkv, g, t, s)
         if causal_offset is not None:
             scores = mx.where(causal_mask(t, s, causal_offset), scores, -mx.inf)
         return mx.softmax(scores, axis=-1)

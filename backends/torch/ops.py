@@ -12,10 +12,21 @@ from kvrt.ops import KernelPaths, kernels_allowed
 from kvrt.rows import add_bias, length_bias
 
 
-def causal_mask(t: int, s: int, causal_offset: int, device) -> torch.Tensor:
-    """Boolean [T, S]: query t may read key j iff j <= causal_offset + t."""
+def causal_mask(t: int, s: int, causal_offset: int, device, window: int | None = None) -> torch.Tensor:
+    """Boolean [T, S]: query t may read key j iff j <= causal_offset + t (and, with a sliding
+    window, j > causal_offset + t - window)."""
     rows = torch.arange(t, device=device)[:, None] + causal_offset
-    return torch.arange(s, device=device)[None, :] <= rows
+    keys = torch.arange(s, device=device)[None, :]
+    visible = keys <= rows
+    return visible if window is None else visible & (keys > rows - window)
+
+
+def add_key_bias(scores: torch.Tensor, key_bias: torch.Tensor, g: int) -> torch.Tensor:
+    """scores [B, Hkv, G·T, S] plus a key bias [B, Hkv, S] (every query) or [B, Hkv, T, S] (per query)."""
+    if key_bias.ndim == 3:
+        return scores + key_bias[:, :, None, :]
+    b, h, t, s = key_bias.shape
+    return (scores.view(b, h, g, t, s) + key_bias[:, :, None]).view(b, h, g * t, s)
 
 
 def _shifts(bits: int, axis: int, ndim: int, device) -> torch.Tensor:
@@ -33,6 +44,7 @@ def decode_sized(q, kv_heads: int) -> bool:
 class TorchOps(KernelPaths):
     name = "torch"
     fused_prefill = True  # SDPA's flash kernels (CPU and CUDA) work through the queries in tiles
+    softcap = None  # Gemma 2's attention-logit soft-capping, set by the runtime (no kernel computes it)
 
     def kernels_on(self, x) -> bool:
         """Triton kernels run on CUDA tensors when triton imports, unless KVRT_KERNELS=off."""
@@ -41,7 +53,7 @@ class TorchOps(KernelPaths):
         return importlib.util.find_spec("triton") is not None
 
     def quantized_kernel(self, q, kv_heads, key_group, value_group):
-        if not (decode_sized(q, kv_heads) and self.kernels_on(q)):
+        if not (decode_sized(q, kv_heads) and self.kernels_on(q)) or self.softcap is not None:
             self.paths["quantized decode"] = "reference"
             return None
         from kvrt.kernels_cuda.quantized_decode import quantized_decode_attention
@@ -60,7 +72,7 @@ class TorchOps(KernelPaths):
         return quantize_keys_fused, quantize_values_fused
 
     def window_scores(self, q, k, scale):
-        if self.kernels_on(q):
+        if self.kernels_on(q) and self.softcap is None:
             from kvrt.kernels_cuda.window_scores import window_scores
 
             self.paths["window scores"] = "triton"
@@ -93,16 +105,21 @@ class TorchOps(KernelPaths):
     def row_values(self, values, like):
         return torch.tensor([int(v) for v in values], dtype=torch.int32, device=like.device)
 
-    def partial_attention(self, q, k, v, scale, causal_offset=None, with_lse=True, key_bias=None, key_lengths=None):
+    def partial_attention(self, q, k, v, scale, causal_offset=None, with_lse=True, key_bias=None, key_lengths=None,
+                          window=None):
         b, hq, t, d = q.shape
         hkv, s = k.shape[1], k.shape[2]
-        kernel = decode_sized(q, hkv) and self.kernels_on(q)
+        window = window if causal_offset is not None else None
+        # the kernels know neither soft-capping, nor a band mask, nor a per-query bias
+        plain = self.softcap is None and window is None and (key_bias is None or key_bias.ndim == 3)
+        kernel = plain and decode_sized(q, hkv) and self.kernels_on(q)
         if key_lengths is not None and not kernel:  # the ops path hides a batch's padding through the bias
             key_bias, key_lengths = add_bias(key_bias, length_bias(self, key_lengths, s, k)), None
-        square = causal_offset == 0 and s == t  # a fresh prompt: SDPA's own (top-left) causal mask fits
-        mask = None if causal_offset is None or square else causal_mask(t, s, causal_offset, q.device)
+        square = causal_offset == 0 and s == t and window is None  # a fresh prompt: SDPA's own causal mask fits
+        mask = None if causal_offset is None or square else causal_mask(t, s, causal_offset, q.device, window)
         decode = decode_sized(q, hkv)
-        if not with_lse and key_bias is None and key_lengths is None:  # no merge follows: the fused SDPA kernel is fastest and needs no lse
+        if not with_lse and key_bias is None and key_lengths is None and self.softcap is None:
+            # no merge follows: the fused SDPA kernel is fastest and needs no lse
             if decode:
                 self.paths["decode"] = "sdpa"
             out = F.scaled_dot_product_attention(
@@ -121,22 +138,26 @@ class TorchOps(KernelPaths):
         g = hq // hkv
         # GQA without repeat_kv: fold each KV head's G query heads into the query axis
         qg = q.reshape(b, hkv, g * t, d)
-        scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale
+        scores = self._capped(torch.matmul(qg, k.transpose(-1, -2)).float() * scale)
         if causal_offset is not None:
-            mask = causal_mask(t, s, causal_offset, q.device)
+            mask = causal_mask(t, s, causal_offset, q.device, window)
             scores = scores.view(b, hkv, g, t, s).masked_fill(~mask, float("-inf")).view(b, hkv, g * t, s)
         if key_bias is not None:
-            scores = scores + key_bias[:, :, None, :]
+            scores = add_key_bias(scores, key_bias, g)
         lse = torch.logsumexp(scores, dim=-1, keepdim=True)
         # a row with every key hidden has lse -inf: subtract 0 there so its weights are 0, not nan
         probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)).to(v.dtype)
         out = torch.matmul(probs, v).view(b, hq, t, d)
         return out, lse.view(b, hq, t)
 
+    def _capped(self, scores: torch.Tensor) -> torch.Tensor:
+        """Scaled scores, soft-capped to (−softcap, softcap) when the model asks for it (Gemma 2)."""
+        return scores if self.softcap is None else torch.tanh(scores / self.softcap) * self.softcap
+
     def attention_probs(self, q, k, scale, causal_offset=None):
         b, hq, t, d = q.shape
         hkv, s = k.shape[1], k.shape[2]
-        scores = torch.matmul(q.reshape(b, hkv, (hq // hkv) * t, d), k.transpose(-1, -2)).float() * scale
+        scores = self._capped(torch.matmul(q.reshape(b, hkv, (hq // hkv) * t, d), k.transpose(-1, -2)).float() * scale)
         scores = scores.view(b, hkv, hq // hkv, t, s)
         if causal_offset is not None:
             scores = scores.masked_fill(~causal_mask(t, s, causal_offset, q.device), float("-inf"))
