@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -119,3 +120,32 @@ def test_rewind_repairs_layers_left_uneven_by_an_interrupted_forward():
     cache.rewind_to(cache.offset)
     assert [layer.offset for layer in cache.layers] == [10, 10]
     assert math.isclose(cache.layers[0].newest.length, 10)
+
+
+def test_soft_capped_attention_equals_the_twin():
+    """Gemma 2's attention-logit soft-capping: softcap·tanh(scores/softcap) before the softmax,
+    on every path (prompt, decode, no-lse), equal on both backends."""
+    torch.manual_seed(4)
+    capped = TorchOps()
+    capped.softcap = 2.0
+    q, k, v = torch.randn(1, 4, 6, 16) * 3, torch.randn(1, 2, 10, 16) * 3, torch.randn(1, 2, 10, 16)
+    g = 2
+    scores = (q @ k.repeat_interleave(g, 1).transpose(-1, -2)) * 0.25
+    scores = torch.tanh(scores / 2.0) * 2.0
+    mask = torch.arange(10)[None, :] <= torch.arange(6)[:, None] + 4
+    scores = scores.masked_fill(~mask, float("-inf"))
+    ref = torch.softmax(scores, -1) @ v.repeat_interleave(g, 1)
+    out, lse = capped.partial_attention(q, k, v, 0.25, 4)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, torch.logsumexp(scores, -1), atol=1e-5, rtol=1e-5)
+    fast, _ = capped.partial_attention(q, k, v, 0.25, 4, with_lse=False)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    uncapped, _ = OPS.partial_attention(q, k, v, 0.25, 4)
+    assert (uncapped - ref).abs().max() > 1e-2  # the cap matters at these magnitudes
+    mx = pytest.importorskip("mlx.core")
+    from kvrt.backends.mlx.ops import MLXOps
+
+    mlx_ops = MLXOps()
+    mlx_ops.softcap = 2.0
+    got, _ = mlx_ops.partial_attention(*(mx.array(x.numpy()) for x in (q, k, v)), 0.25, 4)
+    torch.testing.assert_close(torch.from_numpy(np.array(got)), ref, atol=1e-5, rtol=1e-5)
