@@ -4,14 +4,33 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from kvrt.errors import KvrtError
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3", "phi3")
+GEMMA = ("gemma2", "gemma3_text")
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
+
+# transformers' config-class defaults for the fields kvrt reads, where a config.json may leave them
+# out (Gemma 3's multimodal configs carry a sparse text_config; Phi-3's class fixes the original length)
+_GEMMA_DEFAULTS = dict(head_dim=256, query_pre_attn_scalar=256, sliding_window=4096, rms_norm_eps=1e-6,
+                       hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True, num_attention_heads=8,
+                       num_key_value_heads=4, attention_bias=False)
+CONFIG_DEFAULTS = {
+    "gemma2": dict(_GEMMA_DEFAULTS, vocab_size=256000, hidden_size=2304, intermediate_size=9216,
+                   num_hidden_layers=26, max_position_embeddings=8192, attn_logit_softcapping=50.0,
+                   final_logit_softcapping=30.0),
+    "gemma3_text": dict(_GEMMA_DEFAULTS, vocab_size=262208, hidden_size=2304, intermediate_size=9216,
+                        num_hidden_layers=26, max_position_embeddings=131072, attn_logit_softcapping=None,
+                        final_logit_softcapping=None),
+    "phi3": dict(original_max_position_embeddings=4096, tie_word_embeddings=False, rms_norm_eps=1e-5),
+}
+DEFAULT_ROPE_THETA = {"gemma3_text": 1_000_000.0}  # everything else: 10000
+LOCAL, GLOBAL = "sliding_attention", "full_attention"
 
 
 @dataclass(frozen=True)
@@ -30,7 +49,38 @@ class ModelArgs:
     max_position_embeddings: int
     tie_word_embeddings: bool
     attention_bias: bool  # Qwen2/2.5 put a bias on q, k and v
-    qk_norm: bool  # Qwen3 RMS-normalizes q and k per head before RoPE
+    qk_norm: bool  # Qwen3 and Gemma 3 RMS-normalize q and k per head before RoPE
+    hidden_act: str = "silu"  # the MLP's gate activation (Gemma: gelu_pytorch_tanh)
+    partial_rotary_factor: float = 1.0  # Phi-4-mini rotates only the first 0.75 of each head's dims
+    # per layer, "sliding_attention" or "full_attention"; () = all full
+    layer_types: tuple[str, ...] = ()
+    windows: tuple[int | None, ...] = ()  # per layer, the sliding window (None: global); () = all global
+    local_rope_theta: float | None = None  # Gemma 3: sliding layers rotate with their own base...
+    local_rope_scaling: dict | None = None  # ...and their own scaling (none in released checkpoints)
+    query_pre_attn_scalar: float | None = None  # Gemma: attention scale is its -1/2 power, not head_dim's
+    attn_logit_softcapping: float | None = None  # Gemma 2: scores -> c·tanh(scores / c) before softmax
+    final_logit_softcapping: float | None = None  # Gemma 2/3: the same on the output logits
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that RoPE rotates (the first ones; the rest pass through)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    @property
+    def gemma(self) -> bool:
+        """Gemma's block: (1 + w) norms around attention and MLP, embeddings scaled by sqrt(hidden)."""
+        return self.model_type in GEMMA
+
+    def local_rope_args(self) -> "ModelArgs | None":
+        """These args with the sliding layers' rope in place of the global one (Gemma 3); None
+        where every layer rotates alike. The rope functions below take either."""
+        if self.local_rope_theta is None:
+            return None
+        return replace(self, rope_theta=self.local_rope_theta, rope_scaling=self.local_rope_scaling)
 
     @classmethod
     def from_config(cls, cfg: dict) -> "ModelArgs":
@@ -40,9 +90,19 @@ class ModelArgs:
                 f"unsupported architecture '{model_type}' on the torch backend; "
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
+        cfg = decoder_config(cfg)
+        model_type = cfg["model_type"]
+        if cfg.get("use_bidirectional_attention"):
+            raise KvrtError(f"{model_type} with bidirectional attention (an embedding model) is not a decoder "
+                            "kvrt runs")
         heads = cfg["num_attention_heads"]
         rope = rope_parameters(cfg)
-        rope_theta = cfg.get("rope_theta") or rope.get("rope_theta", 10000.0)
+        rope_theta = cfg.get("rope_theta") or rope.get("rope_theta") or DEFAULT_ROPE_THETA.get(model_type, 10000.0)
+        act = cfg.get("hidden_activation" if model_type in GEMMA else "hidden_act") or "silu"
+        if act not in ACTIVATIONS:
+            raise KvrtError(f"unsupported activation '{act}' in {model_type}'s config; "
+                            f"supported: {', '.join(ACTIVATIONS)}")
+        local = local_rope_parameters(cfg)
         return cls(
             model_type=model_type,
             vocab_size=cfg["vocab_size"],
@@ -58,7 +118,16 @@ class ModelArgs:
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=cfg.get("tie_word_embeddings", model_type != "llama"),
             attention_bias=cfg.get("attention_bias", model_type == "qwen2"),
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "gemma3_text"),
+            hidden_act=act,
+            partial_rotary_factor=float(cfg.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1),
+            layer_types=tuple(layer_types(cfg)),
+            windows=tuple(layer_windows(cfg)),
+            local_rope_theta=None if local is None else float(local["rope_theta"]),
+            local_rope_scaling=None if local is None or local["rope_type"] == "default" else local,
+            query_pre_attn_scalar=cfg.get("query_pre_attn_scalar") if model_type in GEMMA else None,
+            attn_logit_softcapping=cfg.get("attn_logit_softcapping") if model_type in GEMMA else None,
+            final_logit_softcapping=cfg.get("final_logit_softcapping") if model_type in GEMMA else None,
         )
 
     @classmethod
@@ -67,6 +136,52 @@ class ModelArgs:
             return cls.from_config(read_config(folder))
         except (KeyError, TypeError) as exc:
             raise KvrtError(f"{folder}/config.json is not a usable model config ({type(exc).__name__}: {exc})") from None
+
+
+def decoder_config(cfg: dict) -> dict:
+    """The config of the text decoder, with transformers' class defaults for fields it leaves out.
+
+    Gemma 3's multimodal `gemma3` configs nest the decoder's in `text_config` (often sparse: the
+    rest are Gemma3TextConfig's defaults); kvrt runs that decoder on text alone."""
+    if cfg.get("model_type") == "gemma3":
+        text = cfg.get("text_config") or {}
+        cfg = {**text, "model_type": "gemma3_text"}
+    return {**CONFIG_DEFAULTS.get(cfg.get("model_type"), {}), **cfg}
+
+
+def layer_types(cfg: dict) -> list[str]:
+    """Per decoder layer, "sliding_attention" or "full_attention", as transformers decides it:
+    `layer_types` where the model class reads it (Gemma, Qwen2/3), else Gemma 3's pattern (every
+    `sliding_window_pattern`-th layer global), Gemma 2's alternation (layer 0 local), Qwen2/3's
+    `use_sliding_window` from layer `max_window_layers` on, and Mistral's / Phi-3's `sliding_window`
+    on every layer."""
+    cfg = decoder_config(cfg)
+    kind, n = cfg.get("model_type"), int(cfg.get("num_hidden_layers") or 0)
+    given = cfg.get("layer_types")
+    if given and kind in ("gemma2", "gemma3_text", "qwen2", "qwen3"):
+        return list(given)
+    if kind == "gemma3_text":
+        pattern = int(cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or 6)
+        return [LOCAL if (i + 1) % pattern else GLOBAL for i in range(n)]
+    if kind == "gemma2":
+        return [LOCAL if i % 2 == 0 else GLOBAL for i in range(n)]
+    if kind in ("qwen2", "qwen3"):
+        slides = cfg.get("use_sliding_window") and cfg.get("sliding_window")
+        first = int(cfg.get("max_window_layers", 28))
+        return [LOCAL if slides and i >= first else GLOBAL for i in range(n)]
+    if kind in ("mistral", "phi3") and cfg.get("sliding_window"):
+        return [LOCAL] * n
+    return [GLOBAL] * n
+
+
+def layer_windows(cfg: dict) -> list[int | None]:
+    """Per decoder layer, the sliding window W of a local layer (None for a global one): a query at
+    position q attends key positions k with q - W < k <= q, as transformers' sliding mask."""
+    cfg = decoder_config(cfg)
+    window = cfg.get("sliding_window")
+    if cfg.get("model_type") in ("qwen2", "qwen3") and not cfg.get("use_sliding_window"):
+        window = None  # Qwen2/3 configs carry a window they do not use unless told
+    return [int(window) if window and kind == LOCAL else None for kind in layer_types(cfg)]
 
 
 def read_config(folder: Path) -> dict:
@@ -83,25 +198,50 @@ def read_config(folder: Path) -> dict:
     return cfg
 
 
-ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
+
+
+def _nested_rope(rope: dict) -> bool:
+    """transformers >= 5 writes per-layer-type rope settings as {"full_attention": {...}, ...}."""
+    return bool(rope) and all(k in (LOCAL, GLOBAL) and isinstance(v, dict | None) for k, v in rope.items())
 
 
 def rope_parameters(cfg: dict) -> dict:
-    """The config's rope settings as one dict with `rope_type` set ({} when it has none).
+    """The config's (global layers') rope settings as one dict with `rope_type` set ({} when it has none).
 
-    transformers >= 5 writes them as `rope_parameters`, older configs as `rope_scaling` (with `type`
-    in the oldest). Like transformers' `standardize_rope_params`, llama3 and yarn take
-    `original_max_position_embeddings` from the top level of the config when it is there (Phi-3
-    style), else from the rope dict, else `max_position_embeddings`."""
-    rope = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
+    transformers >= 5 writes them as `rope_parameters` (keyed by layer type for Gemma 3: this takes
+    "full_attention"), older configs as `rope_scaling` (with `type` in the oldest). Like transformers'
+    `standardize_rope_params`, llama3, yarn and longrope take `original_max_position_embeddings` from
+    the top level of the config when it is there (Phi-3 style), else from the rope dict, else
+    `max_position_embeddings`. Phi-3's old "su" and "yarn" names mean longrope."""
+    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    if _nested_rope(rope):
+        rope = rope.get(GLOBAL) or {}
+    rope = dict(rope)
     if not rope:
         return rope
     rope["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
-    if rope["rope_type"] in ("llama3", "yarn"):
+    if cfg.get("model_type") == "phi3" and rope["rope_type"] in ("su", "yarn"):
+        rope["rope_type"] = "longrope"
+    if rope["rope_type"] in ("llama3", "yarn", "longrope"):
         if cfg.get("original_max_position_embeddings"):
             rope["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
         rope.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings", 4096))
     return rope
+
+
+def local_rope_parameters(cfg: dict) -> dict | None:
+    """Gemma 3's sliding layers' own rope ({rope_type, rope_theta, ...}); None where every layer
+    shares the global one. Old configs give only its base, `rope_local_base_freq` (no scaling)."""
+    if cfg.get("model_type") != "gemma3_text":
+        return None
+    nested = cfg.get("rope_parameters") or {}
+    if _nested_rope(nested) and nested.get(LOCAL):
+        local = dict(nested[LOCAL])
+        local["rope_type"] = local.get("rope_type", local.get("type", "default"))
+        local.setdefault("rope_theta", cfg.get("rope_local_base_freq") or 10000.0)
+        return local
+    return {"rope_type": "default", "rope_theta": cfg.get("rope_local_base_freq") or 10000.0}
 
 
 def context_length(cfg: dict) -> int:
@@ -110,17 +250,16 @@ def context_length(cfg: dict) -> int:
     The model's positions (`max_position_embeddings`), except that yarn and dynamic rope scaling
     extend them to `original_max_position_embeddings` x `factor` where that is larger (Qwen2.5's
     YaRN configs keep max_position_embeddings at the pretraining 32768 and say factor 4;
-    dynamic NTK has no original length, so it is max_position_embeddings x factor). Then capped
-    at the sliding window if the model has one (kvrt attends over the whole cache, which equals
-    sliding-window attention only inside it)."""
+    dynamic NTK has no original length, so it is max_position_embeddings x factor). A sliding
+    window does not shorten it: local layers attend only their window (the cache applies
+    `layer_windows`), as transformers does, so the whole context stays usable."""
+    cfg = decoder_config(cfg)
     length = int(cfg.get("max_position_embeddings") or cfg.get("max_sequence_length") or 4096)
     rope = rope_parameters(cfg)
     if rope.get("rope_type") in ("yarn", "dynamic") and rope.get("factor"):
         original = rope.get("original_max_position_embeddings") or length
         length = max(length, int(original * float(rope["factor"])))
-    window = cfg.get("sliding_window")
-    slides = cfg.get("model_type") == "mistral" or cfg.get("use_sliding_window")
-    return min(length, int(window)) if slides and window else length
+    return length
 
 
 def rope_type(args: ModelArgs) -> str:
@@ -129,18 +268,25 @@ def rope_type(args: ModelArgs) -> str:
     kind = scaling.get("rope_type", "default")
     if kind not in ROPE_TYPES:
         raise KvrtError(f"unsupported rope scaling '{kind}'; supported: {', '.join(ROPE_TYPES)}")
-    if kind != "default" and "factor" not in scaling:
+    if kind == "longrope":
+        for key in ("short_factor", "long_factor"):
+            if len(scaling.get(key) or ()) != args.rotary_dim // 2:
+                raise KvrtError(f"longrope's {key} in the config needs {args.rotary_dim // 2} values "
+                                "(one per rotated pair)")
+    elif kind != "default" and "factor" not in scaling:
         raise KvrtError(f"rope scaling '{kind}' in the config has no factor")
     return kind
 
 
 def rope_inv_freq(args: ModelArgs, seq_len: int | None = None) -> np.ndarray:
-    """Per-pair rotation frequencies [head_dim/2] (float32) as transformers computes them.
+    """Per-pair rotation frequencies [rotary_dim/2] (float32) as transformers computes them.
 
-    `seq_len` matters for dynamic NTK only: the frequencies of a forward whose last position is
-    seq_len - 1 (transformers' `dynamic_rope_update` recomputes them from max position + 1 once
-    that exceeds max_position_embeddings; below it they are the unscaled ones)."""
-    d = args.head_dim
+    `seq_len` matters for dynamic NTK and longrope only: the frequencies of a forward whose last
+    position is seq_len - 1 (transformers' `dynamic_rope_update` recomputes dynamic NTK's from max
+    position + 1 once that exceeds max_position_embeddings, and switches longrope to its long
+    factors once it exceeds original_max_position_embeddings). Only the first `rotary_dim` dims
+    of a head rotate (Phi-4-mini's partial_rotary_factor)."""
+    d = args.rotary_dim
     inv_freq = 1.0 / (args.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
     scaling = args.rope_scaling or {}
     kind = rope_type(args)
@@ -152,14 +298,31 @@ def rope_inv_freq(args: ModelArgs, seq_len: int | None = None) -> np.ndarray:
         inv_freq = yarn_scaled(inv_freq, scaling, args.rope_theta, args.max_position_embeddings)
     elif kind == "dynamic" and seq_len is not None and seq_len > args.max_position_embeddings:
         inv_freq = dynamic_ntk_inv_freq(args, seq_len)
+    elif kind == "longrope":
+        long = seq_len is not None and seq_len > scaling["original_max_position_embeddings"]
+        inv_freq = inv_freq / np.asarray(scaling["long_factor" if long else "short_factor"], dtype=np.float64)
     return inv_freq.astype(np.float32)
 
 
 def rope_attention_factor(args: ModelArgs) -> float:
-    """What cos and sin are multiplied by: YaRN's attention factor, 1 for every other variant."""
-    if rope_type(args) != "yarn":
+    """What cos and sin are multiplied by: YaRN's and LongRoPE's attention factor, 1 for every other variant."""
+    kind = rope_type(args)
+    if kind == "longrope":
+        return longrope_attention_factor(args.rope_scaling, args.max_position_embeddings)
+    if kind != "yarn":
         return 1.0
     return yarn_attention_factor(args.rope_scaling, args.max_position_embeddings)
+
+
+def longrope_attention_factor(scaling: dict, max_position_embeddings: int) -> float:
+    """LongRoPE's cos/sin scale: `attention_factor` if given, else sqrt(1 + ln f / ln original) with
+    f = `factor`, or max_position_embeddings / original where the config has none (Phi-3), as
+    transformers' `_compute_longrope_parameters`."""
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    original = scaling["original_max_position_embeddings"]
+    factor = scaling.get("factor") or max_position_embeddings / original
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
 
 
 def llama3_scaled(inv_freq: np.ndarray, scaling: dict) -> np.ndarray:
@@ -227,7 +390,7 @@ def dynamic_ntk_inv_freq(args: ModelArgs, seq_len: int) -> np.ndarray:
     """Dynamic NTK frequencies [head_dim/2] for a sequence of `seq_len` positions: the base grows
     to base·(factor·seq_len/max_pos − (factor − 1))^(d/(d−2)), as transformers'
     `_compute_dynamic_ntk_parameters`."""
-    d, max_pos = args.head_dim, args.max_position_embeddings
+    d, max_pos = args.rotary_dim, args.max_position_embeddings
     factor = float(args.rope_scaling["factor"])
     seq_len = max(seq_len, max_pos)
     base = args.rope_theta * ((factor * seq_len / max_pos) - (factor - 1)) ** (d / (d - 2))

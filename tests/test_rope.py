@@ -125,13 +125,12 @@ def test_dynamic_ntk_frequencies_follow_the_sequence_length(seq_len):
 def test_unsupported_rope_type_is_one_clear_error(tiny_model_dir, tmp_path):
     import shutil
 
-    folder = tmp_path / "longrope"
+    folder = tmp_path / "proportional"
     shutil.copytree(tiny_model_dir("llama"), folder)
     cfg = read_config(folder)
-    cfg["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
-                              "long_factor": [2.0] * 8, "original_max_position_embeddings": 64}
+    cfg["rope_parameters"] = {"rope_type": "proportional", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(KvrtError, match="unsupported rope scaling 'longrope'; supported: default, linear"):
+    with pytest.raises(KvrtError, match="unsupported rope scaling 'proportional'; supported: default, linear"):
         TorchRuntime(folder)
 
 
@@ -151,7 +150,7 @@ def test_context_length_extends_for_yarn_and_dynamic_only():
     assert context_length(llama31) == 131072
     linear = {"max_position_embeddings": 4096, "rope_scaling": {"type": "linear", "factor": 4.0}}
     assert context_length(linear) == 4096
-    assert context_length({**qwen25, "sliding_window": 4096, "use_sliding_window": True}) == 4096
+    assert context_length({**qwen25, "sliding_window": 4096, "use_sliding_window": True}) == 131072  # windows are per layer
 
 
 # ---------------------------------------------------------------- torch logits equal transformers'

@@ -107,10 +107,15 @@ def test_default_model_logits_equal_transformers(default_model_dir):
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
 
 
-def test_sliding_window_caps_the_context():
-    from kvrt.model_config import context_length
+def test_sliding_window_keeps_the_whole_context():
+    """A sliding window limits what local layers attend (per layer, in the cache), not the context."""
+    from kvrt.model_config import context_length, layer_windows
 
-    assert context_length({"model_type": "mistral", "max_position_embeddings": 32768, "sliding_window": 4096}) == 4096
-    assert context_length({"model_type": "mistral", "max_position_embeddings": 32768, "sliding_window": None}) == 32768
-    qwen = {"model_type": "qwen2", "max_position_embeddings": 32768, "sliding_window": 4096}
-    assert context_length(qwen) == 32768 and context_length({**qwen, "use_sliding_window": True}) == 4096
+    mistral = {"model_type": "mistral", "max_position_embeddings": 32768, "sliding_window": 4096,
+               "num_hidden_layers": 2}
+    assert context_length(mistral) == 32768 and layer_windows(mistral) == [4096, 4096]
+    assert layer_windows({**mistral, "sliding_window": None}) == [None, None]
+    qwen = {"model_type": "qwen2", "max_position_embeddings": 32768, "sliding_window": 4096, "num_hidden_layers": 2,
+            "max_window_layers": 1}
+    assert context_length({**qwen, "use_sliding_window": True}) == 32768
+    assert layer_windows(qwen) == [None, None] and layer_windows({**qwen, "use_sliding_window": True}) == [None, 4096]

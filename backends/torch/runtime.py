@@ -17,7 +17,7 @@ from kvrt.cache import KVCache
 from kvrt.errors import KvrtError
 from kvrt.generate import check_token_ids
 from kvrt.memory import peak_rss_bytes
-from kvrt.model_config import ModelArgs, rope_inv_freq
+from kvrt.model_config import ModelArgs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,6 +44,26 @@ def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+# Gemma 3's multimodal checkpoints: where their text decoder's weights sit (transformers >= 5, older)
+DECODER_PREFIXES = {"model.language_model.": "model.", "language_model.model.": "model.",
+                    "language_model.lm_head.": "lm_head."}
+VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.", "vision_tower.", "multi_modal_projector.")
+
+
+def decoder_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The text decoder's weights under kvrt's names: a multimodal checkpoint's language model
+    renamed, its vision tower and projector left out; any other checkpoint unchanged."""
+    if not any(k.startswith(tuple(DECODER_PREFIXES)) for k in state):
+        return state
+    out = {}
+    for key, value in state.items():
+        if key.startswith(VISION_PREFIXES):
+            continue
+        prefix = next((p for p in DECODER_PREFIXES if key.startswith(p)), "")
+        out[DECODER_PREFIXES[prefix] + key[len(prefix):] if prefix else key] = value
+    return out
+
+
 def column_major_linears(model: torch.nn.Module) -> None:
     """Store each linear weight [out, in] column-major: same values and shape, but CPU GEMV
     (one token per decode step) reads it about 1.6x faster while GEMM (prefill) is unchanged."""
@@ -67,7 +87,7 @@ class TorchRuntime:
         dtype = dtype or ("bfloat16" if self.device.type == "cuda" else "float32")
         self.dtype = DTYPES[dtype]
         self.args = ModelArgs.from_folder(self.folder)
-        self.ops = TorchOps()
+        self.ops = self._ops(self.args)
         self.lock = threading.Lock()  # one forward at a time: callers on several threads share the model
         self.model = self._build()
 
@@ -77,19 +97,26 @@ class TorchRuntime:
         """A model of `args`' shape with random weights (torch's default init): speed benches of
         shapes whose checkpoints this machine cannot download (Llama-3-8B on a GPU)."""
         runtime = cls.__new__(cls)
-        runtime.folder, runtime.args, runtime.ops, runtime.lock = None, args, TorchOps(), threading.Lock()
+        runtime.folder, runtime.args, runtime.ops, runtime.lock = None, args, cls._ops(args), threading.Lock()
         runtime.device, runtime.dtype = torch.device(device or default_device()), DTYPES[dtype]
         torch.manual_seed(seed)
         with torch.device(runtime.device):
             model = Transformer(args).to(runtime.dtype)
-        # from_numpy ignores the device context: move the rope table over, float32 as _build has it
-        model.inv_freq = model.inv_freq.to(runtime.device, torch.float32)
+        # from_numpy ignores the device context, and .to(dtype) cast the tables: float32 on the device
+        model.place_rope(runtime.device)
         model.tie_weights()
         runtime.model = model.eval()
         return runtime
 
+    @staticmethod
+    def _ops(args: ModelArgs) -> TorchOps:
+        ops = TorchOps()
+        # Gemma 2 soft-caps attention scores inside every partial attention: c·tanh(s / c)
+        ops.softcap = args.attn_logit_softcapping
+        return ops
+
     def _build(self) -> Transformer:
-        state = load_state_dict(self.folder)
+        state = decoder_weights(load_state_dict(self.folder))
         state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
         if self.args.tie_word_embeddings:
             state.pop("lm_head.weight", None)
@@ -103,15 +130,16 @@ class TorchRuntime:
         state = {k: v.to(device=self.device, dtype=self.dtype) for k, v in state.items()}
         model.load_state_dict(state, strict=False, assign=True)
         state.clear()  # the model owns the tensors now; re-laying them out below frees each old copy
-        # buffers built on the meta device hold no data: compute the rope table for real
-        model.inv_freq = torch.from_numpy(rope_inv_freq(self.args)).to(self.device)
+        # buffers built on the meta device hold no data: compute the rope tables for real
+        model.place_rope(self.device)
         model.tie_weights()
         if self.device.type == "cpu":
             column_major_linears(model)
         return model.eval()
 
     def new_cache(self, spec="full") -> KVCache:
-        return KVCache(self.ops, self.args.num_layers, spec)
+        # local (sliding-window) layers attend only their window: layer_windows(config), per layer
+        return KVCache(self.ops, self.args.num_layers, spec, windows=list(self.args.windows) or None)
 
     @torch.inference_mode()
     def forward(self, ids: list[int], cache: KVCache, all_logits: bool = False,
