@@ -22,6 +22,7 @@ from gguf.quants import dequantize
 from safetensors.numpy import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from kvrt import gguf_archs
 from kvrt.errors import KvrtError
 from kvrt.model_config import llama3_scaled, yarn_attention_factor
 from kvrt.progress import Progress, quiet
@@ -31,6 +32,7 @@ SUPPORTED_ARCHS = {
     "llama": ("LlamaForCausalLM", "llama"),
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    **gguf_archs.ARCHS,  # gemma2, gemma3, phi3: their own facts live in kvrt/gguf_archs.py
 }
 
 # Per-layer GGUF tensor name suffix -> HF name suffix.
@@ -141,6 +143,8 @@ def gguf_config(reader: GGUFReader, n_vocab: int) -> dict:
     scaling = _rope_scaling(reader, arch, cfg)
     if scaling:
         cfg["rope_scaling"] = scaling
+    gguf_archs.arch_config(arch, cfg, lambda key, default=None: field(reader, key, default),
+                           lambda name: _tensor_f64(reader, name))
     return cfg
 
 
@@ -203,8 +207,13 @@ def _yarn_scaling(reader: GGUFReader, key: str, factor: float, attn_factor: floa
 
 def _rope_freqs(reader: GGUFReader) -> np.ndarray | None:
     """The ``rope_freqs.weight`` tensor (llama.cpp's per-pair frequency divisors) as float64, or None."""
+    return _tensor_f64(reader, "rope_freqs.weight")
+
+
+def _tensor_f64(reader: GGUFReader, name: str) -> np.ndarray | None:
+    """The tensor `name`, flattened to float64, or None when the file has none."""
     for t in reader.tensors:
-        if t.name == "rope_freqs.weight":
+        if t.name == name:
             return np.asarray(_dequantized(t), dtype=np.float64).reshape(-1)
     return None
 
@@ -275,16 +284,19 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def hf_name(gguf_name: str) -> str | None:
-    """Map a GGUF tensor name to its HF name (None = not a weight: rope_freqs, carried by the config)."""
+def hf_name(gguf_name: str, arch: str | None = None) -> str | None:
+    """Map a GGUF tensor name of `arch` (general.architecture; None: llama's names) to its HF name
+    (None = not a weight: rope_freqs and the like, carried by the config)."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
-    if gguf_name == "rope_freqs.weight":
+    if gguf_name == "rope_freqs.weight" or gguf_name in gguf_archs.CONFIG_TENSORS.get(arch, ()):
         return None
+    layer_names = {**_LAYER_NAMES, **gguf_archs.LAYER_NAMES.get(arch, {})}
     parts = gguf_name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
-    raise KvrtError(f"unsupported GGUF tensor {gguf_name!r} (not a dense llama/qwen2/qwen3 weight)")
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in layer_names:
+        return f"model.layers.{parts[1]}.{layer_names[parts[2]]}"
+    kinds = "llama/qwen2/qwen3" if arch not in gguf_archs.ARCHS else arch
+    raise KvrtError(f"unsupported GGUF tensor {gguf_name!r} (not a dense {kinds} weight)")
 
 
 def _store_dtype(ggml_type: GGMLQuantizationType):
@@ -308,14 +320,15 @@ def _dequantized(t) -> np.ndarray:
 def convert_tensors(reader: GGUFReader, cfg: dict, progress: Progress | None = None) -> dict[str, np.ndarray]:
     """Dequantize every weight and rename it to HF conventions (`progress` counts the tensors)."""
     permuted = cfg["model_type"] == "llama"  # only llama.cpp's llama path permutes Q/K
+    arch = field(reader, "general.architecture")
     out = {}
     for t in reader.tensors:
         if progress is not None:
             progress.advance()
-        name = hf_name(t.name)
+        name = hf_name(t.name, arch)
         if name is None:
             continue
-        w = _dequantized(t)
+        w = gguf_archs.fix_tensor(arch, t.name, _dequantized(t))
         if permuted and t.name.endswith("attn_q.weight"):
             w = _unpermute(w, cfg["num_attention_heads"])
         elif permuted and t.name.endswith("attn_k.weight"):
@@ -323,7 +336,7 @@ def convert_tensors(reader: GGUFReader, cfg: dict, progress: Progress | None = N
         out[name] = np.ascontiguousarray(w.astype(_store_dtype(t.tensor_type)))
     if "model.embed_tokens.weight" not in out:
         raise KvrtError("GGUF has no token_embd.weight tensor")
-    return out
+    return gguf_archs.finish_tensors(arch, out, cfg)
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -343,8 +356,8 @@ def _pre_tokenizer(pre: str | None, log=print):
     if pre in ("smollm", "starcoder"):
         digits = pre_tokenizers.Digits(individual_digits=True)
         return None, pre_tokenizers.Sequence([digits, gpt2_style])
-    if pre in ("llama-bpe", "qwen2"):
-        regex = _LLAMA3_REGEX if pre == "llama-bpe" else _QWEN2_REGEX
+    if pre in ("llama-bpe", "qwen2") or pre in gguf_archs.PRE_SPLITS:
+        regex = gguf_archs.PRE_SPLITS.get(pre) or (_LLAMA3_REGEX if pre == "llama-bpe" else _QWEN2_REGEX)
         split = pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False)
         byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
         norm = normalizers.NFC() if pre == "qwen2" else None  # Qwen's HF tokenizer normalizes to NFC
@@ -483,6 +496,11 @@ def convert_gguf(gguf_path: Path, out_dir: Path, log=print) -> Path:
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
         if gen_cfg is not None:
             (tmp / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
+        # each weight's GGUF type (HF name -> ggml type name): MLX keeps quantized ones quantized (a tensor
+        # finish_tensors fused from several, as Phi-3's qkv_proj, has none and stays float there)
+        arch = field(reader, "general.architecture")
+        types = {name: t.tensor_type.name for t in reader.tensors if (name := hf_name(t.name, arch)) in tensors}
+        (tmp / "gguf_types.json").write_text(json.dumps(types, indent=1) + "\n")
         _make_readable(tmp)
         _swap_into_place(tmp, out_dir)
     except BaseException:

