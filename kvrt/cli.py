@@ -300,7 +300,7 @@ def pull(name):
 
 @cli.command()
 def models():
-    """List the models in kvrt's model cache, with their sizes."""
+    """List the models in kvrt's model cache: size on disk, GGUF weight types, what each backend runs."""
     from kvrt.model_store import kvrt_home, list_models
 
     entries = list_models()
@@ -308,6 +308,9 @@ def models():
         click.echo(f"no models cached under {kvrt_home()} (try: kvrt pull default)")
     for entry in entries:
         click.echo(f"{entry['name']:<40} {entry['bytes'] / 2**20:>9.1f} MiB  {entry['path']}")
+        if entry.get("gguf"):
+            click.echo(f"    GGUF weights: {entry['gguf']}")
+        click.echo(f"    torch: {entry['torch']}; mlx: {entry['mlx']}")
 
 
 @cli.command()

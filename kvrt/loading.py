@@ -34,8 +34,10 @@ def pick_backend(requested: str = "auto") -> str:
     raise KvrtError("no backend installed: pip install 'kvrt[torch]' or 'kvrt[mlx]'")
 
 
-def load_runtime(folder: Path, backend: str = "auto", dtype: str | None = None):
-    """A backend runtime (see kvrt.generate.Runtime) holding the model in `folder`."""
+def load_runtime(folder: Path, backend: str = "auto", dtype: str | None = None, quantize_gguf: bool = True):
+    """A backend runtime (see kvrt.generate.Runtime) holding the model in `folder`. On MLX, the weights a
+    GGUF held quantized load as MLX-quantized layers unless `quantize_gguf` is False (then as the
+    converted floats, as torch always runs them)."""
     backend = pick_backend(backend)
     if dtype is not None:
         if dtype not in DTYPE_NAMES:
@@ -51,4 +53,4 @@ def load_runtime(folder: Path, backend: str = "auto", dtype: str | None = None):
         raise KvrtError("the mlx backend needs mlx and mlx-lm: pip install 'kvrt[mlx]'")
     from kvrt.backends.mlx.runtime import MLXRuntime
 
-    return MLXRuntime(folder, dtype=dtype)
+    return MLXRuntime(folder, dtype=dtype, quantize_gguf=quantize_gguf)

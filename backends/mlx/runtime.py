@@ -15,23 +15,36 @@ from kvrt.cache import KVCache
 from kvrt.errors import KvrtError
 from kvrt.generate import check_token_ids
 from kvrt.memory import peak_rss_bytes
-from kvrt.model_config import ModelArgs, read_config
+from kvrt.model_config import (GLOBAL, LOCAL, ModelArgs, decoder_config, layer_types, layer_windows,
+                               local_rope_parameters, read_config, rope_parameters)
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 DEVICES = {"cpu": mx.cpu, "gpu": mx.gpu, "metal": mx.gpu}
 # mlx-lm modules whose Model.__call__ is exactly `head(self.model(...))`, so prefill can skip
 # the [T, V] logits and project only the last row
-PLAIN_HEAD_MODULES = {"mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3"}
+PLAIN_HEAD_MODULES = {"mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3", "mlx_lm.models.phi3",
+                      "mlx_lm.models.gemma3_text"}
 
 
 def rope_overrides(cfg: dict) -> dict:
-    """transformers >= 5 nests rope settings in `rope_parameters`, which mlx-lm 0.32's llama/qwen2 ignore."""
-    params = cfg.get("rope_parameters") or {}
-    if not params or cfg.get("rope_theta") is not None:
-        return {}
-    out = {"rope_theta": params["rope_theta"]} if "rope_theta" in params else {}
-    if params.get("rope_type", "default") != "default" and not cfg.get("rope_scaling"):
-        out["rope_scaling"] = params
+    """Top-level config keys mlx-lm 0.32 reads where transformers >= 5 nests them: rope settings (in
+    `rope_parameters`, per layer type for Gemma 3), Phi-3's rope `type`, Gemma 3's local rope base
+    and layer pattern (`layer_types`), read with kvrt's own config parsing."""
+    cfg = decoder_config(cfg)
+    out, rope = {}, rope_parameters(cfg)
+    if cfg.get("rope_theta") is None and "rope_theta" in rope:
+        out["rope_theta"] = rope["rope_theta"]
+    if rope.get("rope_type", "default") != "default" and not cfg.get("rope_scaling"):
+        out["rope_scaling"] = {**rope, "type": rope["rope_type"]}
+    if cfg.get("model_type") == "gemma3_text":
+        if cfg.get("rope_local_base_freq") is None:
+            out["rope_local_base_freq"] = local_rope_parameters(cfg)["rope_theta"]
+        types = layer_types(cfg)
+        if "sliding_window_pattern" not in cfg and GLOBAL in types:
+            pattern = types.index(GLOBAL) + 1  # mlx-lm: every pattern-th layer is global
+            if types != [GLOBAL if (i + 1) % pattern == 0 else LOCAL for i in range(len(types))]:
+                raise KvrtError("this Gemma 3 config's layer types repeat no fixed pattern, which mlx-lm needs")
+            out["sliding_window_pattern"] = pattern
     return out
 
 
@@ -42,18 +55,32 @@ def default_dtype(cfg: dict, device) -> str:
     return "float16" if (cfg.get("dtype") or cfg.get("torch_dtype")) == "float16" else "bfloat16"
 
 
-def load_mlx_model(folder: Path, cfg: dict):
-    """mlx-lm's own loader (quantized checkpoints included); its errors become one KvrtError line."""
+def load_mlx_model(folder: Path, cfg: dict, dtype=None, quantize_gguf: bool = True):
+    """mlx-lm's own loader (quantized checkpoints included), its floating parameters cast to `dtype`,
+    evaluated; a folder converted from a GGUF (gguf_types.json) gets its quantized GGUF weights as
+    MLX-quantized layers unless `quantize_gguf` is False (see gguf_weights). Returns (model, the count of
+    layers quantized per format); mlx-lm's errors become one KvrtError line."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
     from mlx_lm.utils import load_model
 
+    from kvrt.backends.mlx.gguf_weights import quantize_gguf_weights, read_types
+
     try:
-        model, _ = load_model(folder, model_config=rope_overrides(cfg))
+        model, _ = load_model(folder, lazy=True, model_config=rope_overrides(cfg))  # weights read when evaluated
+        types = read_types(folder) if quantize_gguf else None
+        formats = quantize_gguf_weights(model, types) if types else {}
+        if dtype is not None:
+            model.set_dtype(dtype)  # floating parameters only: packed weights stay packed
+        for _, layer in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
+            mx.eval(layer.parameters())  # one layer at a time: at most one float weight in memory beside the rest
+        mx.eval(model.parameters())
     except FileNotFoundError as exc:
         raise KvrtError(f"cannot load {folder}: {str(exc).splitlines()[0]}") from None
     except (ValueError, KeyError, TypeError, RuntimeError, OSError) as exc:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise KvrtError(f"mlx-lm cannot load {folder} (model_type '{cfg.get('model_type')}'): {detail}") from None
-    return model
+    return model, dict(formats)
 
 
 class MLXRuntime:
@@ -61,7 +88,10 @@ class MLXRuntime:
 
     backend = "mlx"
 
-    def __init__(self, folder: Path, dtype: str | None = None, device: str | None = None):
+    def __init__(self, folder: Path, dtype: str | None = None, device: str | None = None,
+                 quantize_gguf: bool = True):
+        """`quantize_gguf=False` loads a GGUF's quantized weights as the converted floats (as torch runs them)
+        instead of MLX-quantized layers (see gguf_weights); `weight_formats` counts the layers quantized."""
         self.folder = Path(folder)
         if device is not None and device not in DEVICES:
             raise KvrtError(f"unknown MLX device '{device}'; use one of {', '.join(DEVICES)}")
@@ -71,9 +101,9 @@ class MLXRuntime:
         if dtype not in DTYPES:
             raise KvrtError(f"unknown dtype '{dtype}'; use one of {', '.join(DTYPES)}")
         self.dtype = DTYPES[dtype]
-        self.model = load_mlx_model(self.folder, cfg)
-        self.model.set_dtype(self.dtype)  # floating parameters only: packed 4-bit weights stay packed
-        mx.eval(self.model.parameters())  # now, on this thread: lazy casts left to a server's thread fail there
+        # evaluated now, on this thread: lazy casts left to a server's thread fail there
+        with mx.stream(self.device):
+            self.model, self.weight_formats = load_mlx_model(self.folder, cfg, self.dtype, quantize_gguf)
         self.vocab_size = cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size")
         self.num_layers = len(self.model.layers)
         self.ops = MLXOps()
@@ -82,7 +112,9 @@ class MLXRuntime:
         install_attention({type(m).__module__ for m in self.model.modules()})
 
     def new_cache(self, spec="full") -> KVCache:
-        return KVCache(self.ops, self.num_layers, spec)
+        # local (sliding-window) layers: kvrt's cache keeps their window, in place of mlx-lm's rotating cache
+        windows = layer_windows(read_config(self.folder))
+        return KVCache(self.ops, self.num_layers, spec, windows=windows if len(windows) == self.num_layers else None)
 
     def adapters(self, cache: KVCache) -> list[MLXLayerCache]:
         """mlx-lm's per-layer view of a kvrt cache, built once and kept on it as `cache.mlx_layers`."""
@@ -134,7 +166,9 @@ class MLXRuntime:
             logits = model(tokens, cache=layers)[0]
             return logits if all_logits else logits[-1:]
         hidden = model.model(tokens, cache=layers)[:, -1:]  # only the last row goes through the head
-        head = model.model.embed_tokens.as_linear if model.args.tie_word_embeddings else model.lm_head
+        tied = getattr(model, "tie_word_embeddings", None)  # gemma3_text keeps it on the model, not its args
+        tied = model.args.tie_word_embeddings if tied is None else tied
+        head = model.model.embed_tokens.as_linear if tied else model.lm_head
         return head(hidden)[0]
 
     def kv_shape(self) -> tuple[int, int, int, int]:
