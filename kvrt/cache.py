@@ -421,7 +421,8 @@ class KVCache:
             stats["calidrop"] = {k: int(sum(t.counts[k].sum() for t in tiers)) for k in tiers[0].counts}
         quantized = [layer.quantized for layer in self.layers if layer.quantized is not None]
         if quantized:
-            held = max(layer.quantized.length + layer.kept.length + layer.newest.length for layer in self.layers)
+            held = max(layer.quantized.length + layer.kept.length + layer.newest.length for layer in self.layers
+                       if layer.quantized is not None)  # local layers hold their window unquantized
             traced = [t.traced_per_head() for t in quantized if hasattr(t, "traced_per_head")]
             stats["quantized"] = {"tokens": max(t.length for t in quantized), "of": held,
                                   "traced": sum(traced) / len(traced) if traced else 0.0}
