@@ -275,3 +275,27 @@ def test_calidrop_recomputes_only_the_kv_heads_that_ask_and_gets_them_exact():
     torch.testing.assert_close(out[:, 2:4], ref_out[:, 2:4], atol=1e-6, rtol=1e-6)  # both heads of KV head 1
     torch.testing.assert_close(lse[:, 2:4], ref_lse[:, 2:4], atol=1e-6, rtol=1e-6)
     assert not out[:, :2].any() and not out[:, 4:].any()  # the others were never computed
+
+
+def test_calidrop_taylor_rule_moves_the_reused_lse_toward_the_query():
+    """rule=taylor keeps the evicted keys' mean under the proxy, the gradient of the partial's lse
+    (over scale): at the proxy itself it changes nothing, and for a query near the proxy its lse is
+    closer to the exact one than the paper's reused lse; the output is the paper's."""
+    from kvrt.methods.calidrop import CaliDrop
+
+    torch.manual_seed(7)
+    ops, scale = TorchOps(), 0.25
+    k, v = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
+    proxy = torch.randn(1, 4, 1, 16)
+    tiers = {rule: CaliDrop(rule=rule, theta1=-1.0, theta2=-0.5).new_tier(ops) for rule in ("paper", "taylor")}
+    for tier in tiers.values():
+        tier.add_evicted(k, v, torch.zeros(1, 2, 40), proxy, scale)
+    near = proxy + 0.05 * torch.randn(1, 4, 1, 16)
+    exact = ops.partial_attention(near, k, v, scale)[1]
+    (out_p, lse_p), (out_t, lse_t) = (tiers[r].partial(near, scale, None, True) for r in ("paper", "taylor"))
+    torch.testing.assert_close(out_t, out_p)
+    assert (lse_t - exact).abs().max() < 0.5 * (lse_p - exact).abs().max()
+    same = tiers["taylor"].partial(proxy, scale, None, True)[1]
+    torch.testing.assert_close(same, tiers["paper"].partial(proxy, scale, None, True)[1])
+    with pytest.raises(KvrtError):
+        CacheSpec.parse("snapkv:budget=64+calidrop:rule=bogus")

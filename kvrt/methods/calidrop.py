@@ -17,6 +17,12 @@ Choices where the paper is silent, kept as parameters:
   eviction scores stay); `recompute=never` keeps no evicted tier at all, only the
   partial, and then ρ < θ1 means no calibration. `offload=int2|int4|int8` stores it
   quantized in kvrt's KIVI format instead (kvrt/methods/evicted_store.py), on the device.
+- `rule=paper` reuses the stored partial as it is. `rule=taylor` also keeps, per query head, the
+  softmax-weighted mean of the evicted keys under the proxy — the gradient of the partial's lse
+  with respect to the query, divided by the scale — and moves the reused lse to first order toward
+  the current query: lse(q) ≈ lse(p) + scale·(q − p)·k̄. The evicted tier's weight in the merge
+  then follows the query instead of staying the proxy's (one more vector per head; kvrt's own
+  variant, measured in bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -38,10 +44,14 @@ BRANCHES = ("calibrate", "recompute", "skip")
 class CaliDrop:
     name = "calidrop"
     options = {"theta1": float, "theta2": float, "calibration_size": int, "recompute": str, "granularity": str,
-               "offload": str}
+               "offload": str, "rule": str}
+    RULES = ("paper", "taylor")
 
     def __init__(self, theta1: float = 0.7, theta2: float = 0.85, calibration_size: int = 0,
-                 recompute: str = "auto", granularity: str = "head", offload: str = "none"):
+                 recompute: str = "auto", granularity: str = "head", offload: str = "none", rule: str = "paper"):
+        if rule not in self.RULES:
+            raise InvalidValue(f"calidrop: rule must be one of {', '.join(self.RULES)}, got {rule}")
+        self.rule = rule
         if recompute not in ("auto", "never"):
             raise InvalidValue(f"calidrop: recompute must be auto or never, got {recompute}")
         if granularity not in ("head", "kv_head"):
@@ -72,6 +82,7 @@ class CalibrationTier:
         self.store = evicted_store(ops, config.offload)
         self.scores = None  # host float32 [B, Hkv, E]
         self.proxy = self.out = self.lse = None
+        self.mean_key = None  # rule=taylor: float32 [B, Hq, 1, D], the evicted keys' mean under the proxy
         self.length = 0  # evicted tokens the stored partial covers (the most of any row, in a batch)
         self.row_lengths: np.ndarray | None = None  # per row, when the rows of a batch differ
         self.counts = {name: np.zeros(1, dtype=np.int64) for name in BRANCHES}  # per batch row
@@ -92,6 +103,7 @@ class CalibrationTier:
         out.counts = {name: c[rows] for name, c in self.counts.items()}
         if out.length:  # rows that evicted nothing yet take no partial: their first eviction starts one
             out.proxy, out.out, out.lse = (batch_rows.take(ops, a, rows) for a in (self.proxy, self.out, self.lse))
+            out.mean_key = batch_rows.take(ops, self.mean_key, rows)
             out.scores = batch_rows.take(ops, self.scores, rows, -1, int(out.store.lengths().max(initial=0)))
         return out
 
@@ -106,6 +118,7 @@ class CalibrationTier:
         out.proxy = batch_rows.stack(ops, [p.proxy for p in parts], counts, None, 0.0)
         out.out = batch_rows.stack(ops, [p.out for p in parts], counts, None, 0.0)
         out.lse = batch_rows.stack(ops, [p.lse for p in parts], counts, None, float("-inf"))
+        out.mean_key = batch_rows.stack(ops, [p.mean_key for p in parts], counts, None, 0.0)
         out.scores = batch_rows.stack(ops, [p.scores for p in parts], counts, -1, float("-inf"))
         return out
 
@@ -113,12 +126,19 @@ class CalibrationTier:
         """Take newly evicted k/v [B, Hkv, E, D] (with their eviction scores) from a chunk whose
         last query q[:, :, -1] becomes the proxy on the first eviction."""
         ops = self.ops
+        taylor = self.config.rule == "taylor"
         if self.proxy is None:
             self.proxy = ops.to_float32(q[:, :, -1])
             self.out, self.lse = ops.partial_attention(q[:, :, -1:], k, v, scale)
+            if taylor:
+                self.mean_key = ops.to_float32(ops.partial_attention(q[:, :, -1:], k, k, scale)[0])
         else:  # the stored partial stays exact for its proxy: merge in the new tokens under it
             proxy_q = ops.cast_like(self.proxy[:, :, None, :], q)
-            self.out, self.lse = merge_partials(ops, [(self.out, self.lse), ops.partial_attention(proxy_q, k, v, scale)])
+            fresh = ops.partial_attention(proxy_q, k, v, scale)
+            if taylor:  # the mean key merges with the same weights as the output
+                keys = ops.to_float32(ops.partial_attention(proxy_q, k, k, scale)[0])
+                self.mean_key, _ = merge_partials(ops, [(self.mean_key, self.lse), (keys, fresh[1])])
+            self.out, self.lse = merge_partials(ops, [(self.out, self.lse), fresh])
         self.length += k.shape[2]
         if self.config.recompute == "never":
             return
@@ -163,10 +183,24 @@ class CalibrationTier:
             self.out = ops.where(last[..., None], fresh_out[:, :, -1:], self.out)
             self.lse = ops.where(last, fresh_lse[:, :, -1:], self.lse)
             self.proxy = ops.where(last, ops.to_float32(q[:, :, -1]), self.proxy)
+            if cfg.rule == "taylor":
+                self.mean_key = ops.where(last[..., None], self.mean_keys_at(q[:, :, -1:], scale), self.mean_key)
         calibrate = (rho > cfg.theta2) & ~recompute
+        if cfg.rule == "taylor":  # the reused lse, moved to first order toward each query
+            step = ops.sum((ops.to_float32(q) - self.proxy[:, :, None, :]) * self.mean_key, axis=-1) * scale
+            lse = ops.where(calibrate, lse + step, lse)
         used = calibrate | recompute
         self._count(calibrate, recompute)
         return out, ops.where(used, lse, ops.full(lse.shape, float("-inf"), lse))
+
+    def mean_keys_at(self, q: Array, scale: float) -> Array:
+        """float32 [B, Hq, 1, D]: the evicted keys' softmax-weighted mean under the queries q [B, Hq, 1, D]."""
+        ops = self.ops
+        k, _ = self.store.tokens()
+        k = ops.to_device_of(k, q)
+        lengths = batch_rows.short_rows(self.store.lengths(), k.shape[2])
+        return ops.to_float32(ops.partial_attention(q, ops.cast_like(k, q), ops.cast_like(k, q), scale,
+                                                    key_lengths=lengths)[0])
 
     def _count(self, calibrate: Array, recompute: Array) -> None:
         """Branch counts per batch row; a row of a batch that has evicted nothing yet counts nothing."""
@@ -199,4 +233,5 @@ class CalibrationTier:
         return 0
 
     def arrays(self) -> list[Array]:
-        return self.store.arrays() + [a for a in (self.scores, self.proxy, self.out, self.lse) if a is not None]
+        kept = (self.scores, self.proxy, self.out, self.lse, self.mean_key)
+        return self.store.arrays() + [a for a in kept if a is not None]
