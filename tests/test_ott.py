@@ -135,7 +135,7 @@ def test_prefill_flush_boundaries(prompt, quantized, residual):
 def test_first_layers_trace_nothing_by_default():
     config = OTT()
     assert [type(config.new_tier(OPS, i)) for i in range(3)] == [QuantizedTier, QuantizedTier, TracedTier]
-    assert (config.bits, config.group, config.residual, config.outliers, config.overflow) == (2, 128, 32, 3, 32)
+    assert (config.bits, config.group, config.residual, config.outliers, config.overflow) == (2, 32, 64, 3, 32)  # kvrt's measured defaults (issue 14)
 
 
 def test_stored_bytes_count_the_pools_and_slots():
