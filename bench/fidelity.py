@@ -103,6 +103,12 @@ def greedy_answer(runtime, tokenizer, cache, first_logits, max_tokens=8) -> str:
     return tokenizer.decode(out)
 
 
+def count_branches(counts: dict, cache) -> None:
+    """Add the cache's CaliDrop branch counts (calibrate / recompute / skip, over layers and heads) to `counts`."""
+    for branch, n in cache.stats().get("calidrop", {}).items():
+        counts[branch] = counts.get(branch, 0) + n
+
+
 def spec_list(args) -> list[str]:
     """full, then `--specs`, or each method at each budget (and ratio), without and with CaliDrop."""
     if args.specs:
@@ -177,6 +183,7 @@ def main() -> None:
             cache = cache_for(runtime, spec, captured)
             kv_bytes[spec] = cache.nbytes()  # right after the prompt: what compression kept
             nll[spec].append(continuation_nll(runtime, cache, first, continuation, spec, args.protocol))
+            count_branches(calidrop[spec], cache)
             print(f"  {spec}: NLL {nll[spec][-1]:.3f} ({time.time() - started:.0f}s)", file=sys.stderr)
         print(f"passage done ({time.time() - started:.0f}s)", file=sys.stderr)
 
@@ -186,8 +193,7 @@ def main() -> None:
         for spec in specs:
             cache = cache_for(runtime, spec, captured)
             hits[spec] += key in greedy_answer(runtime, tokenizer, cache, first)
-            for branch, n in cache.stats().get("calidrop", {}).items():
-                calidrop[spec][branch] = calidrop[spec].get(branch, 0) + n
+            count_branches(calidrop[spec], cache)
         print(f"passkey sample {seed + 1}/{args.passkey_samples} ({time.time() - started:.0f}s)", file=sys.stderr)
 
     report(args, specs, nll, hits, kv_bytes, calidrop)
