@@ -53,8 +53,7 @@ def kv_bytes_needed(runtime, spec: CacheSpec, prompt_tokens: int, max_tokens: in
         if calibration.calibration_size:
             evicted = min(evicted, calibration.calibration_size)
         bytes_per_layer += evicted * per_token
-    windows = [layer.window for layer in runtime.new_cache("full").layers]
-    local = [w for w in windows if w is not None]
+    local = [w for w in runtime.windows if w is not None]
     # a local layer holds at most its window, in full precision, in a buffer that drops whole steps
     local_bytes = sum(buffer_rows(min(total, w) + 64) * per_token for w in local)
     return (layers - len(local)) * bytes_per_layer + local_bytes

@@ -69,15 +69,13 @@ class SeqBuffer:
         """Drop each row's oldest drop[b] rows (a sliding window moving on). Dropped evenly, the rows
         left stay in place as a view into the allocation until `step` rows have gone; then (or when
         rows drop unevenly) they move to an allocation of their own."""
-        from kvrt.window import drop_front
-
         lengths = self.lengths()
         kept = lengths - drop
         if (drop == drop[0]).all() and self.dropped + int(drop[0]) < self.step:
             self.allocation, self.dropped = self.stored(), self.dropped + int(drop[0])
             self.data = self.data[..., int(drop[0]):, :]  # the capacity after the rows stays usable
         else:
-            rest = drop_front(self.ops, self.view(), drop, lengths, axis=-2)
+            rest = batch_rows.drop_front(self.ops, self.view(), drop, lengths, axis=-2)
             capacity = -(-(int(kept.max()) + 1) // self.step) * self.step
             self.data = self.ops.write_seq(self.ops.alloc_seq(rest, capacity), 0, rest)
             self.allocation, self.dropped = None, 0

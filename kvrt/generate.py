@@ -24,6 +24,7 @@ class Runtime(Protocol):
 
     backend: str
     ops: object
+    windows: list  # per layer, the sliding window of a local layer, or None for a global one
 
     def new_cache(self, spec="full"): ...
     def forward(self, ids: list[int], cache, all_logits: bool = False,

@@ -100,3 +100,17 @@ def blank(ops: Ops, like: Array, count: int, axis: int | None, pad: float) -> Ar
     if axis is None:
         return ops.cast_like(ops.full(rows.shape, pad, rows), rows)
     return cut(rows, axis, 0)
+
+
+def drop_front(ops: Ops, x: Array, drop: np.ndarray, lengths: np.ndarray, axis: int) -> Array:
+    """x [B, H, S(, D)] without each row's first drop[b] entries along `axis` (-1 or -2); rows
+    then hold lengths[b] − drop[b] entries, padded at the end to the longest."""
+    if (drop == drop[0]).all():
+        n = int(drop[0])
+        return x[..., n:] if axis == -1 else x[..., n:, :]
+    rows = []
+    for b in range(x.shape[0]):
+        row = take(ops, x, [b])
+        end = int(lengths[b])
+        rows.append(row[..., int(drop[b]):end] if axis == -1 else row[..., int(drop[b]):end, :])
+    return stack(ops, rows, [1] * len(rows), axis, 0.0)

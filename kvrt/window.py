@@ -46,7 +46,7 @@ def _slide_newest(layer, horizon) -> None:
     if layer.accumulated is not None:  # H2O's sums: [kept | newest], the newest part loses the same tokens
         split = layer.kept.length
         kept, scored = layer.accumulated[..., :split], layer.accumulated[..., split:]
-        scored = drop_front(layer.ops, scored, drop, newest.lengths(), axis=-1)
+        scored = batch_rows.drop_front(layer.ops, scored, drop, newest.lengths(), axis=-1)
         layer.accumulated = layer.ops.concat([kept, scored], axis=2) if split else scored
     newest.drop_front(drop)
     start = layer.newest_start + drop
@@ -84,17 +84,3 @@ def kept_bias(layer, first_query, count: int) -> Array:
         return ops.where(positions > layer._per_row(first_query - layer.window, positions), 0.0, -INF)
     queries = ops.positions(0, count, like=positions) + layer._per_row(first_query, positions)  # [B, Hkv, T]
     return ops.where(positions[:, :, None, :] > (queries - layer.window)[..., None], 0.0, -INF)
-
-
-def drop_front(ops, x: Array, drop: np.ndarray, lengths: np.ndarray, axis: int) -> Array:
-    """x [B, H, S(, D)] without each row's first drop[b] entries along `axis` (-1 or -2); rows
-    then hold lengths[b] − drop[b] entries, padded at the end to the longest."""
-    if (drop == drop[0]).all():
-        n = int(drop[0])
-        return x[..., n:] if axis == -1 else x[..., n:, :]
-    rows = []
-    for b in range(x.shape[0]):
-        row = batch_rows.take(ops, x, [b])
-        end = int(lengths[b])
-        rows.append(row[..., int(drop[b]):end] if axis == -1 else row[..., int(drop[b]):end, :])
-    return batch_rows.stack(ops, rows, [1] * len(rows), axis, 0.0)

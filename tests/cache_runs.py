@@ -13,3 +13,16 @@ def run_spec(runtime, spec, ids, prefill, all_logits=True):
     out = [runtime.forward(ids[:prefill], cache, all_logits=all_logits)]
     out += [runtime.forward([t], cache) for t in ids[prefill:]]
     return torch.cat(out), cache
+
+
+def hf_stepwise_logits(model, ids, prefill) -> torch.Tensor:
+    """A transformers model with its own cache: the first `prefill` ids in one forward, then one
+    token at a time; logits [T, V] (the reference for kvrt's decode)."""
+    with torch.no_grad():
+        step = model(torch.tensor([ids[:prefill]]), use_cache=True)
+        out, cache = [step.logits[0]], step.cache
+        for t in ids[prefill:]:
+            step = model(torch.tensor([[t]]), cache=cache, use_cache=True)
+            out.append(step.logits[0])
+            cache = step.cache
+    return torch.cat(out)

@@ -13,6 +13,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from cache_runs import hf_stepwise_logits
 from kvrt.backends.torch.runtime import TorchRuntime
 from kvrt.cache import stack_caches
 from kvrt.errors import KvrtError
@@ -99,19 +100,6 @@ def hf_logits(folder, ids) -> torch.Tensor:
     """transformers over the whole sequence in one forward: [T, V]."""
     with torch.no_grad():
         return hf_model(folder)(torch.tensor([ids])).logits[0]
-
-
-def hf_stepwise_logits(folder, ids, prefill) -> torch.Tensor:
-    """transformers with its cache: the prompt in one forward, then one token at a time: [T, V]."""
-    model = hf_model(folder)
-    with torch.no_grad():
-        step = model(torch.tensor([ids[:prefill]]), use_cache=True)
-        out, cache = [step.logits[0]], step.cache
-        for t in ids[prefill:]:
-            step = model(torch.tensor([[t]]), cache=cache, use_cache=True)
-            out.append(step.logits[0])
-            cache = step.cache
-    return torch.cat(out)
 
 
 def ids_of(n: int, seed: int = 0) -> list[int]:
@@ -241,7 +229,7 @@ def test_greedy_decode_equals_transformers(folders, runtimes, name):
     prompt = ids_of(30, seed=7)
     tokens, got = kvrt_greedy(runtimes(name), prompt, steps=10)
     if name == "phi3-longrope":
-        ref = hf_stepwise_logits(folders(name), prompt + tokens[:-1], len(prompt))[len(prompt) - 1:]
+        ref = hf_stepwise_logits(hf_model(folders(name)), prompt + tokens[:-1], len(prompt))[len(prompt) - 1:]
     else:
         ref = hf_logits(folders(name), prompt + tokens[:-1])[len(prompt) - 1:]
     diff = max_diff(got[len(prompt) - 1:], ref)
@@ -260,7 +248,7 @@ def test_longrope_switches_per_forward_like_transformers(folders, runtimes, pref
     cache = runtime.new_cache()
     got = torch.cat([runtime.forward(ids[:prefill], cache, all_logits=True)]
                     + [runtime.forward([t], cache) for t in ids[prefill:]])
-    diff = max_diff(got, hf_stepwise_logits(folder, ids, prefill))
+    diff = max_diff(got, hf_stepwise_logits(hf_model(folder), ids, prefill))
     print(f"phi3-longrope prefill {prefill} + decode to 50: max |dlogit| {diff:.2e}")
     assert diff <= TOL
 

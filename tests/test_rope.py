@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from cache_runs import hf_stepwise_logits
 from gguf_fixtures import hf_folder_to_gguf, llama3_rope_freqs, write_tiny_hf_model
 from kvrt.backends.torch.runtime import TorchRuntime
 from kvrt.errors import KvrtError
@@ -47,14 +48,7 @@ def hf_logits(folder, ids, prefill) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    with torch.no_grad():
-        step = model(torch.tensor([ids[:prefill]]), use_cache=True)
-        out, cache = [step.logits[0]], step.cache
-        for t in ids[prefill:]:
-            step = model(torch.tensor([[t]]), cache=cache, use_cache=True)
-            out.append(step.logits[0])
-            cache = step.cache
-    return torch.cat(out)
+    return hf_stepwise_logits(model, ids, prefill)
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

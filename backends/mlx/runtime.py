@@ -106,15 +106,16 @@ class MLXRuntime:
             self.model, self.weight_formats = load_mlx_model(self.folder, cfg, self.dtype, quantize_gguf)
         self.vocab_size = cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size")
         self.num_layers = len(self.model.layers)
+        # local (sliding-window) layers: kvrt's cache keeps their window, in place of mlx-lm's rotating cache
+        windows = layer_windows(cfg)
+        self.windows = windows if len(windows) == self.num_layers else [None] * self.num_layers
         self.ops = MLXOps()
         self.lock = threading.Lock()  # one forward at a time: MLX graphs are built and run by one thread
         # the wrapper must sit in the modules of the model just loaded (imported by the loader)
         install_attention({type(m).__module__ for m in self.model.modules()})
 
     def new_cache(self, spec="full") -> KVCache:
-        # local (sliding-window) layers: kvrt's cache keeps their window, in place of mlx-lm's rotating cache
-        windows = layer_windows(read_config(self.folder))
-        return KVCache(self.ops, self.num_layers, spec, windows=windows if len(windows) == self.num_layers else None)
+        return KVCache(self.ops, self.num_layers, spec, windows=self.windows)
 
     def adapters(self, cache: KVCache) -> list[MLXLayerCache]:
         """mlx-lm's per-layer view of a kvrt cache, built once and kept on it as `cache.mlx_layers`."""

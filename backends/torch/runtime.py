@@ -137,9 +137,13 @@ class TorchRuntime:
             column_major_linears(model)
         return model.eval()
 
+    @property
+    def windows(self) -> list[int | None]:
+        """Per layer, the sliding window of a local layer (None: global), from the config."""
+        return list(self.args.windows) or [None] * self.args.num_layers
+
     def new_cache(self, spec="full") -> KVCache:
-        # local (sliding-window) layers attend only their window: layer_windows(config), per layer
-        return KVCache(self.ops, self.args.num_layers, spec, windows=list(self.args.windows) or None)
+        return KVCache(self.ops, self.args.num_layers, spec, windows=self.windows)
 
     @torch.inference_mode()
     def forward(self, ids: list[int], cache: KVCache, all_logits: bool = False,
