@@ -28,10 +28,12 @@ to prefilling under the spec); only the continuation runs per spec.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -69,8 +71,9 @@ def stepwise(spec: str) -> bool:
     return parsed.method.name in ("streaming", "h2o") or calibration is not None or quantization is not None
 
 
-def continuation_nll(runtime, cache, first_logits, continuation, spec: str, protocol: str = "step") -> float:
-    """Mean −log p of each continuation token given the compressed context and the tokens before it."""
+def continuation_logp(runtime, cache, first_logits, continuation, spec: str, protocol: str = "step"):
+    """float32 [N, V]: log p of the next token at each continuation position, given the compressed
+    context and the continuation tokens before it."""
     if protocol == "step" and stepwise(spec):
         rows = [first_logits[-1]]
         for token in continuation[:-1]:
@@ -78,8 +81,19 @@ def continuation_nll(runtime, cache, first_logits, continuation, spec: str, prot
         logits = torch.stack(rows)
     else:
         logits = torch.cat([first_logits[-1:], runtime.forward(continuation[:-1], cache, all_logits=True)])
-    logp = torch.log_softmax(logits.float(), -1)
+    return torch.log_softmax(logits.float(), -1)
+
+
+def nll_of(logp, continuation) -> float:
+    """Mean −log p of the continuation's tokens."""
     return -logp[torch.arange(len(continuation)), torch.tensor(continuation)].mean().item()
+
+
+def kl_from_full(full_logp, logp) -> float:
+    """Mean KL(full ‖ compressed) per token: how far the compressed cache's next-token distribution
+    moved from the full cache's. Unlike ΔNLL it is never negative and does not reward a cache for
+    luckily favouring the passage's actual tokens, so it tells a lossless cache from a lucky one."""
+    return (full_logp.exp() * (full_logp - logp)).sum(-1).mean().item()
 
 
 def passkey_prompt(tokenizer, length: int, seed: int) -> tuple[list[int], str]:
@@ -101,6 +115,12 @@ def greedy_answer(runtime, tokenizer, cache, first_logits, max_tokens=8) -> str:
         out.append(token)
         token = int(runtime.forward([token], cache)[-1].argmax())
     return tokenizer.decode(out)
+
+
+def host_bytes(cache) -> int:
+    """Bytes of CaliDrop's evicted tiers kept in host memory for its recomputes (offload=none)."""
+    stores = [layer.calibration.store for layer in cache.layers if layer.calibration is not None]
+    return sum(cache.layers[0].ops.nbytes(a) for s in stores if getattr(s, "host", False) for a in s.arrays())
 
 
 def count_branches(counts: dict, cache) -> None:
@@ -125,30 +145,43 @@ def base_of(spec: str) -> str | None:
     return "+".join(rest) if len(rest) < len(parts) else None
 
 
-def report(args, specs, nll, hits, kv_bytes, calidrop) -> None:
+def recovered(values: dict, spec: str) -> str:
+    """The share of the base spec's mean loss that `spec` (BASE+calidrop…) recovers, or ''."""
+    base = base_of(spec)
+    if base not in values or statistics.mean(values[base]) <= 0:
+        return ""
+    return f"{100 * (1 - statistics.mean(values[spec]) / statistics.mean(values[base])):+.0f}%"
+
+
+def report(args, specs, nll, kl, hits, kv_bytes, host, calidrop) -> dict:
+    """Print the table; return the results as a dict (for --json and the sweep plots)."""
     full = nll["full"]
     label = ("step by step (each continuation token decoded after the ones before it)" if args.protocol == "step"
              else "ONE CHUNK (every continuation query at once: optimistic for CaliDrop, not how a cache decodes)")
     print(f"model {args.model}; ΔNLL scored {label}, {len(full)} passages ({args.context} context + "
-          f"{args.continuation} scored tokens; full-cache NLL {statistics.mean(full):.3f}); passkey at "
-          f"{args.passkey_tokens} tokens, {args.passkey_samples} samples; KV bytes after a {args.context}-token prompt")
-    print("\n| cache | ΔNLL mean ± sd | per passage | recovered | passkey | KV MiB | CaliDrop calibrate / recompute / skip |"
-          "\n|---|---|---|---|---|---|---|")
+          f"{args.continuation} scored tokens; full-cache NLL {statistics.mean(full):.3f}); KL(full ‖ cache) in "
+          f"nats per token; passkey at {args.passkey_tokens} tokens, {args.passkey_samples} samples; KV bytes after "
+          f"a {args.context}-token prompt (on the device; CaliDrop's evicted tier in host memory apart)")
+    print("\n| cache | ΔNLL mean ± sd | per passage | recovered | KL mean | KL recovered | passkey | KV MiB "
+          "| host MiB | CaliDrop calibrate / recompute / skip |\n|---|---|---|---|---|---|---|---|---|---|")
     delta = {s: [x - f for x, f in zip(nll[s], full)] for s in specs}
+    results = {"model": args.model, "protocol": args.protocol, "context": args.context,
+               "continuation": args.continuation, "full_nll": full, "specs": {}}
     for spec in specs:
         d = delta[spec]
         spread = statistics.stdev(d) if len(d) > 1 else 0.0
-        base = base_of(spec)
-        recovered = ""
-        if base in delta and statistics.mean(delta[base]) > 0:
-            recovered = f"{100 * (1 - statistics.mean(d) / statistics.mean(delta[base])):+.0f}%"
         branches = calidrop[spec]
         total = max(sum(branches.values()), 1)
         mix = " / ".join(f"{100 * branches[b] / total:.0f}%" for b in ("calibrate", "recompute", "skip")) \
             if branches else ""
         passkey = f"{100 * hits[spec] / args.passkey_samples:.0f}%" if args.passkey_samples else ""
         print(f"| {spec} | {statistics.mean(d):+.3f} ± {spread:.3f} | {' '.join(f'{x:+.3f}' for x in d)} | "
-              f"{recovered} | {passkey} | {kv_bytes[spec] / 2**20:.2f} | {mix} |")
+              f"{recovered(delta, spec)} | {statistics.mean(kl[spec]):.4f} | {recovered(kl, spec)} | {passkey} | "
+              f"{(kv_bytes[spec] - host[spec]) / 2**20:.2f} | {host[spec] / 2**20:.2f} | {mix} |")
+        results["specs"][spec] = {"delta_nll": d, "kl": kl[spec], "kv_bytes": kv_bytes[spec] - host[spec],
+                                  "host_bytes": host[spec], "branches": branches,
+                                  "passkey": hits[spec] / args.passkey_samples if args.passkey_samples else None}
+    return results
 
 
 def main() -> None:
@@ -165,24 +198,32 @@ def main() -> None:
     # SmolLM2-135M retrieves a passkey at ~1k tokens (4/5 with a full cache) and fails at 1.5k+
     parser.add_argument("--passkey-tokens", type=int, default=1000)
     parser.add_argument("--passkey-samples", type=int, default=20)
+    parser.add_argument("--json", default=None, help="also write the results here (bench/plot_fidelity.py reads them)")
     args = parser.parse_args()
 
     folder = resolve_model(args.model, log=lambda m: print(m, file=sys.stderr))
     runtime, tokenizer = TorchRuntime(folder, dtype="float32"), Tokenizer.from_folder(folder)
     specs = spec_list(args)
     nll = {s: [] for s in specs}
+    kl = {s: [] for s in specs}
     hits = {s: 0 for s in specs}
     kv_bytes = {s: 0 for s in specs}
+    host = {s: 0 for s in specs}
     calidrop = {s: {} for s in specs}
     started = time.time()
 
     for passage in natural_passages(tokenizer, args.context + args.continuation, args.passages):
         context, continuation = passage[: args.context], passage[args.context :]
         first, captured = record_prefill(runtime, context)
-        for spec in specs:
+        full_logp = None
+        for spec in specs:  # "full" comes first: the others' KL is measured against it
             cache = cache_for(runtime, spec, captured)
             kv_bytes[spec] = cache.nbytes()  # right after the prompt: what compression kept
-            nll[spec].append(continuation_nll(runtime, cache, first, continuation, spec, args.protocol))
+            host[spec] = host_bytes(cache)
+            logp = continuation_logp(runtime, cache, first, continuation, spec, args.protocol)
+            full_logp = logp if full_logp is None else full_logp
+            nll[spec].append(nll_of(logp, continuation))
+            kl[spec].append(kl_from_full(full_logp, logp))
             count_branches(calidrop[spec], cache)
             print(f"  {spec}: NLL {nll[spec][-1]:.3f} ({time.time() - started:.0f}s)", file=sys.stderr)
         print(f"passage done ({time.time() - started:.0f}s)", file=sys.stderr)
@@ -196,7 +237,11 @@ def main() -> None:
             count_branches(calidrop[spec], cache)
         print(f"passkey sample {seed + 1}/{args.passkey_samples} ({time.time() - started:.0f}s)", file=sys.stderr)
 
-    report(args, specs, nll, hits, kv_bytes, calidrop)
+    results = report(args, specs, nll, kl, hits, kv_bytes, host, calidrop)
+    if args.json:
+        tmp = Path(args.json + ".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(args.json)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ TINY_SPECS = [
     "full", "snapkv:budget=24,window=8", "pyramidkv:budget=24,window=8", "streaming:budget=20,sinks=2",
     "h2o:budget=24", "snapkv:budget=24,window=8+calidrop", "pyramidkv:budget=24,window=8+calidrop",
     "streaming:budget=20,sinks=2+calidrop", "h2o:budget=24+calidrop", "snapkv:budget=24,window=8+calidrop:offload=int2",
-    "h2o:budget=24+calidrop:rule=taylor",
+    "h2o:budget=24+calidrop:rule=paper",
     "kivi:bits=2,group=16,residual=8", "kivi:bits=4,group=16,residual=0", "ott:bits=4,group=32,residual=8", "ott:bits=2,group=16,residual=8,skip_layers=0",
     "snapkv:budget=24,window=8+ott:bits=2,group=16,residual=8,skip_layers=0", "h2o:budget=24+kivi:bits=4,group=16,residual=8",
     "streaming:budget=20,sinks=2+calidrop+kivi:bits=2,group=16,residual=8",

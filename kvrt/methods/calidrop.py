@@ -17,12 +17,13 @@ Choices where the paper is silent, kept as parameters:
   eviction scores stay); `recompute=never` keeps no evicted tier at all, only the
   partial, and then ρ < θ1 means no calibration. `offload=int2|int4|int8` stores it
   quantized in kvrt's KIVI format instead (kvrt/methods/evicted_store.py), on the device.
-- `rule=paper` reuses the stored partial as it is. `rule=taylor` also keeps, per query head, the
-  softmax-weighted mean of the evicted keys under the proxy — the gradient of the partial's lse
-  with respect to the query, divided by the scale — and moves the reused lse to first order toward
-  the current query: lse(q) ≈ lse(p) + scale·(q − p)·k̄. The evicted tier's weight in the merge
-  then follows the query instead of staying the proxy's (one more vector per head; kvrt's own
-  variant, measured in bench/RESULTS.md).
+- `rule=taylor` (the default; kvrt's own variant, measured in bench/RESULTS.md) also keeps, per
+  query head, the softmax-weighted mean of the evicted keys under the proxy — the gradient of the
+  partial's lse with respect to the query, divided by the scale — and moves the reused lse to first
+  order toward the current query: lse(q) ≈ lse(p) + scale·(q − p)·k̄. The evicted tier's weight in
+  the merge then follows the query instead of staying the proxy's (one more vector per head). lse
+  is convex in q, so this never overstates the evicted tier's true weight, where the stale lse can.
+  `rule=paper` reuses the stored partial as it is.
 """
 
 from __future__ import annotations
@@ -45,10 +46,10 @@ class CaliDrop:
     name = "calidrop"
     options = {"theta1": float, "theta2": float, "calibration_size": int, "recompute": str, "granularity": str,
                "offload": str, "rule": str}
-    RULES = ("paper", "taylor")
+    RULES = ("taylor", "paper")
 
     def __init__(self, theta1: float = 0.7, theta2: float = 0.85, calibration_size: int = 0,
-                 recompute: str = "auto", granularity: str = "head", offload: str = "none", rule: str = "paper"):
+                 recompute: str = "auto", granularity: str = "head", offload: str = "none", rule: str = "taylor"):
         if rule not in self.RULES:
             raise InvalidValue(f"calidrop: rule must be one of {', '.join(self.RULES)}, got {rule}")
         self.rule = rule
