@@ -52,7 +52,10 @@ def kv_bytes_needed(runtime, spec: CacheSpec, prompt_tokens: int, max_tokens: in
         evicted = max(total - kept, 0)
         if calibration.calibration_size:
             evicted = min(evicted, calibration.calibration_size)
-        bytes_per_layer += evicted * per_token
+        # the evicted tokens (in growable buffers) and their float32 eviction scores
+        bytes_per_layer += buffer_rows(evicted) * per_token + evicted * heads * 4
+    if calibration is not None:  # float32 per query head: proxy, partial out, mean key (rule=taylor), lse
+        bytes_per_layer += runtime.query_heads * (3 * dim + 1) * 4
     local = [w for w in runtime.windows if w is not None]
     # a local layer holds at most its window, in full precision, in a buffer that drops whole steps
     local_bytes = sum(buffer_rows(min(total, w) + 64) * per_token for w in local)

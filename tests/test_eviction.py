@@ -263,6 +263,8 @@ def test_a_prefill_shared_across_specs_equals_running_it_under_each(runtime, spe
 
 
 def test_calidrop_recomputes_only_the_kv_heads_that_ask_and_gets_them_exact():
+    """A tier in another memory (host, for a GPU) is read only for the KV heads that ask; a tier
+    where the query lies is attended whole in one call (no head copies), equally exact."""
     from kvrt.methods.calidrop import CaliDrop
 
     k, q, _ = random_candidates(s=30, t=1, hq=6, hkv=3)
@@ -270,8 +272,13 @@ def test_calidrop_recomputes_only_the_kv_heads_that_ask_and_gets_them_exact():
     tier = CaliDrop().new_tier(OPS)
     tier.add_evicted(k, v, torch.rand(1, 3, 30), q, 0.25)
     asks = torch.tensor([[[False], [False], [True], [False], [False], [False]]])  # query head 2 -> KV head 1
-    out, lse = tier.recomputed(q, asks, 0.25)
     ref_out, ref_lse = OPS.partial_attention(q, k, v, 0.25)
+    assert tier.store.local_to(q)
+    out, lse = tier.recomputed(q, asks, 0.25)
+    torch.testing.assert_close(out, ref_out, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-6, rtol=1e-6)
+    tier.store.local_to = lambda q: False  # as if the tier sat in host memory and q on a GPU
+    out, lse = tier.recomputed(q, asks, 0.25)
     torch.testing.assert_close(out[:, 2:4], ref_out[:, 2:4], atol=1e-6, rtol=1e-6)  # both heads of KV head 1
     torch.testing.assert_close(lse[:, 2:4], ref_lse[:, 2:4], atol=1e-6, rtol=1e-6)
     assert not out[:, :2].any() and not out[:, 4:].any()  # the others were never computed
@@ -299,3 +306,30 @@ def test_calidrop_taylor_rule_moves_the_reused_lse_toward_the_query():
     torch.testing.assert_close(same, tiers["paper"].partial(proxy, scale, None, True)[1])
     with pytest.raises(KvrtError):
         CacheSpec.parse("snapkv:budget=64+calidrop:rule=bogus")
+
+
+def test_calidrop_taylor_mean_key_follows_a_recomputed_proxy():
+    """After a recompute moves the proxy, the next reuse moves the lse with the mean key under the
+    new proxy (computed then, not at the recompute), tokens evicted in between included; and a
+    reuse never exceeds the exact lse (lse is convex in q: the first-order value is a lower bound)."""
+    from kvrt.methods.calidrop import CaliDrop
+
+    torch.manual_seed(3)
+    ops, scale = TorchOps(), 0.25
+    k, v = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
+    tier = CaliDrop(theta1=0.5, theta2=0.9).new_tier(ops)
+    tier.add_evicted(k[:, :, :30], v[:, :, :30], torch.zeros(1, 2, 30), torch.randn(1, 4, 1, 16), scale)
+    far = torch.randn(1, 4, 1, 16)
+    far = far - (far * tier.proxy[:, :, None]).sum(-1, keepdim=True) * tier.proxy[:, :, None] / (
+        tier.proxy[:, :, None] ** 2).sum(-1, keepdim=True)  # orthogonal to the proxy: every head recomputes
+    tier.partial(far, scale, None, True)
+    assert tier.counts["recompute"].sum() == 4 and tier.mean_key_stale
+    tier.add_evicted(k[:, :, 30:], v[:, :, 30:], torch.zeros(1, 2, 10), far, scale)
+    near = far + 0.03 * torch.randn(1, 4, 1, 16)
+    _, lse = tier.partial(near, scale, None, True)
+    assert tier.counts["calibrate"].sum() == 4
+    at_far = ops.partial_attention(far, k, v, scale)
+    mean_key = ops.partial_attention(far, k, k, scale)[0]
+    expected = at_far[1] + scale * ((near - far) * mean_key).sum(-1)
+    torch.testing.assert_close(lse, expected, atol=1e-5, rtol=1e-5)
+    assert (lse <= ops.partial_attention(near, k, v, scale)[1] + 1e-5).all()

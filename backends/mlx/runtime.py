@@ -177,6 +177,10 @@ class MLXRuntime:
         args = ModelArgs.from_folder(self.folder)
         return self.num_layers, args.num_kv_heads, args.head_dim, self.dtype.size
 
+    @property
+    def query_heads(self) -> int:
+        return ModelArgs.from_folder(self.folder).num_heads
+
     def synchronize(self) -> None:
         mx.synchronize()
 

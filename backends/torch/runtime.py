@@ -176,6 +176,10 @@ class TorchRuntime:
         a = self.args
         return a.num_layers, a.num_kv_heads, a.head_dim, torch.empty((), dtype=self.dtype).element_size()
 
+    @property
+    def query_heads(self) -> int:
+        return self.args.num_heads
+
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize()

@@ -84,6 +84,8 @@ class CalibrationTier:
         self.scores = None  # host float32 [B, Hkv, E]
         self.proxy = self.out = self.lse = None
         self.mean_key = None  # rule=taylor: float32 [B, Hq, 1, D], the evicted keys' mean under the proxy
+        self.mean_key_stale = False  # a recompute moved a proxy: mean_key is computed when next needed
+        self.scale = None  # the layer's attention scale (known from the first eviction)
         self.length = 0  # evicted tokens the stored partial covers (the most of any row, in a batch)
         self.row_lengths: np.ndarray | None = None  # per row, when the rows of a batch differ
         self.counts = {name: np.zeros(1, dtype=np.int64) for name in BRANCHES}  # per batch row
@@ -103,6 +105,9 @@ class CalibrationTier:
         out.length, out.row_lengths = int(lengths.max()), batch_rows.ragged(lengths)
         out.counts = {name: c[rows] for name, c in self.counts.items()}
         if out.length:  # rows that evicted nothing yet take no partial: their first eviction starts one
+            if self.mean_key is not None:
+                self.fresh_mean_key()
+            out.scale = self.scale
             out.proxy, out.out, out.lse = (batch_rows.take(ops, a, rows) for a in (self.proxy, self.out, self.lse))
             out.mean_key = batch_rows.take(ops, self.mean_key, rows)
             out.scores = batch_rows.take(ops, self.scores, rows, -1, int(out.store.lengths().max(initial=0)))
@@ -119,7 +124,9 @@ class CalibrationTier:
         out.proxy = batch_rows.stack(ops, [p.proxy for p in parts], counts, None, 0.0)
         out.out = batch_rows.stack(ops, [p.out for p in parts], counts, None, 0.0)
         out.lse = batch_rows.stack(ops, [p.lse for p in parts], counts, None, float("-inf"))
-        out.mean_key = batch_rows.stack(ops, [p.mean_key for p in parts], counts, None, 0.0)
+        out.mean_key = batch_rows.stack(ops, [p.fresh_mean_key() if p.mean_key is not None else None for p in parts],
+                                        counts, None, 0.0)
+        out.scale = next((p.scale for p in parts if p.scale is not None), None)
         out.scores = batch_rows.stack(ops, [p.scores for p in parts], counts, -1, float("-inf"))
         return out
 
@@ -128,6 +135,7 @@ class CalibrationTier:
         last query q[:, :, -1] becomes the proxy on the first eviction."""
         ops = self.ops
         taylor = self.config.rule == "taylor"
+        self.scale = scale
         if self.proxy is None:
             self.proxy = ops.to_float32(q[:, :, -1])
             self.out, self.lse = ops.partial_attention(q[:, :, -1:], k, v, scale)
@@ -136,7 +144,7 @@ class CalibrationTier:
         else:  # the stored partial stays exact for its proxy: merge in the new tokens under it
             proxy_q = ops.cast_like(self.proxy[:, :, None, :], q)
             fresh = ops.partial_attention(proxy_q, k, v, scale)
-            if taylor:  # the mean key merges with the same weights as the output
+            if taylor and not self.mean_key_stale:  # the mean key merges with the same weights as the output
                 keys = ops.to_float32(ops.partial_attention(proxy_q, k, k, scale)[0])
                 self.mean_key, _ = merge_partials(ops, [(self.mean_key, self.lse), (keys, fresh[1])])
             self.out, self.lse = merge_partials(ops, [(self.out, self.lse), fresh])
@@ -172,8 +180,12 @@ class CalibrationTier:
         """(out, lse) of q [B, Hq, T, D]: the stored or recomputed partial, lse = −inf where skipped."""
         ops, cfg = self.ops, self.config
         rho = self.similarity(q)
-        out, lse = self.out, self.lse
+        out, lse, proxy = self.out, self.lse, self.proxy
         recompute = rho < cfg.theta1
+        calibrate = rho > cfg.theta2  # and not recompute (the bands do not cross: theta1 <= theta2)
+        if cfg.rule == "taylor" and ops.any(calibrate):  # the reused lse, moved to first order toward each query
+            step = ops.sum((ops.to_float32(q) - proxy[:, :, None, :]) * self.fresh_mean_key(), axis=-1) * scale
+            lse = ops.where(calibrate, lse + step, lse)
         if not self.store.length or not ops.any(recompute):
             recompute = rho < -2.0  # nothing to recompute over (or no head asks): all false
         else:
@@ -184,15 +196,18 @@ class CalibrationTier:
             self.out = ops.where(last[..., None], fresh_out[:, :, -1:], self.out)
             self.lse = ops.where(last, fresh_lse[:, :, -1:], self.lse)
             self.proxy = ops.where(last, ops.to_float32(q[:, :, -1]), self.proxy)
-            if cfg.rule == "taylor":
-                self.mean_key = ops.where(last[..., None], self.mean_keys_at(q[:, :, -1:], scale), self.mean_key)
-        calibrate = (rho > cfg.theta2) & ~recompute
-        if cfg.rule == "taylor":  # the reused lse, moved to first order toward each query
-            step = ops.sum((ops.to_float32(q) - self.proxy[:, :, None, :]) * self.mean_key, axis=-1) * scale
-            lse = ops.where(calibrate, lse + step, lse)
+            self.mean_key_stale = cfg.rule == "taylor"  # computed when a query next reuses the partial
         used = calibrate | recompute
         self._count(calibrate, recompute)
         return out, ops.where(used, lse, ops.full(lse.shape, float("-inf"), lse))
+
+    def fresh_mean_key(self) -> Array:
+        """rule=taylor's mean keys under the current proxies, recomputed first if a recompute moved a
+        proxy since (most recomputes are followed by another, so computing it eagerly is mostly waste;
+        tokens evicted meanwhile are in the store, so they count)."""
+        if self.mean_key_stale:
+            self.mean_key, self.mean_key_stale = self.mean_keys_at(self.proxy[:, :, None, :], self.scale), False
+        return self.mean_key
 
     def mean_keys_at(self, q: Array, scale: float) -> Array:
         """float32 [B, Hq, 1, D]: the evicted keys' softmax-weighted mean under the queries q [B, Hq, 1, D]."""
@@ -215,10 +230,12 @@ class CalibrationTier:
         self.counts["skip"] += (total - n_cal - n_rec) * active
 
     def recomputed(self, q: Array, recompute: Array, scale: float) -> tuple[Array, Array]:
-        """Partial of q over the evicted tier, computed only for the KV heads whose query heads ask
-        for it (the recompute costs as much as full attention over the evicted tokens); the other
-        heads get zeros, which `recompute` masks out."""
+        """Partial of q over the evicted tier. A tier in another memory (host, for a GPU) is read only
+        for the KV heads whose query heads ask for it (moving it costs more than attending); the
+        other heads get zeros, which `recompute` masks out."""
         ops = self.ops
+        if self.store.local_to(q):  # nothing to move: every head in one call beats copying some out
+            return self.store.partial(q, scale, None)
         b, hq, t = recompute.shape
         hkv = self.scores.shape[1]
         g = hq // hkv

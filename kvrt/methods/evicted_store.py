@@ -9,6 +9,7 @@ import numpy as np
 
 from kvrt import rows as batch_rows
 from kvrt.attention import merge_partials
+from kvrt.buffer import SeqBuffer
 from kvrt.errors import InvalidValue
 from kvrt.ops import Array, Ops
 
@@ -28,65 +29,62 @@ def evicted_store(ops: Ops, offload: str):
 
 
 class FullStore:
-    """Evicted k/v [B, Hkv, E, D] as they came, in host memory if `host`."""
+    """Evicted k/v [B, Hkv, E, D] as they came, in host memory if `host`, in growable buffers
+    (decode-time eviction adds a token per step: appending must not copy the whole tier)."""
 
-    def __init__(self, ops: Ops, host: bool = False):
-        self.ops, self.host = ops, host
-        self.k = self.v = None
-        self.row_lengths: np.ndarray | None = None  # per row, when the rows of a batch differ
+    def __init__(self, ops: Ops, host: bool = False, step: int = 64):
+        self.ops, self.host, self.step = ops, host, step
+        self.keys, self.values = SeqBuffer(ops, step), SeqBuffer(ops, step)
 
     @property
     def length(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
+        return self.keys.length
 
     def lengths(self) -> np.ndarray:
-        return batch_rows.per_row(self.row_lengths, 0 if self.k is None else self.k.shape[0], self.length)
+        return self.keys.lengths()
 
     def take(self, rows: Sequence[int]) -> "FullStore":
-        out = FullStore(self.ops, self.host)
-        if self.k is None:
-            return out
-        lengths = self.lengths()[list(rows)]
-        n = int(lengths.max())
-        out.k, out.v = (batch_rows.take(self.ops, a, rows, -2, n) for a in (self.k, self.v))
-        out.row_lengths = batch_rows.ragged(lengths)
+        out = FullStore(self.ops, self.host, self.step)
+        out.keys, out.values = self.keys.take(rows), self.values.take(rows)
         return out
 
     @staticmethod
     def stack(parts: Sequence["FullStore"], counts: Sequence[int]) -> "FullStore":
-        ops, out = parts[0].ops, FullStore(parts[0].ops, parts[0].host)
-        out.k = batch_rows.stack(ops, [p.k for p in parts], counts, -2, 0)
-        if out.k is not None:
-            out.v = batch_rows.stack(ops, [p.v for p in parts], counts, -2, 0)
-            lengths = [p.lengths() if p.k is not None else np.zeros(c, dtype=np.int64) for p, c in zip(parts, counts)]
-            out.row_lengths = batch_rows.ragged(np.concatenate(lengths))
+        out = FullStore(parts[0].ops, parts[0].host, parts[0].step)
+        out.keys = SeqBuffer.stack([p.keys for p in parts], counts)
+        out.values = SeqBuffer.stack([p.values for p in parts], counts)
         return out
 
     def signature(self, row: int) -> tuple:
-        return (int(self.lengths()[row]) if self.k is not None else 0,)
+        return (int(self.lengths()[row]) if self.length else 0,)
 
     def add(self, k: Array, v: Array) -> None:
         if self.host:
             k, v = self.ops.to_host(k), self.ops.to_host(v)
-        if self.k is not None:
-            k, v = self.ops.concat([self.k, k], axis=2), self.ops.concat([self.v, v], axis=2)
-        self.k, self.v = k, v
+        self.keys.append(k)
+        self.values.append(v)
 
     def tokens(self) -> tuple[Array, Array]:
         """Every stored token in full precision, in the order added."""
-        return self.k, self.v
+        return self.keys.view(), self.values.view()
+
+    def local_to(self, q: Array) -> bool:
+        """Whether attending with q reads the tier where it lies (no copy to q's device first)."""
+        k = self.keys.view()
+        return self.ops.to_device_of(k, q) is k
 
     def partial(self, q: Array, scale: float, heads: list[int] | None) -> tuple[Array, Array]:
         ops = self.ops
-        k, v = ops.to_device_of(self.k, q), ops.to_device_of(self.v, q)
-        bias = batch_rows.length_bias(ops, self.row_lengths, self.length, k)
+        k, v = self.tokens()
+        k, v = ops.to_device_of(k, q), ops.to_device_of(v, q)
+        bias = batch_rows.length_bias(ops, self.keys.row_lengths, self.length, k)
         if heads is not None:
             k, v = ops.select_heads(k, heads), ops.select_heads(v, heads)
             bias = None if bias is None else ops.select_heads(bias, heads)
         return ops.partial_attention(q, k, v, scale, None, True, bias)
 
     def arrays(self) -> list[Array]:
-        return [a for a in (self.k, self.v) if a is not None]
+        return [a for a in (self.keys.stored(), self.values.stored()) if a is not None]
 
 
 class QuantizedStore:
@@ -97,7 +95,7 @@ class QuantizedStore:
 
         self.ops, self.config = ops, KIVI(bits=bits, group=OFFLOAD_GROUP, residual=0)
         self.groups = self.config.new_tier(ops)
-        self.rest = FullStore(ops)
+        self.rest = FullStore(ops, step=OFFLOAD_GROUP)  # less than a group waits here between flushes
 
     @property
     def length(self) -> int:
@@ -130,7 +128,7 @@ class QuantizedStore:
         if m:
             k, v = self.rest.tokens()
             self.groups.add(k[..., :m, :], v[..., :m, :])
-            self.rest = FullStore(self.ops)
+            self.rest = FullStore(self.ops, step=OFFLOAD_GROUP)
             if k.shape[2] > m:
                 self.rest.add(self.ops.concat([k[..., m:, :]], axis=2), self.ops.concat([v[..., m:, :]], axis=2))
 
@@ -141,6 +139,9 @@ class QuantizedStore:
         if len(parts) == 1:
             return parts[0]
         return tuple(self.ops.concat([p[i] for p in parts], axis=2) for i in range(2))
+
+    def local_to(self, q: Array) -> bool:
+        return True  # kept on the device
 
     def partial(self, q: Array, scale: float, heads: list[int] | None) -> tuple[Array, Array]:
         parts = [self.groups.partial(q, scale, None, True, heads)] if self.groups.length else []
