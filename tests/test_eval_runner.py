@@ -268,7 +268,7 @@ def test_report_files_are_written_and_parse(model, tmp_path):
     report = (out / "report.md").read_text()
     assert "| passkey |" in report and "KV bytes / token" in report and "| vt | 400 |" in report
     assert set(summary["plots"]) == {"niah_full.png", "niah_snapkv_budget_200.png", "niah_snapkv_budget_300.png",
-                                     "score_vs_budget.png"}
+                                     "score_vs_budget.png", "score_vs_kv_bytes.png"}
     assert all((out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in summary["plots"])
     full, snap = saved["cost"]["full"]["kv_bytes_per_token"], saved["cost"]["snapkv:budget=200"]["kv_bytes_per_token"]
     assert snap < full

@@ -6,7 +6,8 @@ reports). Beside the scores, per spec: KV bytes per token held at the end of gen
 decode tok/s (means over samples; timings are as noisy as the machine was).
 
 Writes results.json, results.csv, report.md and, with matplotlib, PNG plots: a depth ×
-length heatmap per spec for the needle tasks, and score against budget per method.
+length heatmap per spec for the needle tasks, score against budget per method, and score
+against KV bytes per token (a line per method over its budgets, a point per other spec).
 """
 
 from __future__ import annotations
@@ -184,7 +185,39 @@ def plots(summary: dict, records: list[dict], out: Path) -> list[str]:
         fig.savefig(out / "score_vs_budget.png", dpi=110)
         plt.close(fig)
         written.append("score_vs_budget.png")
+    if len(summary["overall"]) > 1:
+        written.append(plot_score_vs_bytes(plt, summary, out))
     return written
+
+
+def plot_score_vs_bytes(plt, summary: dict, out: Path) -> str:
+    """Overall score against KV bytes per token held: a line per method over its budgets, a point
+    per other spec (quantization, full)."""
+    lines, points = defaultdict(list), []
+    for cache, score in summary["overall"].items():
+        x = summary["cost"][cache]["kv_bytes_per_token"]
+        parsed = budget_of(cache)
+        if parsed:
+            lines[parsed[0]].append((x, score))
+        else:
+            points.append((cache, x, score))
+    fig, ax = plt.subplots(figsize=(5.6, 3.6))
+    for method, xy in sorted(lines.items()):
+        xy.sort()
+        ax.plot([p[0] for p in xy], [p[1] for p in xy], "--" if "calidrop" in method else "-", marker="o",
+                markersize=3, label=method)
+    for cache, x, score in points:
+        ax.scatter([x], [score], marker="s", s=16)
+        ax.annotate(cache, (x, score), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("KV bytes per token held (log; CaliDrop's host-memory tier included)")
+    ax.set_ylabel("overall score")
+    if lines:
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "score_vs_kv_bytes.png", dpi=110)
+    plt.close(fig)
+    return "score_vs_kv_bytes.png"
 
 
 def write_report(run: Path) -> dict:
