@@ -2,7 +2,9 @@
 
 One line per method family (each eviction method with and without CaliDrop, over its budgets and
 ratios; each quantization spec alone), one figure per model. Several JSON files of one model (a
-sweep split over processes) merge; the full cache is the dashed line at 0.
+sweep split over processes) merge; the full cache is the dashed line at 0. Also prints, for every
+`BASE+calidrop` spec, BASE's and its mean ΔNLL and KL, the share recovered, and how many passages
+came out worse than BASE.
 
     python bench/plot_fidelity.py bench/fidelity/default-*.json --out bench/fidelity/default.png
 """
@@ -41,6 +43,22 @@ def load(paths: list[str]) -> tuple[str, dict]:
     return model, specs
 
 
+def calidrop_table(specs: dict) -> None:
+    print("| cache | ΔNLL base → +CaliDrop (recovered) | KL base → +CaliDrop (recovered) | passages worse in KL |"
+          "\n|---|---|---|---|")
+    for spec, r in specs.items():
+        base = "+".join(p for p in spec.split("+") if not p.startswith("calidrop"))
+        if base == spec or base not in specs:
+            continue
+        cells = []
+        for key in ("delta_nll", "kl"):
+            b, c = statistics.mean(specs[base][key]), statistics.mean(r[key])
+            share = f" ({100 * (1 - c / b):+.0f}%)" if b > 0 else ""
+            cells.append(f"{b:+.4f} → {c:+.4f}{share}")
+        worse = sum(c > b for b, c in zip(specs[base]["kl"], r["kl"]))
+        print(f"| {spec} | {cells[0]} | {cells[1]} | {worse} of {len(r['kl'])} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", nargs="+")
@@ -68,7 +86,8 @@ def main() -> None:
     axes[1].legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}\n")
+    calidrop_table(specs)
 
 
 if __name__ == "__main__":
