@@ -333,3 +333,24 @@ def test_calidrop_taylor_mean_key_follows_a_recomputed_proxy():
     expected = at_far[1] + scale * ((near - far) * mean_key).sum(-1)
     torch.testing.assert_close(lse, expected, atol=1e-5, rtol=1e-5)
     assert (lse <= ops.partial_attention(near, k, v, scale)[1] + 1e-5).all()
+
+
+@pytest.mark.parametrize("granularity,recomputed", [("head", 1), ("kv_head", 2), ("layer", 6)])
+def test_calidrop_granularity_decides_per_head_per_group_or_per_layer(granularity, recomputed):
+    """One query head turned away from its proxy: `head` recomputes it alone, `kv_head` its GQA
+    group (their mean ρ falls below θ1), `layer` every head; each recomputed head is exact."""
+    from kvrt.methods.calidrop import CaliDrop
+
+    torch.manual_seed(5)
+    ops, scale = TorchOps(), 0.25
+    k, v = torch.randn(1, 3, 30, 16), torch.randn(1, 3, 30, 16)
+    proxy = torch.randn(1, 6, 1, 16)
+    tier = CaliDrop(theta1=0.3, theta2=1.0, granularity=granularity).new_tier(ops)  # no reuse: recompute or skip
+    tier.add_evicted(k, v, torch.zeros(1, 3, 30), proxy, scale)
+    q = proxy + 0.05 * torch.randn(1, 6, 1, 16)  # ρ near 1 (but below θ2 = 1) for every head ...
+    q[:, 2] = -proxy[:, 2]  # ... but query head 2 (KV head 1, with head 3): ρ = −1
+    out, lse = tier.partial(q, scale, None, True)
+    assert tier.counts["recompute"].sum() == recomputed
+    exact = ops.partial_attention(q, k, v, scale)
+    torch.testing.assert_close(lse[:, 2], exact[1][:, 2], atol=1e-5, rtol=1e-5)
+    assert torch.isinf(lse).sum() == 6 - recomputed  # the heads left out skip

@@ -9,7 +9,9 @@ it is one more tier in the (out, lse) merge: a head that skips contributes lse =
 
 Choices where the paper is silent, kept as parameters:
 - `granularity=head` tests ρ per query head; `kv_head` averages ρ over a KV head's
-  query heads, so a GQA group decides together.
+  query heads, so a GQA group decides together; `layer` takes the layer's lowest ρ, so one
+  head that has moved away recomputes every head (a tier in the query's own memory is read
+  whole for one head anyway, so there the other heads' exact partials cost nothing more).
 - Later compressions (decode-time eviction, chat turns) merge their newly evicted
   tokens into the stored partial under the current proxy, so it stays exact for the proxy.
 - The evicted tier lives in host memory (the same memory on a CPU or unified-memory
@@ -55,8 +57,8 @@ class CaliDrop:
         self.rule = rule
         if recompute not in ("auto", "never"):
             raise InvalidValue(f"calidrop: recompute must be auto or never, got {recompute}")
-        if granularity not in ("head", "kv_head"):
-            raise InvalidValue(f"calidrop: granularity must be head or kv_head, got {granularity}")
+        if granularity not in ("head", "kv_head", "layer"):
+            raise InvalidValue(f"calidrop: granularity must be head, kv_head or layer, got {granularity}")
         if calibration_size < 0:
             raise InvalidValue(f"calidrop: calibration_size must be >= 0, got {calibration_size}")
         for name, theta in (("theta1", theta1), ("theta2", theta2)):
@@ -174,6 +176,8 @@ class CalibrationTier:
             hkv = self.scores.shape[1] if self.scores is not None else hq
             grouped = rho.reshape(b, hkv, hq // hkv, t)
             rho = (grouped * 0 + ops.mean(grouped, axis=2)[:, :, None, :]).reshape(b, hq, t)
+        elif self.config.granularity == "layer":  # one decision per layer and query: its least similar head's
+            rho = rho * 0 + ops.amin(rho, axis=1, keepdims=True)
         return rho
 
     def partial(self, q: Array, scale: float, causal_offset: int | None, with_lse: bool):
