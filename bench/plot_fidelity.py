@@ -20,6 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 
 def family(spec: str) -> str:
@@ -71,13 +72,22 @@ def main() -> None:
             curves[family(spec)].append((r["kv_bytes"] / 2**20, statistics.mean(r["delta_nll"]),
                                          statistics.mean(r["kl"])))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors: dict[str, str] = {}
     for ax, column, label in ((axes[0], 1, "ΔNLL (nats/token)"), (axes[1], 2, "KL(full ‖ cache) (nats/token)")):
         for name, points in sorted(curves.items()):
             points.sort()
-            style = "--" if "calidrop" in name else "-"
-            ax.plot([p[0] for p in points], [p[column] for p in points], style, marker="o", markersize=3, label=name)
+            color = colors.setdefault(name.split("+calidrop")[0].split(":")[0] + (name if "bits" in name else ""),
+                                      f"C{len(colors) % 10}")  # a method's lines share a colour
+            style, marker = ("--" if "calidrop" in name else "-"), ("s" if "bits" in name else "o")
+            ax.plot([p[0] for p in points], [p[column] for p in points], style, color=color, marker=marker,
+                    markersize=3 if marker == "o" else 5, label=name)
         ax.axhline(0, color="gray", linewidth=0.8, linestyle=":")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        xs = [p[0] for points in curves.values() for p in points]
+        ax.set_xticks([t for t in (0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256) if min(xs) / 2 < t < max(xs) * 2])
+        ax.set_xlim(min(xs) / 1.15, max(xs) * 1.15)
         ax.set_xlabel("KV MiB on the device after the prompt (log)")
         ax.set_ylabel(label)
     full = specs.get("full", {}).get("kv_bytes")
