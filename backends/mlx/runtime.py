@@ -106,6 +106,7 @@ class MLXRuntime:
             self.model, self.weight_formats = load_mlx_model(self.folder, cfg, self.dtype, quantize_gguf)
         self.vocab_size = cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size")
         self.num_layers = len(self.model.layers)
+        self.args = ModelArgs.from_folder(self.folder)  # head counts for admission, read once
         # local (sliding-window) layers: kvrt's cache keeps their window, in place of mlx-lm's rotating cache
         windows = layer_windows(cfg)
         self.windows = windows if len(windows) == self.num_layers else [None] * self.num_layers
@@ -174,12 +175,11 @@ class MLXRuntime:
 
     def kv_shape(self) -> tuple[int, int, int, int]:
         """(layers, KV heads, head dim, bytes per element) of what the cache stores."""
-        args = ModelArgs.from_folder(self.folder)
-        return self.num_layers, args.num_kv_heads, args.head_dim, self.dtype.size
+        return self.num_layers, self.args.num_kv_heads, self.args.head_dim, self.dtype.size
 
     @property
     def query_heads(self) -> int:
-        return ModelArgs.from_folder(self.folder).num_heads
+        return self.args.num_heads
 
     def synchronize(self) -> None:
         mx.synchronize()

@@ -130,7 +130,7 @@ class QuantizedStore:
             self.groups.add(k[..., :m, :], v[..., :m, :])
             self.rest = FullStore(self.ops, step=OFFLOAD_GROUP)
             if k.shape[2] > m:
-                self.rest.add(self.ops.concat([k[..., m:, :]], axis=2), self.ops.concat([v[..., m:, :]], axis=2))
+                self.rest.add(k[..., m:, :], v[..., m:, :])  # appending copies them into the new buffers
 
     def tokens(self) -> tuple[Array, Array]:
         """Every stored token, dequantized (a cap re-selection re-stores them)."""
