@@ -117,12 +117,6 @@ def greedy_answer(runtime, tokenizer, cache, first_logits, max_tokens=8) -> str:
     return tokenizer.decode(out)
 
 
-def host_bytes(cache) -> int:
-    """Bytes of CaliDrop's evicted tiers kept in host memory for its recomputes (offload=none)."""
-    stores = [layer.calibration.store for layer in cache.layers if layer.calibration is not None]
-    return sum(cache.layers[0].ops.nbytes(a) for s in stores if getattr(s, "host", False) for a in s.arrays())
-
-
 def count_branches(counts: dict, cache) -> None:
     """Add the cache's CaliDrop branch counts (calibrate / recompute / skip, over layers and heads) to `counts`."""
     for branch, n in cache.stats().get("calidrop", {}).items():
@@ -219,7 +213,7 @@ def main() -> None:
         for spec in specs:  # "full" comes first: the others' KL is measured against it
             cache = cache_for(runtime, spec, captured)
             kv_bytes[spec] = cache.nbytes()  # right after the prompt: what compression kept
-            host[spec] = host_bytes(cache)
+            host[spec] = cache.host_nbytes()
             logp = continuation_logp(runtime, cache, first, continuation, spec, args.protocol)
             full_logp = logp if full_logp is None else full_logp
             nll[spec].append(nll_of(logp, continuation))

@@ -166,6 +166,7 @@ class Row:
             stats.generation_tps = (self.generated - 1) / max(self._t_last - self._t_first, 1e-9)
         if self.cache is not None:
             stats.kv_bytes, stats.cache = self.cache.nbytes(), self.cache.stats()
+            stats.kv_host_bytes = self.cache.host_nbytes()
         stats.peak_memory_bytes = self.runtime.peak_memory_bytes()
         self.cache = None
         if self.handle is not None:

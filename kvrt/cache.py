@@ -309,6 +309,11 @@ class LayerCache:
         """Bytes of every stored array, metadata included, as allocated."""
         return sum(self.ops.nbytes(a) for a in self.arrays())
 
+    def host_nbytes(self) -> int:
+        """The part of nbytes() held in host memory: CaliDrop's evicted tier with offload=none."""
+        host = self.calibration.host_arrays() if self.calibration is not None else []
+        return sum(self.ops.nbytes(a) for a in host)
+
 
 def _row_value(value, row: int):
     """Row `row`'s entry of an int (every row's) or of per-row values."""
@@ -411,6 +416,10 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
+
+    def host_nbytes(self) -> int:
+        """The part of nbytes() kept in host memory rather than beside the model (CaliDrop's tier)."""
+        return sum(layer.host_nbytes() for layer in self.layers)
 
     def stats(self) -> dict:
         """Per-cache counters for --verbose: CaliDrop's branch counts summed over layers; quantized

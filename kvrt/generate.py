@@ -49,6 +49,7 @@ class GenerationStats:
     generation_tps: float = 0.0
     peak_memory_bytes: int = 0
     kv_bytes: int = 0
+    kv_host_bytes: int = 0  # the part of kv_bytes in host memory (CaliDrop's evicted tier)
     finish_reason: str = "length"  # "length", "eos", "stop" or "interrupted"
     truncated_tokens: int = 0  # prompt tokens --truncate cut from the middle to fit the context
     dropped_turns: int = 0  # oldest chat turns left out to fit the context
@@ -65,6 +66,8 @@ class GenerationStats:
             f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tok/s | "
             f"peak memory: {self.peak_memory_bytes / 2**30:.3f} GiB | kv cache: {self.kv_bytes / 2**20:.2f} MiB"
         )
+        if self.kv_host_bytes:
+            text += f" (of which {self.kv_host_bytes / 2**20:.2f} MiB in host memory)"
         calidrop = self.cache.get("calidrop")
         if calidrop:
             total = max(sum(calidrop.values()), 1)
@@ -108,7 +111,7 @@ def generate_tokens(
     try:
         yield from _sampled_tokens(runtime, prompt_ids, cache, params, max_tokens, eos_ids, stats, progress)
     finally:  # also when stopped early (stop string, Ctrl-C): the stats describe the cache as it is
-        stats.kv_bytes = cache.nbytes()
+        stats.kv_bytes, stats.kv_host_bytes = cache.nbytes(), cache.host_nbytes()
         stats.cache = cache.stats()
         stats.peak_memory_bytes = runtime.peak_memory_bytes()
 

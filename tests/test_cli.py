@@ -58,6 +58,16 @@ def test_generate_with_a_quantized_cache(tiny_model_dir, backend, flags, spec):
     assert data["cache"] == spec and data["generation_tokens"] == 20 and data["backend"] == backend
 
 
+def test_verbose_shows_calidrops_host_tier_apart(tiny_model_dir):
+    args = ["generate", "--model", str(tiny_model_dir("llama")), "--prompt", "one two three four " * 10,
+            "--ignore-chat-template", "--max-tokens", "4", "--cache", "snapkv:budget=40+calidrop"]
+    verbose = run(*args, "--verbose")
+    assert verbose.exit_code == 0, verbose.output
+    assert "MiB in host memory)" in verbose.stderr
+    data = json.loads(run(*args, "--json").stdout)
+    assert 0 < data["kv_host_bytes"] < data["kv_bytes"]
+
+
 def test_generate_reads_the_prompt_from_stdin(tiny_model_dir):
     result = run("generate", "--model", str(tiny_model_dir("llama")), "--prompt", "-", "--max-tokens", "3",
                  "--json", input="from stdin")

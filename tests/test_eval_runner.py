@@ -274,6 +274,21 @@ def test_report_files_are_written_and_parse(model, tmp_path):
     assert snap < full
 
 
+def test_calidrops_host_tier_is_recorded_and_reported_apart_from_the_device_kv(model, tmp_path):
+    from kvrt.eval.report import write_report
+
+    out, host, int2 = tmp_path / "r", "snapkv:budget=64+calidrop", "snapkv:budget=64+calidrop:offload=int2"
+    run_eval(model, settings(caches=["full", host, int2], tasks=["vt"], lengths=[400], limit=1), out, progress=False)
+    by = {r["cache"]: r for r in records(out).values()}
+    assert by["full"]["kv_host_bytes"] == 0 and by[int2]["kv_host_bytes"] == 0  # int2 keeps its tier on the device
+    assert 0 < by[host]["kv_host_bytes"] < by[host]["kv_bytes"]
+    cost = write_report(out)["cost"]
+    tokens = by[host]["prompt_tokens"] + by[host]["generation_tokens"]
+    assert cost[host]["kv_bytes_per_token"] == pytest.approx((by[host]["kv_bytes"] - by[host]["kv_host_bytes"]) / tokens)
+    assert cost[host]["kv_bytes_per_token"] < cost["full"]["kv_bytes_per_token"] / 2 < by[host]["kv_bytes"] / tokens
+    assert "| + host bytes / token |" in (out / "report.md").read_text()
+
+
 @pytest.mark.slow
 def test_a_ray_run_equals_the_local_run(model, long_tiny, tmp_path):
     pytest.importorskip("ray")

@@ -2,8 +2,9 @@
 
 Scores are means × 100 per (cache spec, task, length); a task's score is over all its
 samples, and a spec's overall score is the sample-weighted mean over tasks (as LOOM-Scope
-reports). Beside the scores, per spec: KV bytes per token held at the end of generation and
-decode tok/s (means over samples; timings are as noisy as the machine was).
+reports). Beside the scores, per spec: KV bytes per token held on the device at the end of
+generation (CaliDrop's host-memory tier apart) and decode tok/s (means over samples; timings
+are as noisy as the machine was).
 
 Writes results.json, results.csv, report.md and, with matplotlib, PNG plots: a depth ×
 length heatmap per spec for the needle tasks, score against budget per method, and score
@@ -83,8 +84,12 @@ def summarize(settings: dict, records: list[dict]) -> dict:
             if rs:
                 per_task[c][t] = 100 * mean(r["score"] for r in rs)
         overall[c] = 100 * mean(r["score"] for r in mine)  # sample-weighted over tasks
+        held = [max(r["prompt_tokens"] + r["generation_tokens"], 1) for r in mine]
+        host = [r.get("kv_host_bytes") for r in mine]  # absent in records written before kvrt recorded it
+        known = all(h is not None for h in host)
         cost[c] = {
-            "kv_bytes_per_token": mean(r["kv_bytes"] / max(r["prompt_tokens"] + r["generation_tokens"], 1) for r in mine),
+            "kv_bytes_per_token": mean((r["kv_bytes"] - (h or 0)) / n for r, h, n in zip(mine, host, held)),
+            "host_bytes_per_token": mean(h / n for h, n in zip(host, held)) if known else None,
             "decode_tps": mean(r["generation_tps"] for r in mine if r["generation_tokens"] > 1),
             "samples": len(mine),
         }
@@ -104,6 +109,10 @@ def markdown(summary: dict) -> str:
     lines.append("| **overall** | " + " | ".join(f"**{fmt(summary['overall'][c])}**" for c in caches) + " |")
     lines.append("| KV bytes / token | " + " | ".join(f"{summary['cost'][c]['kv_bytes_per_token']:,.0f}"
                                                        for c in caches) + " |")
+    if any(summary["cost"][c].get("host_bytes_per_token") for c in caches):
+        host = lambda v: "?" if v is None else f"{v:,.0f}"  # noqa: E731 - ? where the records predate the field
+        lines.append("| + host bytes / token | " + " | ".join(host(summary["cost"][c].get("host_bytes_per_token"))
+                                                            for c in caches) + " |")
     lines.append("| decode tok/s | " + " | ".join(fmt(summary["cost"][c]["decode_tps"]) for c in caches) + " |")
     lengths = sorted({cell["length"] for cell in summary["cells"]}, key=lambda b: (len(b), b))
     lines += ["", "## By length", "", "| task | length | " + " | ".join(f"`{c}`" for c in caches) + " |",
@@ -210,7 +219,9 @@ def plot_score_vs_bytes(plt, summary: dict, out: Path) -> str:
         ax.scatter([x], [score], marker="s", s=16)
         ax.annotate(cache, (x, score), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
-    ax.set_xlabel("KV bytes per token held (log; CaliDrop's host-memory tier included)")
+    unsplit = any(c["host_bytes_per_token"] is None for c in summary["cost"].values())
+    ax.set_xlabel("KV bytes per token on the device (log" + ("; CaliDrop's host tier included in older records)"
+                                                            if unsplit else ")"))
     ax.set_ylabel("overall score")
     if lines:
         ax.legend(fontsize=6)

@@ -334,5 +334,6 @@ def sample_record(cell: Cell, sample, gen) -> dict:
         "prediction": prediction, "answers": sample.answers, "score": score,
         "prompt_tokens": s.prompt_tokens, "generation_tokens": s.generation_tokens,
         "prompt_tps": s.prompt_tps, "generation_tps": s.generation_tps, "kv_bytes": s.kv_bytes,
+        "kv_host_bytes": s.kv_host_bytes,
         "meta": {k: v for k, v in sample.meta.items() if k != "all_classes"}, "time": time.time(),
     }

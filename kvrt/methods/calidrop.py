@@ -257,3 +257,7 @@ class CalibrationTier:
     def arrays(self) -> list[Array]:
         kept = (self.scores, self.proxy, self.out, self.lse, self.mean_key)
         return self.store.arrays() + [a for a in kept if a is not None]
+
+    def host_arrays(self) -> list[Array]:
+        """The evicted tier when it is kept in host memory (offload=none), not on the device."""
+        return self.store.arrays() if getattr(self.store, "host", False) else []
