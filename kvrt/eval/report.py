@@ -85,7 +85,8 @@ def summarize(settings: dict, records: list[dict]) -> dict:
                 per_task[c][t] = 100 * mean(r["score"] for r in rs)
         overall[c] = 100 * mean(r["score"] for r in mine)  # sample-weighted over tasks
         held = [max(r["prompt_tokens"] + r["generation_tokens"], 1) for r in mine]
-        host = [r.get("kv_host_bytes") for r in mine]  # absent in records written before kvrt recorded it
+        # absent in records written before kvrt recorded it; only CaliDrop keeps a host tier
+        host = [r.get("kv_host_bytes", None if "calidrop" in c else 0) for r in mine]
         known = all(h is not None for h in host)
         cost[c] = {
             "kv_bytes_per_token": mean((r["kv_bytes"] - (h or 0)) / n for r, h, n in zip(mine, host, held)),
