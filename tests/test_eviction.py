@@ -308,6 +308,31 @@ def test_calidrop_taylor_rule_moves_the_reused_lse_toward_the_query():
         CacheSpec.parse("snapkv:budget=64+calidrop:rule=bogus")
 
 
+def test_calidrop_taylor_reuses_wherever_it_does_not_recompute_and_paper_keeps_its_skip_band():
+    """rule=taylor's θ2 defaults to θ1 (its moved lse never overstates the tier, so no head drops
+    it); rule=paper keeps the paper's θ2 = 0.85, and an explicit θ2 wins over either default."""
+    from kvrt.methods.calidrop import CaliDrop
+
+    assert (CaliDrop().theta1, CaliDrop().theta2) == (0.7, 0.7)
+    assert CaliDrop(theta1=0.85).theta2 == 0.85 and CaliDrop(rule="paper").theta2 == 0.85
+    assert CaliDrop(theta2=0.9).theta2 == 0.9
+    torch.manual_seed(11)
+    ops, scale = TorchOps(), 0.25
+    k, v = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
+    proxy = torch.randn(1, 4, 1, 16)
+    tiers = {rule: CaliDrop(rule=rule).new_tier(ops) for rule in ("paper", "taylor")}
+    for tier in tiers.values():
+        tier.add_evicted(k, v, torch.zeros(1, 2, 40), proxy, scale)
+    unit = proxy / proxy.norm(dim=-1, keepdim=True)
+    side = torch.randn(1, 4, 1, 16)
+    side = side - (side * unit).sum(-1, keepdim=True) * unit
+    between = unit + 0.9 * side / side.norm(dim=-1, keepdim=True)  # cos ≈ 0.74: inside the paper's skip band
+    for rule, tier in tiers.items():
+        _, lse = tier.partial(between, scale, None, True)
+        assert torch.isfinite(lse).all() == (rule == "taylor")
+        assert tier.counts["recompute"].sum() == 0
+
+
 def test_calidrop_taylor_mean_key_follows_a_recomputed_proxy():
     """After a recompute moves the proxy, the next reuse moves the lse with the mean key under the
     new proxy (computed then, not at the recompute), tokens evicted in between included; and a

@@ -25,7 +25,10 @@ Choices where the paper is silent, kept as parameters:
   order toward the current query: lse(q) ≈ lse(p) + scale·(q − p)·k̄. The evicted tier's weight in
   the merge then follows the query instead of staying the proxy's (one more vector per head). lse
   is convex in q, so this never overstates the evicted tier's true weight, where the stale lse can.
-  `rule=paper` reuses the stored partial as it is.
+  So taylor's θ2 defaults to θ1: a head that does not recompute reuses the moved partial, with no
+  band where the evicted tier is dropped (measured in bench/RESULTS.md: it recovers more of every
+  base's loss, StreamingLLM's most, with the same recomputes). `rule=paper` reuses the stored
+  partial as it is, between the paper's θ1 = 0.7 and θ2 = 0.85.
 """
 
 from __future__ import annotations
@@ -50,11 +53,13 @@ class CaliDrop:
                "offload": str, "rule": str}
     RULES = ("taylor", "paper")
 
-    def __init__(self, theta1: float = 0.7, theta2: float = 0.85, calibration_size: int = 0,
+    def __init__(self, theta1: float = 0.7, theta2: float | None = None, calibration_size: int = 0,
                  recompute: str = "auto", granularity: str = "head", offload: str = "none", rule: str = "taylor"):
         if rule not in self.RULES:
             raise InvalidValue(f"calidrop: rule must be one of {', '.join(self.RULES)}, got {rule}")
         self.rule = rule
+        if theta2 is None:  # the moved partial is safe to reuse wherever it is not recomputed; the paper's is not
+            theta2 = theta1 if rule == "taylor" else 0.85
         if recompute not in ("auto", "never"):
             raise InvalidValue(f"calidrop: recompute must be auto or never, got {recompute}")
         if granularity not in ("head", "kv_head", "layer"):
