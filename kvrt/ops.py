@@ -85,7 +85,8 @@ class Ops(Protocol):
     ) -> tuple[Array, Array | None]:
         """Softmax attention of q over one tier's keys, with its log-sum-exp.
 
-        q: [B, Hq, T, D], k/v: [B, Hkv, S, D] (GQA: query head h reads KV head h // G).
+        q: [B, Hq, T, D], k: [B, Hkv, S, D] (GQA: query head h reads KV head h // G), v: [B, Hkv, S, Dv]
+        (Dv = D but for CaliDrop, whose values carry the keys too: one pass gives output and mean key).
         causal_offset: None = every key visible; else query t sees keys 0 .. causal_offset + t.
         window: with causal_offset, a sliding window: query t sees keys causal_offset + t − window < j
         ≤ causal_offset + t (a local layer's prompt, its positions contiguous in this tier).
@@ -94,7 +95,7 @@ class Ops(Protocol):
         window over tokens whose positions are not contiguous).
         key_lengths: None, or host ints [B]: row b of a batch holds only its first key_lengths[b] keys
         (the rest is padding, hidden; a decode kernel does not read it).
-        Returns out [B, Hq, T, D] in q's dtype and lse [B, Hq, T] in float32 (None if not with_lse).
+        Returns out [B, Hq, T, Dv] in q's dtype and lse [B, Hq, T] in float32 (None if not with_lse).
         A query that sees no key at all gets out 0 and lse −inf, which the merge weighs as nothing.
         """
 

@@ -264,7 +264,8 @@ def test_a_prefill_shared_across_specs_equals_running_it_under_each(runtime, spe
 
 def test_calidrop_recomputes_only_the_kv_heads_that_ask_and_gets_them_exact():
     """A tier in another memory (host, for a GPU) is read only for the KV heads that ask; a tier
-    where the query lies is attended whole in one call (no head copies), equally exact."""
+    where the query lies is attended whole in one call (no head copies), equally exact; the mean
+    key (rule=taylor) comes from the same pass, on both paths."""
     from kvrt.methods.calidrop import CaliDrop
 
     k, q, _ = random_candidates(s=30, t=1, hq=6, hkv=3)
@@ -273,15 +274,39 @@ def test_calidrop_recomputes_only_the_kv_heads_that_ask_and_gets_them_exact():
     tier.add_evicted(k, v, torch.rand(1, 3, 30), q, 0.25)
     asks = torch.tensor([[[False], [False], [True], [False], [False], [False]]])  # query head 2 -> KV head 1
     ref_out, ref_lse = OPS.partial_attention(q, k, v, 0.25)
+    ref_key = OPS.partial_attention(q, k, k, 0.25)[0]
     assert tier.store.local_to(q)
-    out, lse = tier.recomputed(q, asks, 0.25)
+    out, lse = tier.recomputed(q, asks, 0.25, False)
     torch.testing.assert_close(out, ref_out, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(lse, ref_lse, atol=1e-6, rtol=1e-6)
+    _, _, key = tier.recomputed(q, asks, 0.25, True)
+    torch.testing.assert_close(key, ref_key, atol=1e-6, rtol=1e-6)
     tier.store.local_to = lambda q: False  # as if the tier sat in host memory and q on a GPU
-    out, lse = tier.recomputed(q, asks, 0.25)
+    out, lse, key = tier.recomputed(q, asks, 0.25, True)
     torch.testing.assert_close(out[:, 2:4], ref_out[:, 2:4], atol=1e-6, rtol=1e-6)  # both heads of KV head 1
     torch.testing.assert_close(lse[:, 2:4], ref_lse[:, 2:4], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(key[:, 2:4], ref_key[:, 2:4], atol=1e-6, rtol=1e-6)
     assert not out[:, :2].any() and not out[:, 4:].any()  # the others were never computed
+
+
+@pytest.mark.parametrize("offload", ["none", "int8"])
+def test_the_evicted_tier_gives_its_partial_and_mean_key_in_one_call(offload):
+    """Full precision or quantized (whole groups + a rest), the store's partial with mean_key equals
+    attention over its own tokens with the keys as values; int8 stays close to the exact tier."""
+    from kvrt.methods.evicted_store import evicted_store
+
+    torch.manual_seed(2)
+    k, v, q = torch.randn(1, 2, 50, 16), torch.randn(1, 2, 50, 16), torch.randn(1, 4, 1, 16)
+    store = evicted_store(OPS, offload)
+    store.add(k[:, :, :20], v[:, :, :20])
+    store.add(k[:, :, 20:], v[:, :, 20:])
+    out, lse, key = store.partial(q, 0.25, None, True)
+    sk, sv = store.tokens()
+    ref_out, ref_lse = OPS.partial_attention(q, sk, sv, 0.25)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(key, OPS.partial_attention(q, sk, sk, 0.25)[0], atol=1e-5, rtol=1e-5)
+    assert (key - OPS.partial_attention(q, k, k, 0.25)[0]).abs().max() < (0.05 if offload == "int8" else 1e-5)
 
 
 def test_calidrop_taylor_rule_moves_the_reused_lse_toward_the_query():
@@ -335,8 +360,8 @@ def test_calidrop_taylor_reuses_wherever_it_does_not_recompute_and_paper_keeps_i
 
 def test_calidrop_taylor_mean_key_follows_a_recomputed_proxy():
     """After a recompute moves the proxy, the next reuse moves the lse with the mean key under the
-    new proxy (computed then, not at the recompute), tokens evicted in between included; and a
-    reuse never exceeds the exact lse (lse is convex in q: the first-order value is a lower bound)."""
+    new proxy (from the recompute's own pass), tokens evicted in between included; and a reuse
+    never exceeds the exact lse (lse is convex in q: the first-order value is a lower bound)."""
     from kvrt.methods.calidrop import CaliDrop
 
     torch.manual_seed(3)
@@ -348,7 +373,8 @@ def test_calidrop_taylor_mean_key_follows_a_recomputed_proxy():
     far = far - (far * tier.proxy[:, :, None]).sum(-1, keepdim=True) * tier.proxy[:, :, None] / (
         tier.proxy[:, :, None] ** 2).sum(-1, keepdim=True)  # orthogonal to the proxy: every head recomputes
     tier.partial(far, scale, None, True)
-    assert tier.counts["recompute"].sum() == 4 and tier.mean_key_stale
+    assert tier.counts["recompute"].sum() == 4
+    torch.testing.assert_close(tier.mean_key, ops.partial_attention(far, k[:, :, :30], k[:, :, :30], scale)[0])
     tier.add_evicted(k[:, :, 30:], v[:, :, 30:], torch.zeros(1, 2, 10), far, scale)
     near = far + 0.03 * torch.randn(1, 4, 1, 16)
     _, lse = tier.partial(near, scale, None, True)

@@ -30,8 +30,9 @@ def add_key_bias(scores: mx.array, key_bias: mx.array, g: int) -> mx.array:
 
 def check_qkv(q: mx.array, k: mx.array, v: mx.array) -> None:
     """Reject shapes partial_attention cannot pair up, with one line saying which."""
-    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
-        raise KvrtError(f"attention wants q [B,Hq,T,D] and k = v [B,Hkv,S,D], got {q.shape}, {k.shape}, {v.shape}")
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or v.shape[:3] != k.shape[:3]:
+        raise KvrtError(f"attention wants q [B,Hq,T,D], k [B,Hkv,S,D] and v [B,Hkv,S,Dv], got {q.shape}, {k.shape}, "
+                        f"{v.shape}")
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[1] % k.shape[1]:
         raise KvrtError(f"q {q.shape} does not fit k {k.shape}: batch and head dim must match, Hq a multiple of Hkv")
 
@@ -150,14 +151,15 @@ class MLXOps(KernelPaths):
 
     def partial_attention(self, q, k, v, scale, causal_offset=None, with_lse=True, key_bias=None, key_lengths=None,
                           window=None):
-        """q [B, Hq, T, D], k/v [B, Hkv, S, D] → (out [B, Hq, T, D] in q's dtype, lse [B, Hq, T] float32 or None)."""
+        """q [B, Hq, T, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv] → (out [B, Hq, T, Dv] in q's dtype, lse [B, Hq, T]
+        float32 or None)."""
         check_qkv(q, k, v)
         b, hq, t, d = q.shape
         hkv, s = k.shape[1], k.shape[2]
         g = hq // hkv
         window = window if causal_offset is not None else None
-        # the kernels know neither soft-capping, nor a band mask, nor a per-query bias
-        plain = self.softcap is None and window is None and (key_bias is None or key_bias.ndim == 3)
+        # the kernels know neither soft-capping, nor a band mask, nor a per-query bias, nor values wider than keys
+        plain = self.softcap is None and window is None and (key_bias is None or key_bias.ndim == 3) and v.shape[-1] == d
         if key_lengths is not None:
             from kvrt.kernels_metal.decode import decode_attention, fits
 
@@ -167,7 +169,7 @@ class MLXOps(KernelPaths):
                                             lengths=self.row_values(key_lengths, q))
                 return out, lse if with_lse else None
             key_bias = add_bias(key_bias, length_bias(self, key_lengths, s, k))  # the ops path: through the bias
-        if not with_lse and key_bias is None and self.softcap is None:
+        if not with_lse and key_bias is None and self.softcap is None and v.shape[-1] == d:
             # no merge follows: the fused kernel (GQA-aware, float32 softmax) needs no lse
             if causal_offset is None:
                 mask = None
@@ -198,7 +200,7 @@ class MLXOps(KernelPaths):
         lse = mx.logsumexp(scores, axis=-1, keepdims=True)
         # a row with every key hidden has lse -inf: subtract 0 there so its weights are 0, not nan
         probs = mx.exp(scores - mx.where(mx.isinf(lse), 0.0, lse)).astype(v.dtype)
-        out = (probs @ v).reshape(b, hq, t, d).astype(q.dtype)
+        out = (probs @ v).reshape(b, hq, t, v.shape[-1]).astype(q.dtype)
         return out, lse.reshape(b, hq, t)
 
     def _capped(self, scores: mx.array) -> mx.array:

@@ -110,8 +110,8 @@ class TorchOps(KernelPaths):
         b, hq, t, d = q.shape
         hkv, s = k.shape[1], k.shape[2]
         window = window if causal_offset is not None else None
-        # the kernels know neither soft-capping, nor a band mask, nor a per-query bias
-        plain = self.softcap is None and window is None and (key_bias is None or key_bias.ndim == 3)
+        # the kernels know neither soft-capping, nor a band mask, nor a per-query bias, nor values wider than keys
+        plain = self.softcap is None and window is None and (key_bias is None or key_bias.ndim == 3) and v.shape[-1] == d
         kernel = plain and decode_sized(q, hkv) and self.kernels_on(q)
         if key_lengths is not None and not kernel:  # the ops path hides a batch's padding through the bias
             key_bias, key_lengths = add_bias(key_bias, length_bias(self, key_lengths, s, k)), None
@@ -147,7 +147,7 @@ class TorchOps(KernelPaths):
         lse = torch.logsumexp(scores, dim=-1, keepdim=True)
         # a row with every key hidden has lse -inf: subtract 0 there so its weights are 0, not nan
         probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)).to(v.dtype)
-        out = torch.matmul(probs, v).view(b, hq, t, d)
+        out = torch.matmul(probs, v).view(b, hq, t, v.shape[-1])
         return out, lse.view(b, hq, t)
 
     def _capped(self, scores: torch.Tensor) -> torch.Tensor:

@@ -91,8 +91,6 @@ class CalibrationTier:
         self.scores = None  # host float32 [B, Hkv, E]
         self.proxy = self.out = self.lse = None
         self.mean_key = None  # rule=taylor: float32 [B, Hq, 1, D], the evicted keys' mean under the proxy
-        self.mean_key_stale = False  # a recompute moved a proxy: mean_key is computed when next needed
-        self.scale = None  # the layer's attention scale (known from the first eviction)
         self.length = 0  # evicted tokens the stored partial covers (the most of any row, in a batch)
         self.row_lengths: np.ndarray | None = None  # per row, when the rows of a batch differ
         self.counts = {name: np.zeros(1, dtype=np.int64) for name in BRANCHES}  # per batch row
@@ -112,9 +110,6 @@ class CalibrationTier:
         out.length, out.row_lengths = int(lengths.max()), batch_rows.ragged(lengths)
         out.counts = {name: c[rows] for name, c in self.counts.items()}
         if out.length:  # rows that evicted nothing yet take no partial: their first eviction starts one
-            if self.mean_key is not None:
-                self.fresh_mean_key()
-            out.scale = self.scale
             out.proxy, out.out, out.lse = (batch_rows.take(ops, a, rows) for a in (self.proxy, self.out, self.lse))
             out.mean_key = batch_rows.take(ops, self.mean_key, rows)
             out.scores = batch_rows.take(ops, self.scores, rows, -1, int(out.store.lengths().max(initial=0)))
@@ -131,9 +126,7 @@ class CalibrationTier:
         out.proxy = batch_rows.stack(ops, [p.proxy for p in parts], counts, None, 0.0)
         out.out = batch_rows.stack(ops, [p.out for p in parts], counts, None, 0.0)
         out.lse = batch_rows.stack(ops, [p.lse for p in parts], counts, None, float("-inf"))
-        out.mean_key = batch_rows.stack(ops, [p.fresh_mean_key() if p.mean_key is not None else None for p in parts],
-                                        counts, None, 0.0)
-        out.scale = next((p.scale for p in parts if p.scale is not None), None)
+        out.mean_key = batch_rows.stack(ops, [p.mean_key for p in parts], counts, None, 0.0)
         out.scores = batch_rows.stack(ops, [p.scores for p in parts], counts, -1, float("-inf"))
         return out
 
@@ -142,7 +135,6 @@ class CalibrationTier:
         last query q[:, :, -1] becomes the proxy on the first eviction."""
         ops = self.ops
         taylor = self.config.rule == "taylor"
-        self.scale = scale
         if self.proxy is None:
             self.proxy = ops.to_float32(q[:, :, -1])
             self.out, self.lse = ops.partial_attention(q[:, :, -1:], k, v, scale)
@@ -151,7 +143,7 @@ class CalibrationTier:
         else:  # the stored partial stays exact for its proxy: merge in the new tokens under it
             proxy_q = ops.cast_like(self.proxy[:, :, None, :], q)
             fresh = ops.partial_attention(proxy_q, k, v, scale)
-            if taylor and not self.mean_key_stale:  # the mean key merges with the same weights as the output
+            if taylor:  # the mean key merges with the same weights as the output
                 keys = ops.to_float32(ops.partial_attention(proxy_q, k, k, scale)[0])
                 self.mean_key, _ = merge_partials(ops, [(self.mean_key, self.lse), (keys, fresh[1])])
             self.out, self.lse = merge_partials(ops, [(self.out, self.lse), fresh])
@@ -192,40 +184,25 @@ class CalibrationTier:
         out, lse, proxy = self.out, self.lse, self.proxy
         recompute = rho < cfg.theta1
         calibrate = rho > cfg.theta2  # and not recompute (the bands do not cross: theta1 <= theta2)
-        if cfg.rule == "taylor" and ops.any(calibrate):  # the reused lse, moved to first order toward each query
-            step = ops.sum((ops.to_float32(q) - proxy[:, :, None, :]) * self.fresh_mean_key(), axis=-1) * scale
+        taylor = cfg.rule == "taylor"
+        if taylor and ops.any(calibrate):  # the reused lse, moved to first order toward each query
+            step = ops.sum((ops.to_float32(q) - proxy[:, :, None, :]) * self.mean_key, axis=-1) * scale
             lse = ops.where(calibrate, lse + step, lse)
         if not self.store.length or not ops.any(recompute):
             recompute = rho < -2.0  # nothing to recompute over (or no head asks): all false
         else:
-            fresh_out, fresh_lse = self.recomputed(q, recompute, scale)
-            out = ops.where(recompute[..., None], fresh_out, out)
-            lse = ops.where(recompute, fresh_lse, lse)
+            fresh = self.recomputed(q, recompute, scale, taylor)
+            out = ops.where(recompute[..., None], fresh[0], out)
+            lse = ops.where(recompute, fresh[1], lse)
             last = recompute[:, :, -1:]  # the chunk's last query becomes the new proxy where it recomputed
-            self.out = ops.where(last[..., None], fresh_out[:, :, -1:], self.out)
-            self.lse = ops.where(last, fresh_lse[:, :, -1:], self.lse)
+            self.out = ops.where(last[..., None], fresh[0][:, :, -1:], self.out)
+            self.lse = ops.where(last, fresh[1][:, :, -1:], self.lse)
             self.proxy = ops.where(last, ops.to_float32(q[:, :, -1]), self.proxy)
-            self.mean_key_stale = cfg.rule == "taylor"  # computed when a query next reuses the partial
+            if taylor:  # the new proxy's mean key came with its partial, in the same pass
+                self.mean_key = ops.where(last[..., None], ops.to_float32(fresh[2][:, :, -1:]), self.mean_key)
         used = calibrate | recompute
         self._count(calibrate, recompute)
         return out, ops.where(used, lse, ops.full(lse.shape, float("-inf"), lse))
-
-    def fresh_mean_key(self) -> Array:
-        """rule=taylor's mean keys under the current proxies, recomputed first if a recompute moved a
-        proxy since (most recomputes are followed by another, so computing it eagerly is mostly waste;
-        tokens evicted meanwhile are in the store, so they count)."""
-        if self.mean_key_stale:
-            self.mean_key, self.mean_key_stale = self.mean_keys_at(self.proxy[:, :, None, :], self.scale), False
-        return self.mean_key
-
-    def mean_keys_at(self, q: Array, scale: float) -> Array:
-        """float32 [B, Hq, 1, D]: the evicted keys' softmax-weighted mean under the queries q [B, Hq, 1, D]."""
-        ops = self.ops
-        k, _ = self.store.tokens()
-        k = ops.to_device_of(k, q)
-        lengths = batch_rows.short_rows(self.store.lengths(), k.shape[2])
-        return ops.to_float32(ops.partial_attention(q, ops.cast_like(k, q), ops.cast_like(k, q), scale,
-                                                    key_lengths=lengths)[0])
 
     def _count(self, calibrate: Array, recompute: Array) -> None:
         """Branch counts per batch row; a row of a batch that has evicted nothing yet counts nothing."""
@@ -238,23 +215,24 @@ class CalibrationTier:
         self.counts["recompute"] += n_rec * active
         self.counts["skip"] += (total - n_cal - n_rec) * active
 
-    def recomputed(self, q: Array, recompute: Array, scale: float) -> tuple[Array, Array]:
-        """Partial of q over the evicted tier. A tier in another memory (host, for a GPU) is read only
-        for the KV heads whose query heads ask for it (moving it costs more than attending); the
-        other heads get zeros, which `recompute` masks out."""
+    def recomputed(self, q: Array, recompute: Array, scale: float, mean_key: bool) -> tuple:
+        """(out, lse) of q over the evicted tier, and with `mean_key` the keys' mean under the same
+        weights. A tier in another memory (host, for a GPU) is read only for the KV heads whose query
+        heads ask for it (moving it costs more than attending); the other heads get zeros, which
+        `recompute` masks out."""
         ops = self.ops
         if self.store.local_to(q):  # nothing to move: every head in one call beats copying some out
-            return self.store.partial(q, scale, None)
+            return self.store.partial(q, scale, None, mean_key)
         b, hq, t = recompute.shape
         hkv = self.scores.shape[1]
         g = hq // hkv
         asks = ops.to_numpy(recompute).reshape(b, hkv, g, t).any(axis=(0, 2, 3))
         need = [h for h in range(hkv) if asks[h]]
         if len(need) == hkv:
-            return self.store.partial(q, scale, None)
+            return self.store.partial(q, scale, None, mean_key)
         heads = [h * g + j for h in need for j in range(g)]
-        out, lse = self.store.partial(ops.select_heads(q, heads), scale, need)
-        return ops.place_heads(out, heads, hq), ops.place_heads(lse, heads, hq)
+        parts = self.store.partial(ops.select_heads(q, heads), scale, need, mean_key)
+        return tuple(ops.place_heads(part, heads, hq) for part in parts)
 
     def trim(self, n: int) -> int:
         return 0

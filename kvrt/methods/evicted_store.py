@@ -29,62 +29,66 @@ def evicted_store(ops: Ops, offload: str):
 
 
 class FullStore:
-    """Evicted k/v [B, Hkv, E, D] as they came, in host memory if `host`, in growable buffers
-    (decode-time eviction adds a token per step: appending must not copy the whole tier)."""
+    """Evicted tokens [B, Hkv, E, D] as they came, each token's key and value side by side in one
+    growable buffer [B, Hkv, E, 2D], in host memory if `host`. Growable: decode-time eviction adds a
+    token per step, and appending must not copy the whole tier. Side by side: one attention with
+    the pairs as values gives the partial and rule=taylor's mean key together."""
 
     def __init__(self, ops: Ops, host: bool = False, step: int = 64):
         self.ops, self.host, self.step = ops, host, step
-        self.keys, self.values = SeqBuffer(ops, step), SeqBuffer(ops, step)
+        self.pairs = SeqBuffer(ops, step)
 
     @property
     def length(self) -> int:
-        return self.keys.length
+        return self.pairs.length
 
     def lengths(self) -> np.ndarray:
-        return self.keys.lengths()
+        return self.pairs.lengths()
 
     def take(self, rows: Sequence[int]) -> "FullStore":
         out = FullStore(self.ops, self.host, self.step)
-        out.keys, out.values = self.keys.take(rows), self.values.take(rows)
+        out.pairs = self.pairs.take(rows)
         return out
 
     @staticmethod
     def stack(parts: Sequence["FullStore"], counts: Sequence[int]) -> "FullStore":
         out = FullStore(parts[0].ops, parts[0].host, parts[0].step)
-        out.keys = SeqBuffer.stack([p.keys for p in parts], counts)
-        out.values = SeqBuffer.stack([p.values for p in parts], counts)
+        out.pairs = SeqBuffer.stack([p.pairs for p in parts], counts)
         return out
 
     def signature(self, row: int) -> tuple:
         return (int(self.lengths()[row]) if self.length else 0,)
 
     def add(self, k: Array, v: Array) -> None:
-        if self.host:
-            k, v = self.ops.to_host(k), self.ops.to_host(v)
-        self.keys.append(k)
-        self.values.append(v)
+        pairs = self.ops.concat([k, v], axis=-1)
+        self.pairs.append(self.ops.to_host(pairs) if self.host else pairs)
 
     def tokens(self) -> tuple[Array, Array]:
-        """Every stored token in full precision, in the order added."""
-        return self.keys.view(), self.values.view()
+        """Every stored token in full precision, in the order added (views into the buffer)."""
+        pairs = self.pairs.view()
+        d = pairs.shape[-1] // 2
+        return pairs[..., :d], pairs[..., d:]
 
     def local_to(self, q: Array) -> bool:
         """Whether attending with q reads the tier where it lies (no copy to q's device first)."""
-        k = self.keys.view()
-        return self.ops.to_device_of(k, q) is k
+        pairs = self.pairs.view()
+        return self.ops.to_device_of(pairs, q) is pairs
 
-    def partial(self, q: Array, scale: float, heads: list[int] | None) -> tuple[Array, Array]:
+    def partial(self, q: Array, scale: float, heads: list[int] | None, mean_key: bool = False) -> tuple:
+        """(out, lse) of q over the tier, and with `mean_key` the keys' mean under the same weights."""
         ops = self.ops
-        k, v = self.tokens()
-        k, v = ops.to_device_of(k, q), ops.to_device_of(v, q)
-        bias = batch_rows.length_bias(ops, self.keys.row_lengths, self.length, k)
+        pairs = ops.to_device_of(self.pairs.view(), q)
+        bias = batch_rows.length_bias(ops, self.pairs.row_lengths, self.length, pairs)
         if heads is not None:
-            k, v = ops.select_heads(k, heads), ops.select_heads(v, heads)
+            pairs = ops.select_heads(pairs, heads)
             bias = None if bias is None else ops.select_heads(bias, heads)
-        return ops.partial_attention(q, k, v, scale, None, True, bias)
+        d = pairs.shape[-1] // 2
+        out, lse = ops.partial_attention(q, pairs[..., :d], pairs if mean_key else pairs[..., d:], scale, None, True,
+                                         bias)
+        return (out[..., d:], lse, out[..., :d]) if mean_key else (out, lse)
 
     def arrays(self) -> list[Array]:
-        return [a for a in (self.keys.stored(), self.values.stored()) if a is not None]
+        return [self.pairs.stored()] if self.pairs.data is not None else []
 
 
 class QuantizedStore:
@@ -143,10 +147,18 @@ class QuantizedStore:
     def local_to(self, q: Array) -> bool:
         return True  # kept on the device
 
-    def partial(self, q: Array, scale: float, heads: list[int] | None) -> tuple[Array, Array]:
+    def partial(self, q: Array, scale: float, heads: list[int] | None, mean_key: bool = False) -> tuple:
+        """As FullStore.partial; the mean key takes one more pass, over the dequantized keys."""
+        ops = self.ops
         parts = [self.groups.partial(q, scale, None, True, heads)] if self.groups.length else []
         parts += [self.rest.partial(q, scale, heads)] if self.rest.length else []
-        return merge_partials(self.ops, parts)
+        out, lse = merge_partials(ops, parts)
+        if not mean_key:
+            return out, lse
+        k, _ = self.tokens()
+        k = k if heads is None else ops.select_heads(k, heads)
+        lengths = batch_rows.short_rows(self.lengths(), k.shape[2])
+        return out, lse, ops.partial_attention(q, k, k, scale, key_lengths=lengths)[0]
 
     def arrays(self) -> list[Array]:
         return self.groups.arrays() + self.rest.arrays()
