@@ -216,16 +216,14 @@ def plot_score_vs_bytes(plt, summary: dict, out: Path) -> str:
         xy.sort()
         ax.plot([p[0] for p in xy], [p[1] for p in xy], "--" if "calidrop" in method else "-", marker="o",
                 markersize=3, label=method)
-    for cache, x, score in points:
-        ax.scatter([x], [score], marker="s", s=16)
-        ax.annotate(cache, (x, score), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    for cache, x, score in points:  # in the legend: close points' labels would overlap on the plot
+        ax.scatter([x], [score], marker="s", s=16, label=cache)
     ax.set_xscale("log")
     unsplit = any(c["host_bytes_per_token"] is None for c in summary["cost"].values())
     ax.set_xlabel("KV bytes per token on the device (log" + ("; CaliDrop's host tier included in older records)"
                                                             if unsplit else ")"))
     ax.set_ylabel("overall score")
-    if lines:
-        ax.legend(fontsize=6)
+    ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out / "score_vs_kv_bytes.png", dpi=110)
     plt.close(fig)
