@@ -41,7 +41,7 @@ from kvrt import rows as batch_rows
 from kvrt.attention import merge_partials
 from kvrt.errors import InvalidValue
 from kvrt.methods.base import selection
-from kvrt.methods.evicted_store import check_offload, evicted_store
+from kvrt.methods.evicted_store import check_offload, evicted_store, paired_partial
 from kvrt.ops import Array, Ops
 
 BRANCHES = ("calibrate", "recompute", "skip")
@@ -135,18 +135,18 @@ class CalibrationTier:
         last query q[:, :, -1] becomes the proxy on the first eviction."""
         ops = self.ops
         taylor = self.config.rule == "taylor"
+        pairs = ops.concat([k, v], axis=-1)
         if self.proxy is None:
             self.proxy = ops.to_float32(q[:, :, -1])
-            self.out, self.lse = ops.partial_attention(q[:, :, -1:], k, v, scale)
+            self.out, self.lse, *mean_key = paired_partial(ops, q[:, :, -1:], pairs, scale, mean_key=taylor)
             if taylor:
-                self.mean_key = ops.to_float32(ops.partial_attention(q[:, :, -1:], k, k, scale)[0])
+                self.mean_key = ops.to_float32(mean_key[0])
         else:  # the stored partial stays exact for its proxy: merge in the new tokens under it
             proxy_q = ops.cast_like(self.proxy[:, :, None, :], q)
-            fresh = ops.partial_attention(proxy_q, k, v, scale)
+            out, lse, *mean_key = paired_partial(ops, proxy_q, pairs, scale, mean_key=taylor)
             if taylor:  # the mean key merges with the same weights as the output
-                keys = ops.to_float32(ops.partial_attention(proxy_q, k, k, scale)[0])
-                self.mean_key, _ = merge_partials(ops, [(self.mean_key, self.lse), (keys, fresh[1])])
-            self.out, self.lse = merge_partials(ops, [(self.out, self.lse), fresh])
+                self.mean_key, _ = merge_partials(ops, [(self.mean_key, self.lse), (ops.to_float32(mean_key[0]), lse)])
+            self.out, self.lse = merge_partials(ops, [(self.out, self.lse), (out, lse)])
         self.length += k.shape[2]
         if self.config.recompute == "never":
             return
@@ -191,15 +191,15 @@ class CalibrationTier:
         if not self.store.length or not ops.any(recompute):
             recompute = rho < -2.0  # nothing to recompute over (or no head asks): all false
         else:
-            fresh = self.recomputed(q, recompute, scale, taylor)
-            out = ops.where(recompute[..., None], fresh[0], out)
-            lse = ops.where(recompute, fresh[1], lse)
+            fresh_out, fresh_lse, *mean_key = self.recomputed(q, recompute, scale, taylor)
+            out = ops.where(recompute[..., None], fresh_out, out)
+            lse = ops.where(recompute, fresh_lse, lse)
             last = recompute[:, :, -1:]  # the chunk's last query becomes the new proxy where it recomputed
-            self.out = ops.where(last[..., None], fresh[0][:, :, -1:], self.out)
-            self.lse = ops.where(last, fresh[1][:, :, -1:], self.lse)
+            self.out = ops.where(last[..., None], fresh_out[:, :, -1:], self.out)
+            self.lse = ops.where(last, fresh_lse[:, :, -1:], self.lse)
             self.proxy = ops.where(last, ops.to_float32(q[:, :, -1]), self.proxy)
             if taylor:  # the new proxy's mean key came with its partial, in the same pass
-                self.mean_key = ops.where(last[..., None], ops.to_float32(fresh[2][:, :, -1:]), self.mean_key)
+                self.mean_key = ops.where(last[..., None], ops.to_float32(mean_key[0][:, :, -1:]), self.mean_key)
         used = calibrate | recompute
         self._count(calibrate, recompute)
         return out, ops.where(used, lse, ops.full(lse.shape, float("-inf"), lse))

@@ -22,6 +22,15 @@ def check_offload(offload: str) -> None:
         raise InvalidValue(f"calidrop: offload must be one of {', '.join(OFFLOADS)}, got {offload}")
 
 
+def paired_partial(ops: Ops, q: Array, pairs: Array, scale: float, bias: Array | None = None,
+                   mean_key: bool = False) -> tuple:
+    """(out, lse) of q over tokens stored as pairs [B, Hkv, E, 2D] (each key beside its value), and
+    with `mean_key` the keys' mean under the same weights: the pairs serve as values, one pass."""
+    d = pairs.shape[-1] // 2
+    out, lse = ops.partial_attention(q, pairs[..., :d], pairs if mean_key else pairs[..., d:], scale, None, True, bias)
+    return (out[..., d:], lse, out[..., :d]) if mean_key else (out, lse)
+
+
 def evicted_store(ops: Ops, offload: str):
     """Full precision in host memory (offload=none), or quantized on the device, 4-14x smaller."""
     check_offload(offload)
@@ -82,10 +91,7 @@ class FullStore:
         if heads is not None:
             pairs = ops.select_heads(pairs, heads)
             bias = None if bias is None else ops.select_heads(bias, heads)
-        d = pairs.shape[-1] // 2
-        out, lse = ops.partial_attention(q, pairs[..., :d], pairs if mean_key else pairs[..., d:], scale, None, True,
-                                         bias)
-        return (out[..., d:], lse, out[..., :d]) if mean_key else (out, lse)
+        return paired_partial(ops, q, pairs, scale, bias, mean_key)
 
     def arrays(self) -> list[Array]:
         return [self.pairs.stored()] if self.pairs.data is not None else []
