@@ -2,7 +2,8 @@
 
 Every spec's cache is built from one full-cache prefill of the same prompt (as bench/fidelity.py
 does), then each is fed the same `--steps` next tokens of the passage (teacher-forced, so every
-spec does the same work whatever it would predict). Specs take turns, `--rounds` times, and each spec's
+spec does the same work whatever it would predict). Specs take turns, `--rounds` times after one
+untimed warm-up round, and each spec's
 median ms per step is reported with its ratio to its base (the spec without its `+calidrop…`
 part, or `full`). One thread: run it alone on the machine.
 
@@ -43,14 +44,15 @@ def main() -> None:
     _, captured = record_prefill(runtime, context)
     specs = ["full"] + [s for s in args.specs.split(";") if s and s != "full"]
     times = {s: [] for s in specs}
-    for round_ in range(args.rounds):
+    for round_ in range(args.rounds + 1):  # round 0 warms up (and builds the CPU kernels once): not timed
         for spec in specs:
             cache = cache_for(runtime, spec, captured)
             started = time.perf_counter()
             for token in tokens:
                 runtime.forward([token], cache)
-            times[spec].append(1000 * (time.perf_counter() - started) / len(tokens))
-        print(f"round {round_ + 1}/{args.rounds}", file=sys.stderr)
+            if round_:
+                times[spec].append(1000 * (time.perf_counter() - started) / len(tokens))
+        print(f"round {round_}/{args.rounds}", file=sys.stderr)
 
     print(f"model {args.model}; {args.context}-token prompt, {args.steps} decode steps, median of {args.rounds} "
           "rounds, one thread, fp32 torch CPU\n\n| cache | ms / step | vs base | base |\n|---|---|---|---|")

@@ -351,8 +351,9 @@ def main() -> int:
         print("error: no CUDA device; run on an NVIDIA GPU, or pass --smoke to check the script on CPU",
               file=sys.stderr)
         return 2
-    if SMOKE:  # on CPU the ops would otherwise never pick a kernel
+    if SMOKE:  # on CPU the ops would otherwise never pick a Triton kernel, and would take the C ones
         TorchOps.kernels_on = lambda self, x: kernels_allowed()
+        TorchOps.cpu_kernels_on = lambda self, q, kv_heads: False
     shape = shape_for(SMOKE)
     name = "CPU (TRITON_INTERPRET=1, miniature shapes)" if SMOKE else torch.cuda.get_device_name()
     print(f"# kvrt kernels on {name}; torch {torch.__version__}")

@@ -13,8 +13,15 @@ runs in the same process, one after the other. Reported per spec: requests admit
 once (the most running), total and generated tokens/s, p50/p99 request latency and time to
 first token, and the ratio of tokens/s to `full`.
 
+Workloads (`--workload`, part 3 only; each sets --requests/--prompt/--new/--fits/--max-batch):
+`short` 16 requests of 512 + 64 tokens, 8 at once, no KV limit; `long` 8 of 4096 + 128, 8 at once,
+no KV limit; `decode` 32 of 1024 + 256 at ~4 full caches (decode-dominated, the OTT headline).
+"Fit" is how many requests the KV memory holds at once by each one's measured peak (its cache alone,
+prompt prefilled then every new token decoded): what admission should reach.
+
     taskset -c 0 python bench/serve.py                        # default model, torch, one thread
     python bench/serve.py --requests 8 --prompt 256 --new 16  # quicker
+    taskset -c 0 python bench/serve.py --parts 3 --workload long
 """
 
 from __future__ import annotations
@@ -27,6 +34,21 @@ import time
 from texts import haystack_ids
 
 SPECS = ["full", "ott:bits=2", "snapkv:budget=256", "snapkv:budget=256+ott:bits=2"]
+WORKLOADS = {  # requests, prompt, new, fits (None: no KV limit), max batch
+    "short": (16, 512, 64, None, 8),
+    "long": (8, 4096, 128, None, 8),
+    "decode": (32, 1024, 256, 4.0, 32),
+}
+
+
+def peak_bytes(runtime, spec: str, ids: list[int], new: int) -> int:
+    """The most KV bytes one request's cache holds: its prompt, then `new` decode steps."""
+    cache = runtime.new_cache(spec)
+    token, most = int(runtime.forward(ids, cache)[-1].argmax()), cache.nbytes()
+    for _ in range(new - 1):
+        token = int(runtime.forward([token], cache)[-1].argmax())
+        most = max(most, cache.nbytes())
+    return most
 
 
 def decode_ratio(model, prompt: list[int], rows: int, steps: int) -> tuple[float, float]:
@@ -144,44 +166,61 @@ def main() -> None:
     parser.add_argument("--decode-rows", type=int, default=8)
     parser.add_argument("--decode-prompt", type=int, default=512)
     parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--parts", default="1,2,3", help="which parts to run (see above)")
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), help="part 3's workload (overrides its sizes)")
     args = parser.parse_args()
+    parts = {int(p) for p in args.parts.split(",")}
+    if args.workload:
+        args.requests, args.prompt, args.new, args.fits, args.max_batch = WORKLOADS[args.workload]
 
     import torch
 
     import kvrt
-    from kvrt.batch import kv_bytes_needed
-    from kvrt.spec import CacheSpec
 
     torch.set_num_threads(1)
     model = kvrt.load(args.model, backend=args.backend, dtype="float32")
     tokenizer = model.tokenizer
 
-    batched, alone = decode_ratio(model, haystack_ids(tokenizer, args.decode_prompt), args.decode_rows,
-                                  args.decode_steps)
-    print(f"## batched decode, full cache, {args.decode_prompt}-token prompts, {args.decode_steps} steps\n")
-    print("| B | decode tok/s | vs B=1 |\n|---|---|---|")
-    print(f"| 1 | {alone:.1f} | 1.00 |\n| {args.decode_rows} | {batched:.1f} | {batched / alone:.2f} |\n", flush=True)
-
     specs = args.specs.split(";") if ";" in args.specs else args.specs.split(",")
-    fixed = fixed_memory_decode(model.runtime, haystack_ids(tokenizer, args.prompt), specs, args.fits,
-                                args.decode_steps, args.max_batch)
-    print(f"## decode phase at a fixed KV memory (~{args.fits:g} full caches of {args.prompt} + "
-          f"{args.decode_steps} tokens = {fixed[0]['budget_bytes'] / 2**20:.1f} MiB), {args.decode_steps} steps\n")
-    print(fixed_memory_table(fixed) + "\n", flush=True)
+    if 1 in parts:
+        batched, alone = decode_ratio(model, haystack_ids(tokenizer, args.decode_prompt), args.decode_rows,
+                                      args.decode_steps)
+        print(f"## batched decode, full cache, {args.decode_prompt}-token prompts, {args.decode_steps} steps\n")
+        print("| B | decode tok/s | vs B=1 |\n|---|---|---|")
+        print(f"| 1 | {alone:.1f} | 1.00 |\n| {args.decode_rows} | {batched:.1f} | {batched / alone:.2f} |\n",
+              flush=True)
+    if 2 in parts:
+        fixed = fixed_memory_decode(model.runtime, haystack_ids(tokenizer, args.prompt), specs, args.fits or 4.0,
+                                    args.decode_steps, args.max_batch)
+        print(f"## decode phase at a fixed KV memory (~{args.fits or 4.0:g} full caches of {args.prompt} + "
+              f"{args.decode_steps} tokens = {fixed[0]['budget_bytes'] / 2**20:.1f} MiB), {args.decode_steps} steps\n")
+        print(fixed_memory_table(fixed) + "\n", flush=True)
+    if 3 in parts:
+        serve_table(model, specs, args)
 
-    prompts = [haystack_ids(tokenizer, args.prompt, seed=i) for i in range(args.requests)]
-    full_need = kv_bytes_needed(model.runtime, CacheSpec.parse("full"), args.prompt, args.new)
-    kv_memory = int(full_need * args.fits)
-    print(f"## {args.requests} requests x {args.prompt} prompt + {args.new} new tokens, --kv-memory "
-          f"{kv_memory / 2**20:.1f} MiB (~{args.fits:g} full caches), max batch {args.max_batch}\n")
-    print("| spec | admitted at once | tokens/s | generated tok/s | vs full | p50 latency s | p99 latency s "
+
+def serve_table(model, specs: list[str], args) -> None:
+    """Part 3: every spec served the same requests, side by side."""
+    from kvrt.admission import kv_bytes_needed
+    from kvrt.spec import CacheSpec
+
+    prompts = [haystack_ids(model.tokenizer, args.prompt, seed=i) for i in range(args.requests)]
+    full_need = kv_bytes_needed(model.runtime, CacheSpec.parse("full"), args.prompt, args.new, 256)
+    kv_memory = None if args.fits is None else int(full_need * args.fits)
+    limit = "no KV limit" if kv_memory is None else f"--kv-memory {kv_memory / 2**20:.1f} MiB (~{args.fits:g} full caches)"
+    print(f"## {args.requests} requests x {args.prompt} prompt + {args.new} new tokens, {limit}, "
+          f"max batch {args.max_batch}\n")
+    print("| spec | admitted at once | fit | tokens/s | generated tok/s | vs full | p50 latency s | p99 latency s "
           "| TTFT p50 s | TTFT p99 s |")
-    print("|---|---|---|---|---|---|---|---|---|", flush=True)
+    print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
     base = None
     for spec in specs:
+        fit = args.max_batch
+        if kv_memory is not None:
+            fit = min(fit, kv_memory // peak_bytes(model.runtime, spec, prompts[0], args.new))
         r = serve_run(model, spec, prompts, args.new, kv_memory, args.max_batch)
         base = base or r["tokens_per_s"]
-        print(f"| `{spec}` | {r['admitted']} | {r['tokens_per_s']:.1f} | {r['generated_per_s']:.2f} | "
+        print(f"| `{spec}` | {r['admitted']} | {fit} | {r['tokens_per_s']:.1f} | {r['generated_per_s']:.2f} | "
               f"{r['tokens_per_s'] / base:.2f} | {r['p50_s']:.1f} | {r['p99_s']:.1f} | {r['ttft_p50_s']:.1f} | "
               f"{r['ttft_p99_s']:.1f} |", flush=True)
 

@@ -12,9 +12,15 @@ tiers take part; a kernel is just a faster partial for one tier.
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
 
 from kvrt.ops import Array, Ops
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from kvrt.quant import QuantizedKeys, QuantizedValues
 
 
 def merge_partials(ops: Ops, parts: Sequence[tuple[Array, Array]]) -> tuple[Array, Array]:
@@ -30,3 +36,31 @@ def merge_partials(ops: Ops, parts: Sequence[tuple[Array, Array]]) -> tuple[Arra
         term = weight * p_out
         out = term if out is None else out + term
     return ops.cast_like(out, parts[0][0]), lse
+
+
+# What a fused decode kernel reads of each tier: its stored arrays, as they lie. The kernel's
+# (out, lse) is merge_partials over the tiers' own partials, in one pass (its reference twin).
+
+
+@dataclass
+class DenseSegment:
+    """Full-precision keys and values [B, Hkv, S, D] (views into a tier's buffers), row b holding its
+    first lengths[b] tokens (None: all S); bias: None or float32 [B, Hkv, S] (−inf hides a key)."""
+
+    k: Array
+    v: Array
+    lengths: "np.ndarray | None" = None
+    bias: Array | None = None
+
+
+@dataclass
+class PackedSegment:
+    """A quantized tier's groups as stored (kvrt/quant.py), row b holding lengths[b] tokens (whole
+    groups; None: all); slots: None or OTT's traced slots int32 [B, Hkv, groups, O] (−1: none), hidden;
+    bias: None or float32 [B, Hkv, S]."""
+
+    keys: "QuantizedKeys"
+    values: "QuantizedValues"
+    lengths: "np.ndarray | None" = None
+    slots: Array | None = None
+    bias: Array | None = None

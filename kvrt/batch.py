@@ -16,50 +16,12 @@ from typing import Sequence
 from kvrt.cache import stack_caches
 from kvrt.errors import KvrtError
 from kvrt.generate import GenerationStats, StopMatcher
-from kvrt.quant import bits_per_element
 from kvrt.sampling import Sampler, SamplingParams
 from kvrt.spec import CacheSpec
 from kvrt.tokenizer import StreamingDetokenizer
 
 
 FINISHED = object()  # the end of a request's event stream (a Row's handle gets it when the row closes)
-
-
-def buffer_rows(tokens: int) -> int:
-    """The most rows a SeqBuffer holding `tokens` allocates (it grows by an eighth, in steps of 64)."""
-    return tokens + tokens // 8 + 64 if tokens else 0
-
-
-def kv_bytes_needed(runtime, spec: CacheSpec, prompt_tokens: int, max_tokens: int) -> int:
-    """The most KV bytes a request's cache can hold at `spec` (at its longest: prompt plus every
-    generated token, in buffers grown with slack), from the model's shapes and the spec's budgets
-    and bit widths."""
-    layers, heads, dim, itemsize = runtime.kv_shape()
-    per_token = 2 * heads * dim * itemsize  # keys and values, one layer
-    total = prompt_tokens + max_tokens
-    eviction, calibration, quantization = spec.build()
-    kept = total
-    if eviction is not None:
-        budget = max(eviction.layer_budget(i, layers, prompt_tokens) for i in range(layers))
-        kept = min(total, budget + (0 if eviction.evicts_during_decode else max_tokens))
-    bytes_per_layer = buffer_rows(kept) * per_token
-    if quantization is not None:
-        full = min(kept, quantization.residual + quantization.group)
-        bits = bits_per_element(quantization.bits, quantization.group, itemsize)
-        quantized = (kept - full) * 9 // 8 + quantization.group  # its buffers grow by an eighth too
-        bytes_per_layer = buffer_rows(full) * per_token + int(quantized * per_token * bits / (8 * itemsize))
-    if calibration is not None and calibration.recompute != "never":
-        evicted = max(total - kept, 0)
-        if calibration.calibration_size:
-            evicted = min(evicted, calibration.calibration_size)
-        # the evicted tokens (in growable buffers) and their float32 eviction scores
-        bytes_per_layer += buffer_rows(evicted) * per_token + evicted * heads * 4
-    if calibration is not None:  # float32 per query head: proxy, partial out, mean key (rule=taylor), lse
-        bytes_per_layer += runtime.query_heads * (3 * dim + 1) * 4
-    local = [w for w in runtime.windows if w is not None]
-    # a local layer holds at most its window, in full precision, in a buffer that drops whole steps
-    local_bytes = sum(buffer_rows(min(total, w) + 64) * per_token for w in local)
-    return (layers - len(local)) * bytes_per_layer + local_bytes
 
 
 class Row:

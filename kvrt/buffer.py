@@ -53,9 +53,15 @@ class SeqBuffer:
         self.row_lengths = self.row_lengths + 1
         self.length = needed
 
+    @staticmethod
+    def grown_capacity(capacity: int, needed: int, step: int) -> int:
+        """The capacity a buffer of `capacity` rows grows to when it must hold `needed` (> capacity):
+        by at least an eighth, in whole steps (kvrt/admission.py reserves memory by the same rule)."""
+        target = max(needed, capacity + capacity // 8)
+        return -(-target // step) * step
+
     def _grow(self, like: Array, needed: int) -> None:
-        target = max(needed, self.capacity + self.capacity // 8)
-        capacity = -(-target // self.step) * self.step
+        capacity = self.grown_capacity(self.capacity, needed, self.step)
         grown = self.ops.alloc_seq(like, capacity)
         if self.length:
             grown = self.ops.write_seq(grown, 0, self.view())

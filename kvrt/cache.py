@@ -120,9 +120,21 @@ class LayerCache:
 
     def _attend_block(self, q: Array, scale: float, causal_offset: int | None) -> Array:
         active = [tier for tier in self.tiers if tier.length]
+        if causal_offset is None and len(active) > 1 and self.window is None:
+            kernel = self.ops.decode_kernel(q, self.newest.keys.data.shape[1])
+            if kernel is not None:  # every tier in one pass: the same merge, without an op per tier
+                return self._fused_decode(kernel, q, scale, active)
         with_lse = len(active) > 1  # a lone tier needs no merge, so skip computing its lse
         parts = [self._tier_partial(tier, q, scale, causal_offset, with_lse) for tier in active]
         out, _ = merge_partials(self.ops, parts)
+        return out
+
+    def _fused_decode(self, kernel, q: Array, scale: float, active: list) -> Array:
+        """Decode attention through the backend's fused kernel: the stored tiers as segments, CaliDrop's
+        partial (its own step, which updates its state) merged in."""
+        stored = [tier for tier in active if tier is not self.calibration]
+        extra = self.calibration.partial(q, scale, None, True) if self.calibration in active else None
+        out, _ = kernel(q, [segment for tier in stored for segment in tier.segments()], scale, extra)
         return out
 
     def _tier_partial(self, tier, q: Array, scale: float, causal_offset: int | None, with_lse: bool):
@@ -427,7 +439,8 @@ class KVCache:
         stats = {}
         tiers = [layer.calibration for layer in self.layers if layer.calibration is not None]
         if tiers:
-            stats["calidrop"] = {k: int(sum(t.counts[k].sum() for t in tiers)) for k in tiers[0].counts}
+            totals = [t.branch_counts() for t in tiers]
+            stats["calidrop"] = {k: int(sum(c[k].sum() for c in totals)) for k in totals[0]}
         quantized = [layer.quantized for layer in self.layers if layer.quantized is not None]
         if quantized:
             held = max(layer.quantized.length + layer.kept.length + layer.newest.length for layer in self.layers

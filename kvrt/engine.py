@@ -9,7 +9,7 @@ batched cache) and leaves it when it finishes or its client goes away.
 
 Admission is by KV bytes: a request is admitted only while the bytes reserved by the
 running ones (each the larger of what its cache holds now and what its spec will need at
-its longest, `kvrt.batch.kv_bytes_needed`) plus its own need fit `kv_memory`. The rest wait
+its longest, `kvrt.admission.kv_bytes_needed`) plus its own need fit `kv_memory`. The rest wait
 in a bounded FIFO; beyond it `submit` raises QueueFull (HTTP 429).
 """
 
@@ -22,7 +22,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
-from kvrt.batch import FINISHED, Batch, Row, kv_bytes_needed
+from kvrt.admission import kv_bytes_needed
+from kvrt.batch import FINISHED, Batch, Row
 from kvrt.errors import InvalidValue, KvrtError
 from kvrt.sampling import SamplingParams
 from kvrt.spec import CacheSpec
@@ -138,7 +139,7 @@ class Engine:
                                f"model's context is {context}")
         spec = self.spec if cache is None else CacheSpec.parse(cache)
         runtime = self.model.runtime
-        need = kv_bytes_needed(runtime, spec, len(ids), max_tokens)
+        need = kv_bytes_needed(runtime, spec, len(ids), max_tokens, self.prefill_chunk)
         if self.kv_memory is not None and need > self.kv_memory:
             raise InvalidValue(f"this request needs {need} bytes of KV cache at {spec} but --kv-memory is "
                                f"{self.kv_memory}")

@@ -200,6 +200,18 @@ class Ops(Protocol):
         has neither (the tier then dequantizes block by block: the reference twin).
         Records which path runs in `self.paths` for --verbose."""
 
+    def decode_kernel(self, q: Array, kv_heads: int):
+        """A fused decode attention over a layer's tiers for decode queries q [B, Hq, 1, D], called as
+        kernel(q, segments, scale, extra) -> (out, lse): the tiers' stored arrays as
+        kvrt.attention.DenseSegment / PackedSegment, and extra = None or one more partial (out, lse)
+        to merge in. None where the backend has none: the tiers then take their own partials and
+        merge_partials (the reference twin). Records which path runs in `self.paths`."""
+
+    def calidrop_kernel(self, q: Array, kv_heads: int):
+        """CaliDrop's fused decode step (kvrt/methods/calidrop.py: CalibrationTier.fused_partial says
+        how it is called), or None where the backend has none (the twin: CalibrationTier.partial's ops
+        path). Records which path runs in `self.paths`."""
+
     def quantizers(self, x: Array):
         """Fused quantize-and-pack kernels for arrays like x, as a pair
         (keys(k, bits, group, traced) -> QuantizedKeys, values(v, bits, group) -> QuantizedValues),

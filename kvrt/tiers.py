@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from kvrt import rows as batch_rows
+from kvrt.attention import DenseSegment
 from kvrt.buffer import SeqBuffer
 from kvrt.ops import Array, Ops
 
@@ -51,6 +52,11 @@ class FullPrecisionTier:
         keys, values = self.keys.view(end)[..., start:, :], self.values.view(end)[..., start:, :]
         return self.ops.partial_attention(q, keys, values, scale, causal_offset, with_lse, key_lengths=lengths,
                                           window=window)
+
+    def segments(self) -> list[DenseSegment]:
+        """What a fused decode kernel reads: the buffers' stored tokens, each row to its own length."""
+        lengths = batch_rows.short_rows(self.keys.row_lengths, self.length)
+        return [DenseSegment(self.keys.view(), self.values.view(), lengths)]
 
     def drop_front(self, drop: np.ndarray) -> None:
         """Drop each row's oldest drop[b] tokens (a sliding window moving on)."""
@@ -110,6 +116,10 @@ class KeptTier:
         a local layer's window."""
         lengths = batch_rows.short_rows(self.row_lengths, self.length)
         return self.ops.partial_attention(q, self.k, self.v, scale, None, with_lse, key_bias, key_lengths=lengths)
+
+    def segments(self) -> list[DenseSegment]:
+        """What a fused decode kernel reads: the kept tokens, each row to its own length."""
+        return [DenseSegment(self.k, self.v, batch_rows.short_rows(self.row_lengths, self.length))]
 
     def take(self, rows: Sequence[int]) -> "KeptTier":
         out = KeptTier(self.ops)

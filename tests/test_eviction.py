@@ -276,13 +276,13 @@ def test_calidrop_recomputes_only_the_kv_heads_that_ask_and_gets_them_exact():
     ref_out, ref_lse = OPS.partial_attention(q, k, v, 0.25)
     ref_key = OPS.partial_attention(q, k, k, 0.25)[0]
     assert tier.store.local_to(q)
-    out, lse = tier.recomputed(q, asks, 0.25, False)
+    out, lse = tier.recomputed(q, asks, 0.25, False, local=True)
     torch.testing.assert_close(out, ref_out, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(lse, ref_lse, atol=1e-6, rtol=1e-6)
-    _, _, key = tier.recomputed(q, asks, 0.25, True)
+    _, _, key = tier.recomputed(q, asks, 0.25, True, local=True)
     torch.testing.assert_close(key, ref_key, atol=1e-6, rtol=1e-6)
-    tier.store.local_to = lambda q: False  # as if the tier sat in host memory and q on a GPU
-    out, lse, key = tier.recomputed(q, asks, 0.25, True)
+    assert tier.recomputed(q, asks & False, 0.25, True, local=False) is None  # no head asks: nothing moves
+    out, lse, key = tier.recomputed(q, asks, 0.25, True, local=False)  # as if the tier sat in host memory
     torch.testing.assert_close(out[:, 2:4], ref_out[:, 2:4], atol=1e-6, rtol=1e-6)  # both heads of KV head 1
     torch.testing.assert_close(lse[:, 2:4], ref_lse[:, 2:4], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(key[:, 2:4], ref_key[:, 2:4], atol=1e-6, rtol=1e-6)
@@ -355,7 +355,7 @@ def test_calidrop_taylor_reuses_wherever_it_does_not_recompute_and_paper_keeps_i
     for rule, tier in tiers.items():
         _, lse = tier.partial(between, scale, None, True)
         assert torch.isfinite(lse).all() == (rule == "taylor")
-        assert tier.counts["recompute"].sum() == 0
+        assert tier.branch_counts()["recompute"].sum() == 0
 
 
 def test_calidrop_taylor_mean_key_follows_a_recomputed_proxy():
@@ -373,12 +373,12 @@ def test_calidrop_taylor_mean_key_follows_a_recomputed_proxy():
     far = far - (far * tier.proxy[:, :, None]).sum(-1, keepdim=True) * tier.proxy[:, :, None] / (
         tier.proxy[:, :, None] ** 2).sum(-1, keepdim=True)  # orthogonal to the proxy: every head recomputes
     tier.partial(far, scale, None, True)
-    assert tier.counts["recompute"].sum() == 4
+    assert tier.branch_counts()["recompute"].sum() == 4
     torch.testing.assert_close(tier.mean_key, ops.partial_attention(far, k[:, :, :30], k[:, :, :30], scale)[0])
     tier.add_evicted(k[:, :, 30:], v[:, :, 30:], torch.zeros(1, 2, 10), far, scale)
     near = far + 0.03 * torch.randn(1, 4, 1, 16)
     _, lse = tier.partial(near, scale, None, True)
-    assert tier.counts["calibrate"].sum() == 4
+    assert tier.branch_counts()["calibrate"].sum() == 4
     at_far = ops.partial_attention(far, k, v, scale)
     mean_key = ops.partial_attention(far, k, k, scale)[0]
     expected = at_far[1] + scale * ((near - far) * mean_key).sum(-1)
@@ -401,7 +401,7 @@ def test_calidrop_granularity_decides_per_head_per_group_or_per_layer(granularit
     q = proxy + 0.05 * torch.randn(1, 6, 1, 16)  # ρ near 1 (but below θ2 = 1) for every head ...
     q[:, 2] = -proxy[:, 2]  # ... but query head 2 (KV head 1, with head 3): ρ = −1
     out, lse = tier.partial(q, scale, None, True)
-    assert tier.counts["recompute"].sum() == recomputed
+    assert tier.branch_counts()["recompute"].sum() == recomputed
     exact = ops.partial_attention(q, k, v, scale)
     torch.testing.assert_close(lse[:, 2], exact[1][:, 2], atol=1e-5, rtol=1e-5)
     assert torch.isinf(lse).sum() == 6 - recomputed  # the heads left out skip

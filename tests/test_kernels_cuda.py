@@ -18,6 +18,12 @@ triton = pytest.importorskip("triton")
 OPS = TorchOps()
 
 
+@pytest.fixture(autouse=True)
+def reference_twins(monkeypatch):
+    """The twins are the ops path: on the CPU kvrt's C kernels would take their decode calls instead."""
+    monkeypatch.setattr(TorchOps, "cpu_kernels_on", lambda self, q, kv_heads: False)
+
+
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("d,g,hkv", [(64, 1, 2), (64, 3, 1), (128, 4, 2), (64, 7, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

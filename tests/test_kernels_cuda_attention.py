@@ -15,6 +15,12 @@ from kvrt.backends.torch.ops import TorchOps
 pytestmark = pytest.mark.kernels
 triton = pytest.importorskip("triton")
 OPS = TorchOps()
+
+
+@pytest.fixture(autouse=True)
+def reference_twins(monkeypatch):
+    """The twins are the ops path: on the CPU kvrt's C kernels would take their decode calls instead."""
+    monkeypatch.setattr(TorchOps, "cpu_kernels_on", lambda self, q, kv_heads: False)
 INF = float("-inf")
 # out against the twin in the inputs' dtype: about two ulps of that dtype
 OUT_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

@@ -28,6 +28,11 @@ def run(runtime, spec, ids, prefill):
     return np.concatenate(out), cache
 
 
+def without_paths(stats: dict) -> dict:
+    """A cache's stats but the kernel paths, which each backend names its own way."""
+    return {k: v for k, v in stats.items() if k != "kernels"}
+
+
 @pytest.mark.parametrize("spec", SPECS)
 def test_torch_and_mlx_agree_under_eviction(runtimes, spec):
     ids = torch.randint(3, 200, (100,), generator=torch.Generator().manual_seed(4)).tolist()
@@ -35,5 +40,5 @@ def test_torch_and_mlx_agree_under_eviction(runtimes, spec):
     np.testing.assert_allclose(m_logits, t_logits, atol=1e-4, rtol=0)
     for t_layer, m_layer in zip(t_cache.layers, m_cache.layers):
         assert np.array_equal(np.asarray(m_layer.kept.positions), t_layer.kept.positions.numpy())
-    assert m_cache.stats() == t_cache.stats()
+    assert without_paths(m_cache.stats()) == without_paths(t_cache.stats())
     assert m_cache.nbytes() == t_cache.nbytes()

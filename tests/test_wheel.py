@@ -1,5 +1,6 @@
 """The built wheel installs backends and kernels inside the kvrt namespace, nothing generic at top level."""
 
+import os
 import subprocess
 import sys
 import venv
@@ -36,11 +37,13 @@ def test_wheel_installs_into_a_fresh_venv_and_imports_all_three(tmp_path):
     subprocess.run([str(python), "-m", "pip", "install", "-q", "numpy"], check=True, capture_output=True)
     probe = (
         "import kvrt, kvrt.backends, kvrt.backends.torch, kvrt.backends.mlx, kvrt.kernels_cuda, kvrt.kernels_metal;"
+        "from kvrt.kernels_cpu.build import library; assert library() is not None;"  # built from the shipped C
         "from kvrt.spec import CacheSpec; CacheSpec.parse('snapkv:budget=64+calidrop:offload=int2+ott:bits=2');"
         "import importlib.util as u; print(kvrt.backends.__file__);"
         "print(u.find_spec('backends') is None and u.find_spec('kernels_cuda') is None)"
     )
-    done = subprocess.run([str(python), "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
+    done = subprocess.run([str(python), "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True,
+                          env={**os.environ, "KVRT_HOME": str(tmp_path / "home")})
     location, no_generic_names = done.stdout.split()
     assert str(env_dir) in location and location.endswith("kvrt/backends/__init__.py")
     assert no_generic_names == "True"

@@ -6,7 +6,7 @@ past the window: tests/test_architectures.py."""
 import pytest
 
 import kvrt
-from kvrt.batch import kv_bytes_needed
+from kvrt.admission import kv_bytes_needed
 from kvrt.spec import CacheSpec
 from test_batch import TINY_SPECS, lone_tokens, staggered_tokens
 

@@ -60,6 +60,13 @@ class MLXOps(KernelPaths):
         `x` is unused: with unified memory an array has no device, the stream decides (torch's takes one)."""
         return kernels_allowed() and mx.metal.is_available() and mx.default_device().type == mx.gpu
 
+    def decode_kernel(self, q, kv_heads):
+        return None  # each tier's partial, then merge_partials (a Metal kernel per tier where it has one)
+
+    def calidrop_kernel(self, q, kv_heads):
+        self.paths["calidrop"] = "reference"
+        return None
+
     def quantized_kernel(self, q, kv_heads, key_group, value_group):
         from kvrt.kernels_metal.quantized_decode import fits, quantized_decode_attention
 

@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from kvrt.attention import DenseSegment
 from kvrt.ops import KernelPaths, kernels_allowed
 from kvrt.rows import add_bias, length_bias
 
@@ -52,7 +53,42 @@ class TorchOps(KernelPaths):
             return False
         return importlib.util.find_spec("triton") is not None
 
+    kernel_calls = 0  # kvrt's CPU kernels handed out, each run once (torch's profiler cannot see ctypes calls)
+
+    def cpu_kernels_on(self, q, kv_heads: int) -> bool:
+        """kvrt's C kernels (kernels_cpu/) take CPU decode queries unless KVRT_KERNELS=off, when they build."""
+        if q.device.type != "cpu" or not kernels_allowed() or self.softcap is not None:
+            return False
+        from kvrt.kernels_cpu.decode import supports
+
+        return supports(q, kv_heads)
+
+    def decode_kernel(self, q, kv_heads):
+        if not self.cpu_kernels_on(q, kv_heads):
+            return None
+        from kvrt.kernels_cpu.decode import decode_tiers
+
+        self.paths["decode"] = "cpu"
+        self.kernel_calls += 1  # the caller runs the kernel it asked for
+        return decode_tiers
+
+    def calidrop_kernel(self, q, kv_heads):
+        if not self.cpu_kernels_on(q, kv_heads):
+            self.paths["calidrop"] = "reference"
+            return None
+        from kvrt.kernels_cpu.calidrop import calidrop_step
+
+        self.paths["calidrop"] = "cpu"
+        self.kernel_calls += 1
+        return calidrop_step
+
     def quantized_kernel(self, q, kv_heads, key_group, value_group):
+        if self.cpu_kernels_on(q, kv_heads):
+            from kvrt.kernels_cpu.decode import quantized_decode
+
+            self.paths["quantized decode"] = "cpu"
+            self.kernel_calls += 1
+            return quantized_decode
         if not (decode_sized(q, kv_heads) and self.kernels_on(q)) or self.softcap is not None:
             self.paths["quantized decode"] = "reference"
             return None
@@ -113,7 +149,11 @@ class TorchOps(KernelPaths):
         # the kernels know neither soft-capping, nor a band mask, nor a per-query bias, nor values wider than keys
         plain = self.softcap is None and window is None and (key_bias is None or key_bias.ndim == 3) and v.shape[-1] == d
         kernel = plain and decode_sized(q, hkv) and self.kernels_on(q)
-        if key_lengths is not None and not kernel:  # the ops path hides a batch's padding through the bias
+        # kvrt's C kernel: one decode query per head, over keys it may read whole (values may be wider)
+        visible = causal_offset is None or (t == 1 and s <= causal_offset + 1)
+        cpu = (self.softcap is None and window is None and visible and (key_bias is None or key_bias.ndim == 3)
+               and t == 1 and self.cpu_kernels_on(q, hkv))
+        if key_lengths is not None and not (kernel or cpu):  # the ops path hides a batch's padding through the bias
             key_bias, key_lengths = add_bias(key_bias, length_bias(self, key_lengths, s, k)), None
         square = causal_offset == 0 and s == t and window is None  # a fresh prompt: SDPA's own causal mask fits
         mask = None if causal_offset is None or square else causal_mask(t, s, causal_offset, q.device, window)
@@ -126,6 +166,13 @@ class TorchOps(KernelPaths):
                 q, k, v, attn_mask=mask, is_causal=square, scale=scale, enable_gqa=hq != hkv
             )
             return out, None
+        if cpu:
+            from kvrt.kernels_cpu.decode import decode_tiers
+
+            self.paths["decode"] = "cpu"
+            self.kernel_calls += 1
+            out, lse = decode_tiers(q, [DenseSegment(k, v, key_lengths, key_bias)], scale)
+            return out, lse if with_lse else None
         if kernel:
             from kvrt.kernels_cuda.decode import decode_attention
 

@@ -93,10 +93,19 @@ class CalibrationTier:
         self.mean_key = None  # rule=taylor: float32 [B, Hq, 1, D], the evicted keys' mean under the proxy
         self.length = 0  # evicted tokens the stored partial covers (the most of any row, in a batch)
         self.row_lengths: np.ndarray | None = None  # per row, when the rows of a batch differ
-        self.counts = {name: np.zeros(1, dtype=np.int64) for name in BRANCHES}  # per batch row
+        self.rows = 1
+        self.kv_heads = None  # the model's, known from the first eviction
+        # int32 [B, 3] on the device: each row's head-steps that calibrated, recomputed, skipped (BRANCHES);
+        # kept there so that counting reads nothing back to the host during decode
+        self.counts = None
 
     def lengths(self) -> np.ndarray:
-        return batch_rows.per_row(self.row_lengths, len(self.counts["skip"]), self.length)
+        return batch_rows.per_row(self.row_lengths, self.rows, self.length)
+
+    def branch_counts(self) -> dict[str, np.ndarray]:
+        """{branch: int64 [B]}: head-steps per batch row that took each branch (a host read, for stats)."""
+        counts = np.zeros((self.rows, 3), dtype=np.int64) if self.counts is None else self.ops.to_numpy(self.counts)
+        return {name: counts[:, i].astype(np.int64) for i, name in enumerate(BRANCHES)}
 
     def signature(self, row: int) -> tuple:
         """What must match for rows to compress together: the partial's and the store's lengths."""
@@ -108,7 +117,8 @@ class CalibrationTier:
         out.store = self.store.take(rows)
         lengths = self.lengths()[rows]
         out.length, out.row_lengths = int(lengths.max()), batch_rows.ragged(lengths)
-        out.counts = {name: c[rows] for name, c in self.counts.items()}
+        out.rows, out.counts = len(rows), batch_rows.take(ops, self.counts, rows)
+        out.kv_heads = self.kv_heads
         if out.length:  # rows that evicted nothing yet take no partial: their first eviction starts one
             out.proxy, out.out, out.lse = (batch_rows.take(ops, a, rows) for a in (self.proxy, self.out, self.lse))
             out.mean_key = batch_rows.take(ops, self.mean_key, rows)
@@ -122,7 +132,8 @@ class CalibrationTier:
         out.store = type(parts[0].store).stack([p.store for p in parts], counts)
         lengths = np.concatenate([p.lengths() for p in parts])
         out.length, out.row_lengths = int(lengths.max()), batch_rows.ragged(lengths)
-        out.counts = {name: np.concatenate([p.counts[name] for p in parts]) for name in BRANCHES}
+        out.rows, out.counts = sum(counts), batch_rows.stack(ops, [p.counts for p in parts], counts, None, 0)
+        out.kv_heads = next((p.kv_heads for p in parts if p.kv_heads is not None), None)
         out.proxy = batch_rows.stack(ops, [p.proxy for p in parts], counts, None, 0.0)
         out.out = batch_rows.stack(ops, [p.out for p in parts], counts, None, 0.0)
         out.lse = batch_rows.stack(ops, [p.lse for p in parts], counts, None, float("-inf"))
@@ -136,6 +147,7 @@ class CalibrationTier:
         ops = self.ops
         taylor = self.config.rule == "taylor"
         pairs = ops.concat([k, v], axis=-1)
+        self.kv_heads = k.shape[1]
         if self.proxy is None:
             self.proxy = ops.to_float32(q[:, :, -1])
             self.out, self.lse, *mean_key = paired_partial(ops, q[:, :, -1:], pairs, scale, mean_key=taylor)
@@ -170,28 +182,35 @@ class CalibrationTier:
         rho = dot / (norms + 1e-12)
         if self.config.granularity == "kv_head":  # one decision per GQA group
             b, hq, t = rho.shape
-            hkv = self.scores.shape[1] if self.scores is not None else hq
-            grouped = rho.reshape(b, hkv, hq // hkv, t)
+            grouped = rho.reshape(b, self.kv_heads, hq // self.kv_heads, t)
             rho = (grouped * 0 + ops.mean(grouped, axis=2)[:, :, None, :]).reshape(b, hq, t)
         elif self.config.granularity == "layer":  # one decision per layer and query: its least similar head's
             rho = rho * 0 + ops.amin(rho, axis=1, keepdims=True)
         return rho
 
     def partial(self, q: Array, scale: float, causal_offset: int | None, with_lse: bool):
-        """(out, lse) of q [B, Hq, T, D]: the stored or recomputed partial, lse = −inf where skipped."""
+        """(out, lse) of q [B, Hq, T, D]: the stored or recomputed partial, lse = −inf where skipped.
+        Nothing is read back to the host here, but where the evicted tier lies in another memory than
+        q (a host tier for a GPU): which KV heads ask decides what moves (`recomputed`)."""
         ops, cfg = self.ops, self.config
+        local = self.store.local_to(q)
+        paired = self.store.pairs_of() if local else None  # a fused step reads keys beside values
+        kernel = ops.calidrop_kernel(q, self.kv_heads) if paired is not None else None
+        if kernel is not None:
+            return self.fused_partial(kernel, q, scale, *paired)
         rho = self.similarity(q)
         out, lse, proxy = self.out, self.lse, self.proxy
         recompute = rho < cfg.theta1
         calibrate = rho > cfg.theta2  # and not recompute (the bands do not cross: theta1 <= theta2)
         taylor = cfg.rule == "taylor"
-        if taylor and ops.any(calibrate):  # the reused lse, moved to first order toward each query
+        if taylor:  # the reused lse, moved to first order toward each query
             step = ops.sum((ops.to_float32(q) - proxy[:, :, None, :]) * self.mean_key, axis=-1) * scale
             lse = ops.where(calibrate, lse + step, lse)
-        if not self.store.length or not ops.any(recompute):
+        fresh = self.recomputed(q, recompute, scale, taylor, local) if self.store.length else None
+        if fresh is None:
             recompute = rho < -2.0  # nothing to recompute over (or no head asks): all false
         else:
-            fresh_out, fresh_lse, *mean_key = self.recomputed(q, recompute, scale, taylor)
+            fresh_out, fresh_lse, *mean_key = fresh
             out = ops.where(recompute[..., None], fresh_out, out)
             lse = ops.where(recompute, fresh_lse, lse)
             last = recompute[:, :, -1:]  # the chunk's last query becomes the new proxy where it recomputed
@@ -204,31 +223,51 @@ class CalibrationTier:
         self._count(calibrate, recompute)
         return out, ops.where(used, lse, ops.full(lse.shape, float("-inf"), lse))
 
-    def _count(self, calibrate: Array, recompute: Array) -> None:
-        """Branch counts per batch row; a row of a batch that has evicted nothing yet counts nothing."""
-        b = calibrate.shape[0]
-        n_cal = self.ops.to_numpy(calibrate).reshape(b, -1).sum(axis=1).astype(np.int64)
-        n_rec = self.ops.to_numpy(recompute).reshape(b, -1).sum(axis=1).astype(np.int64)
-        active = self.lengths() > 0
-        total = calibrate.shape[1] * calibrate.shape[2]
-        self.counts["calibrate"] += n_cal * active
-        self.counts["recompute"] += n_rec * active
-        self.counts["skip"] += (total - n_cal - n_rec) * active
+    def fused_partial(self, kernel, q: Array, scale: float, pairs: Array | None, pair_lengths: np.ndarray | None):
+        """The backend's fused step (kernels_cpu/calidrop.c): the same (out, lse), new state and counts
+        as the ops path of `partial`, in one call that recomputes only for the heads that ask. pairs:
+        the evicted tier [B, Hkv, E, 2D] (None: empty), row b holding pair_lengths[b] (None: all E)."""
+        cfg = self.config
+        out, lse, state = kernel(q, self.kv_heads, scale, cfg.theta1, cfg.theta2, cfg.granularity, self.proxy,
+                                 self.out, self.lse, self.mean_key, pairs, pair_lengths, self.lengths() > 0,
+                                 self._counts_for(q))
+        self.proxy, self.out, self.lse, self.mean_key, self.counts = state
+        return out, lse
 
-    def recomputed(self, q: Array, recompute: Array, scale: float, mean_key: bool) -> tuple:
+    def _counts_for(self, like: Array) -> Array:
+        """The branch counts, zeros before the first count."""
+        if self.counts is None:
+            self.counts = self.ops.row_values([0] * (3 * self.rows), like).reshape(self.rows, 3)
+        return self.counts
+
+    def _count(self, calibrate: Array, recompute: Array) -> None:
+        """Branch counts per batch row, added on the device; a row of a batch that has evicted nothing
+        yet counts nothing."""
+        ops, b = self.ops, calibrate.shape[0]
+        n_cal = ops.sum(ops.where(calibrate, 1.0, 0.0).reshape(b, -1), axis=1)[:, None]
+        n_rec = ops.sum(ops.where(recompute, 1.0, 0.0).reshape(b, -1), axis=1)[:, None]
+        total = calibrate.shape[1] * calibrate.shape[2]
+        active = ops.row_values((self.lengths() > 0).astype(np.int32), calibrate)[:, None]
+        counts = self._counts_for(calibrate)
+        step = ops.concat([n_cal, n_rec, (n_cal + n_rec) * -1.0 + total], axis=1) * active
+        self.counts = counts + ops.cast_like(step, counts)
+
+    def recomputed(self, q: Array, recompute: Array, scale: float, mean_key: bool, local: bool) -> tuple | None:
         """(out, lse) of q over the evicted tier, and with `mean_key` the keys' mean under the same
-        weights. A tier in another memory (host, for a GPU) is read only for the KV heads whose query
-        heads ask for it (moving it costs more than attending); the other heads get zeros, which
-        `recompute` masks out."""
+        weights. A tier in q's own memory is read for every head at once (reading which heads ask
+        would cost a host read per layer). A tier in another memory (host, for a GPU) is read only for
+        the KV heads whose query heads ask for it (moving it costs more than attending): the other
+        heads get zeros, which `recompute` masks out, and None when no head asks."""
         ops = self.ops
-        if self.store.local_to(q):  # nothing to move: every head in one call beats copying some out
+        if local:
             return self.store.partial(q, scale, None, mean_key)
         b, hq, t = recompute.shape
-        hkv = self.scores.shape[1]
-        g = hq // hkv
-        asks = ops.to_numpy(recompute).reshape(b, hkv, g, t).any(axis=(0, 2, 3))
-        need = [h for h in range(hkv) if asks[h]]
-        if len(need) == hkv:
+        g = hq // self.kv_heads
+        asks = ops.to_numpy(recompute).reshape(b, self.kv_heads, g, t).any(axis=(0, 2, 3))
+        need = [h for h in range(self.kv_heads) if asks[h]]
+        if not need:
+            return None
+        if len(need) == self.kv_heads:
             return self.store.partial(q, scale, None, mean_key)
         heads = [h * g + j for h in need for j in range(g)]
         parts = self.store.partial(ops.select_heads(q, heads), scale, need, mean_key)

@@ -80,8 +80,17 @@ class FullStore:
 
     def local_to(self, q: Array) -> bool:
         """Whether attending with q reads the tier where it lies (no copy to q's device first)."""
+        if self.pairs.data is None:
+            return True  # nothing to move
         pairs = self.pairs.view()
         return self.ops.to_device_of(pairs, q) is pairs
+
+    def pairs_of(self) -> tuple[Array | None, np.ndarray | None]:
+        """What a fused CaliDrop step reads: the pairs [B, Hkv, E, 2D] as stored (None when empty) and
+        each row's own length (None when all rows hold E)."""
+        if not self.length:
+            return None, None
+        return self.pairs.view(), batch_rows.short_rows(self.pairs.row_lengths, self.length)
 
     def partial(self, q: Array, scale: float, heads: list[int] | None, mean_key: bool = False) -> tuple:
         """(out, lse) of q over the tier, and with `mean_key` the keys' mean under the same weights."""
@@ -152,6 +161,9 @@ class QuantizedStore:
 
     def local_to(self, q: Array) -> bool:
         return True  # kept on the device
+
+    def pairs_of(self) -> None:
+        return None  # its groups are packed: the step takes the ops path
 
     def partial(self, q: Array, scale: float, heads: list[int] | None, mean_key: bool = False) -> tuple:
         """As FullStore.partial; the mean key takes one more pass, over the dequantized keys."""

@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from kvrt import rows as batch_rows
-from kvrt.attention import merge_partials
+from kvrt.attention import PackedSegment, merge_partials
 from kvrt.buffer import SeqBuffer
 from kvrt.errors import InvalidValue
 from kvrt.ops import Array, Ops
@@ -168,6 +168,21 @@ class QuantizedTier:
                 bias = None if bias is None else ops.select_heads(bias, heads)
             parts.append(ops.partial_attention(q, keys, values, scale, None, True, bias))
         return merge_partials(ops, parts + self.extra_partials(q, scale, heads))
+
+    def segments(self) -> list:
+        """What a fused decode kernel reads: the packed groups as stored (each row to its own length),
+        then the tokens kept beside them."""
+        groups = self.length // self.config.group
+        lengths = batch_rows.short_rows(self.row_lengths, groups * self.config.group)
+        return [PackedSegment(*self.stored(0, groups), lengths, self.traced_slots())] + self.extra_segments()
+
+    def traced_slots(self) -> Array | None:
+        """int32 [B, Hkv, groups, O]: slots whose tokens are read elsewhere (OTT's pools); none here."""
+        return None
+
+    def extra_segments(self) -> list:
+        """Segments of the tokens this tier keeps beside the groups (OTT's outlier pools); none here."""
+        return []
 
     def block_bias(self, first: int, last: int) -> Array | None:
         """Key bias [B, Hkv, S] for groups first..last-1 (OTT hides its traced slots); none here."""

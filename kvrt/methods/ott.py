@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from kvrt import rows as batch_rows
+from kvrt.attention import DenseSegment
 from kvrt.buffer import SeqBuffer
 from kvrt.errors import InvalidValue
 from kvrt.methods.kivi import KIVI, QuantizedTier
@@ -54,8 +55,8 @@ class OTT(KIVI):
 class TracedTier(QuantizedTier):
     """KIVI's quantized groups plus, per KV head: the outlier pool k/v [B, Hkv, O, D] with its
     key norms (float32 [B, Hkv, O], +inf marks an empty slot), the overflow pool k/v
-    [B, Hkv, C, D] with a validity flag (float32 [B, Hkv, C]; C grows to the fullest head's
-    count, at most `overflow`), and per group the slots its traced tokens left (int32
+    [B, Hkv, C, D] with a validity flag (float32 [B, Hkv, C]; C = `overflow` from the first
+    flush), and per group the slots its traced tokens left (int32
     [B, Hkv, groups, O], −1 = none)."""
 
     def __init__(self, ops: Ops, config: OTT):
@@ -63,6 +64,7 @@ class TracedTier(QuantizedTier):
         self.pool_k = self.pool_v = self.pool_norm = None
         self.over_k = self.over_v = self.over_valid = None
         self.slots = SeqBuffer(ops, step=1, pad=-1)
+        self._pools = None  # (pool_norm, over_valid, pools) for which pools() made its biases
 
     def _empty_like(self) -> "TracedTier":
         return TracedTier(self.ops, self.config)
@@ -107,9 +109,13 @@ class TracedTier(QuantizedTier):
         if self.pool_k is None:  # an empty pool: every slot +inf, so the first group fills it
             self.pool_k, self.pool_v = k[..., :o, :] * 0, v[..., :o, :] * 0
             self.pool_norm = ops.full((b, h, o), INF, like=k)
+            if self.config.overflow:  # an empty overflow pool at its bound (see _overflow)
+                self.over_k, self.over_v = (batch_rows.pad_to(ops, x[..., :0, :], -2, self.config.overflow, 0)
+                                            for x in (k, v))
+                self.over_valid = ops.full((b, h, self.config.overflow), 0.0, like=k)
         norm = ops.sum(ops.abs(ops.to_float32(k)), axis=-1)  # [B, Hkv, G]
         members = ops.sum(ops.where(self.pool_norm < INF, 1.0, 0.0), axis=-1)  # [B, Hkv]
-        free = self.config.overflow - (ops.sum(self.over_valid, axis=-1) if self.over_valid is not None else 0.0)
+        free = self.config.overflow - (ops.sum(self.over_valid, axis=-1) if self.over_k is not None else 0.0)
         tracing = members <= free  # room for every member this flush could push out
         norm = ops.where(tracing[..., None], norm, INF)  # a frozen head lets no new token in
         candidates = ops.concat([self.pool_norm, norm], axis=2)  # [B, Hkv, O + G]: members first
@@ -126,19 +132,17 @@ class TracedTier(QuantizedTier):
         return picked[..., o:]
 
     def _overflow(self, pushed: Array) -> None:
-        """Append the pushed-out members (bool [B, Hkv, O]) to the overflow pool, compacted so each
-        head's valid entries come first; the pool grows only to the fullest head's count."""
-        ops = self.ops
-        flags = ops.where(pushed, 1.0, 0.0)
-        if self.over_valid is not None:
-            flags = ops.concat([self.over_valid, flags], axis=2)
-        count = int(ops.to_numpy(ops.sum(flags, axis=-1)).max())
-        if count == 0:
+        """Move the pushed-out members (bool [B, Hkv, O]) into the overflow pool, compacted so each
+        head's valid entries come first. The pool has its full `overflow` slots from the first flush:
+        sizing it by its fill would read a count back to the host at every flush, and a head stops
+        tracing before it could push more than the pool takes (`tracing` in _trace)."""
+        if self.over_k is None:  # overflow=0: a head traces only while nothing can be pushed out
             return
-        order = ops.argsort_desc(flags)[..., :count]  # valid entries first, each head in its own order
-        keys = self.pool_k if self.over_k is None else ops.concat([self.over_k, self.pool_k], axis=2)
-        values = self.pool_v if self.over_v is None else ops.concat([self.over_v, self.pool_v], axis=2)
-        self.over_k, self.over_v = ops.gather_seq(keys, order), ops.gather_seq(values, order)
+        ops = self.ops
+        flags = ops.concat([self.over_valid, ops.where(pushed, 1.0, 0.0)], axis=2)
+        order = ops.argsort_desc(flags)[..., : self.config.overflow]  # valid entries first, each head in its order
+        self.over_k = ops.gather_seq(ops.concat([self.over_k, self.pool_k], axis=2), order)
+        self.over_v = ops.gather_seq(ops.concat([self.over_v, self.pool_v], axis=2), order)
         self.over_valid = ops.gather_seq(flags, order)
 
     def block_bias(self, first: int, last: int) -> Array | None:
@@ -152,21 +156,33 @@ class TracedTier(QuantizedTier):
         hidden = ops.sum(ops.where(slots[..., None] == ids, 1.0, 0.0), axis=3) > 0.5  # [B, Hkv, n, G]
         return ops.where(hidden, -INF, 0.0).reshape(b, h, n * g)
 
+    def pools(self) -> list[tuple[Array, Array, Array]]:
+        """The outlier and overflow pools as (k, v, bias), bias −inf on slots that hold no token (a row
+        of a batch that has flushed nothing yet has an empty pool: every norm +inf). The biases change
+        only when a flush changes the pools, so they are made once per flush, not per decode step."""
+        if self.pool_k is None:
+            return []
+        if self._pools is None or self._pools[0] is not self.pool_norm or self._pools[1] is not self.over_valid:
+            ops = self.ops
+            pools = [(self.pool_k, self.pool_v, ops.where(self.pool_norm < INF, 0.0, -INF))]
+            if self.over_k is not None:
+                pools.append((self.over_k, self.over_v, ops.where(self.over_valid > 0.5, 0.0, -INF)))
+            self._pools = (self.pool_norm, self.over_valid, pools)
+        return self._pools[2]
+
     def extra_partials(self, q: Array, scale: float, heads: list[int] | None) -> list:
         ops, parts = self.ops, []
-        # a row of a batch that has flushed nothing yet has an empty pool (every norm +inf): hidden
-        empty = None if self.pool_norm is None else ops.where(self.pool_norm < INF, 0.0, -INF)
-        pools = [(self.pool_k, self.pool_v, empty)]
-        if self.over_k is not None:
-            pools.append((self.over_k, self.over_v, ops.where(self.over_valid > 0.5, 0.0, -INF)))
-        for k, v, bias in pools:
-            if k is None:
-                continue
+        for k, v, bias in self.pools():
             if heads is not None:
-                k, v = ops.select_heads(k, heads), ops.select_heads(v, heads)
-                bias = None if bias is None else ops.select_heads(bias, heads)
+                k, v, bias = (ops.select_heads(x, heads) for x in (k, v, bias))
             parts.append(ops.partial_attention(q, k, v, scale, None, True, bias))
         return parts
+
+    def traced_slots(self) -> Array | None:
+        return self.slots.view() if self.config.outliers else None
+
+    def extra_segments(self) -> list:
+        return [DenseSegment(k, v, None, bias) for k, v, bias in self.pools()]
 
     def traced_per_head(self) -> float:
         """Tokens held in the outlier and overflow pools, averaged over KV heads (for --verbose)."""
