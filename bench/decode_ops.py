@@ -37,11 +37,15 @@ SPECS = ("full;streaming:budget=256;h2o:budget=256;snapkv:budget=256;pyramidkv:b
          "snapkv:budget=256+ott:bits=2+calidrop")
 VIEWS = {"view", "reshape", "_reshape_alias", "slice", "select", "unsqueeze", "squeeze", "expand", "as_strided",
          "transpose", "t", "permute", "alias", "unflatten", "flatten", "narrow", "split", "chunk", "unbind",
-         "detach", "lift_fresh", "_unsafe_view", "view_as", "expand_as", "contiguous", "numpy_T", "real"}
+         "detach", "lift_fresh", "_unsafe_view", "view_as", "expand_as", "contiguous", "numpy_T", "real",
+         "resolve_conj", "resolve_neg", "result_type", "is_same_size"}  # metadata: no element touched
 ALLOCS = {"empty", "empty_strided", "empty_like", "resize_", "new_empty", "new_empty_strided", "scalar_tensor",
           "lift_fresh_copy", "_local_scalar_dense", "item", "is_nonzero"}
 CASTS = {"to", "_to_copy", "type_as", "_copy_from", "cpu"}
 HOST_READS = ("any", "count", "to_numpy", "argmax_last")
+MLX_VIEWS = {"Reshape", "Slice", "Broadcast", "Transpose", "ExpandDims", "Squeeze", "AsStrided", "Flatten",
+             "Unflatten", "View"}
+MLX_ALLOCS = {"Full", "Arange"}
 
 
 def kind(name: str) -> str:
@@ -63,13 +67,13 @@ def leaf_ops(prof) -> Counter:
 
 
 class HostReads:
-    """Counts the ops-protocol calls that read a device value on the host, and kernel calls."""
+    """Counts the ops-protocol calls that read a device value on the host (on torch, those that do not
+    already show as aten's scalar read: `to_numpy`), until `stop`."""
 
-    def __init__(self, ops):
-        self.ops, self.reads = ops, 0
-        for name in HOST_READS:
-            original = getattr(ops, name)
-            setattr(ops, name, self._counted(original))
+    def __init__(self, ops, names):
+        self.ops, self.names, self.reads = ops, names, 0
+        for name in names:
+            setattr(ops, name, self._counted(getattr(ops, name)))
 
     def _counted(self, original):
         def call(*args, **kwargs):
@@ -77,20 +81,24 @@ class HostReads:
             return original(*args, **kwargs)
         return call
 
+    def stop(self) -> None:
+        for name in self.names:  # the instance attribute shadowed the method
+            delattr(self.ops, name)
+
 
 def measure(runtime, spec: str, captured, first_token: int, steps: int, warmup: int) -> dict:
+    runtime.ops.paths.clear()  # the paths this spec takes, not an earlier one's
     cache = cache_for(runtime, spec, captured)
     token = first_token
     for _ in range(warmup):
         token = int(runtime.forward([token], cache)[-1].argmax())
-    reads = HostReads(runtime.ops)
+    reads = HostReads(runtime.ops, ["to_numpy"])
     kernel_calls = getattr(runtime.ops, "kernel_calls", 0)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             token = runtime.ops.argmax_last(runtime.forward([token], cache)[-1])
     counts = leaf_ops(prof)
-    for name in HOST_READS:  # undo the wrapping (the instance attribute shadows the method)
-        delattr(runtime.ops, name)
+    reads.stop()
     per = steps * runtime.args.num_layers
     by_kind = Counter()
     for name, n in counts.items():
@@ -104,24 +112,76 @@ def measure(runtime, spec: str, captured, first_token: int, steps: int, warmup: 
             "reads": (reads.reads + scalar_reads) / steps, "top": top, "paths": cache.stats().get("kernels", {})}
 
 
+def measure_mlx(runtime, spec: str, ids: list[int], steps: int, warmup: int) -> dict:
+    """MLX builds each step's graph lazily: its primitives (exported with mx.export_to_dot just before
+    the step's one evaluation: the logits and every array the cache holds after the step) are the ops."""
+    import io
+    import re
+
+    import mlx.core as mx
+
+    runtime.ops.paths.clear()
+    cache = runtime.new_cache(spec)
+    token = int(runtime.ops.argmax_last(runtime.forward(ids, cache)[-1]))
+    for _ in range(warmup):
+        token = int(runtime.ops.argmax_last(runtime.forward([token], cache)[-1]))
+    evaluate, counts = mx.eval, Counter()
+
+    def export_then_eval(*arrays):  # the runtime evaluates the logits with every array the cache holds
+        dot = io.StringIO()
+        mx.export_to_dot(dot, *arrays)
+        counts.update(re.findall(r'label ="([A-Za-z]+)[^"]*", shape=rectangle', dot.getvalue()))
+        evaluate(*arrays)
+
+    reads = HostReads(runtime.ops, list(HOST_READS))
+    mx.eval = export_then_eval
+    try:
+        for _ in range(steps):
+            token = int(runtime.forward([token], cache)[-1].argmax())
+    finally:
+        mx.eval = evaluate
+        reads.stop()
+    per = steps * runtime.num_layers
+    by_kind = Counter()
+    for name, n in counts.items():
+        by_kind["views" if name in MLX_VIEWS else "casts" if name == "AsType" else
+                "allocs" if name in MLX_ALLOCS else "compute"] += n
+    top = Counter({n: c for n, c in counts.items() if n not in MLX_VIEWS | MLX_ALLOCS | {"AsType"}}).most_common(6)
+    return {"compute": by_kind["compute"] / per, "views": by_kind["views"] / per, "casts": by_kind["casts"] / per,
+            "allocs": by_kind["allocs"] / per, "kernels": 0.0, "reads": reads.reads / steps + 1, "top": top,
+            "paths": cache.stats().get("kernels", {})}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
     parser.add_argument("--specs", default=SPECS, help="';'-separated cache specs")
     parser.add_argument("--lengths", default="1024,8192")
-    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=32, help="32: a flush of every quantized layer among them")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--top", action="store_true", help="also print each spec's most frequent compute ops")
+    parser.add_argument("--backend", choices=["torch", "mlx"], default="torch")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
     folder = resolve_model(args.model, log=lambda m: print(m, file=sys.stderr))
-    runtime, tokenizer = TorchRuntime(folder, dtype="float32"), Tokenizer.from_folder(folder)
+    tokenizer = Tokenizer.from_folder(folder)
+    if args.backend == "mlx":
+        from kvrt.backends.mlx.runtime import MLXRuntime
+
+        runtime = MLXRuntime(folder)
+    else:
+        runtime = TorchRuntime(folder, dtype="float32")
     specs = [s for s in args.specs.split(";") if s]
     lengths = [int(n) for n in args.lengths.split(",")]
     rows = {}
     for length in lengths:
         passage = natural_passages(tokenizer, length + 1, 1)[0]
+        if args.backend == "mlx":  # each spec prefills itself (MLX's cache adapters take no captured chunk)
+            for spec in specs:
+                rows[spec, length] = measure_mlx(runtime, spec, passage[:length], args.steps, args.warmup)
+                print(f"{spec} at {length}: done", file=sys.stderr)
+            continue
         logits, captured = record_prefill(runtime, passage[:length])
         first = int(logits[-1].argmax())
         for spec in specs:
@@ -129,7 +189,7 @@ def main() -> None:
             print(f"{spec} at {length}: done", file=sys.stderr)
         del captured
 
-    print(f"model {args.model}, fp32 torch CPU, one thread, {args.steps} decode steps after {args.warmup}; "
+    print(f"model {args.model}, {args.backend} CPU, one thread, {args.steps} decode steps after {args.warmup}; "
           f"per layer and step (host reads: per step); kernels {'off' if not kernels_allowed() else 'auto'}\n")
     header = " | ".join(f"compute @{n}" for n in lengths)
     print(f"| cache | {header} | vs full | views + casts + allocs @{lengths[-1]} | kvrt kernel calls | host reads / step | path |")

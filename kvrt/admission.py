@@ -173,4 +173,4 @@ def calibration_bytes(shape: LayerShape, calidrop, evicted: int, prompt: int, bu
 
         groups = KIVI(bits=int(calidrop.offload[3:]), group=OFFLOAD_GROUP, residual=0)
         pairs = quantized_bytes(shape, groups, 0, first, first, evicted - first, None, OFFLOAD_GROUP)
-    return vectors + pairs + shape.per_head(evicted)
+    return vectors + pairs + (shape.per_head(evicted) if cap else 0)  # scores: a capped tier's only

@@ -83,6 +83,12 @@ def load_mlx_model(folder: Path, cfg: dict, dtype=None, quantize_gguf: bool = Tr
     return model, dict(formats)
 
 
+def cache_state(cache: KVCache) -> list[mx.array]:
+    """Every array the cache holds: evaluated with each step's logits, so that state no logits need
+    (CaliDrop's branch counts) does not pile up a lazy graph step after step."""
+    return [a for layer in cache.layers for a in layer.arrays()]
+
+
 class MLXRuntime:
     """A loaded model on MLX: `forward` runs token ids through mlx-lm's model and a kvrt cache."""
 
@@ -143,7 +149,7 @@ class MLXRuntime:
             if any(layer.pending is not None for layer in layers):
                 raise KvrtError(f"{type(self.model).__module__}: attention bypassed kvrt's cache; model not supported")
             logits = logits.astype(mx.float32)
-            mx.eval(logits)
+            mx.eval(logits, *cache_state(cache))
         return logits
 
     def decode(self, tokens: list[int], cache: KVCache) -> mx.array:
@@ -158,7 +164,7 @@ class MLXRuntime:
             for layer in layers:
                 layer.attended = None
             logits = self.model(ids, cache=layers)[:, -1].astype(mx.float32)
-            mx.eval(logits)
+            mx.eval(logits, *cache_state(cache))
         return logits
 
     def _logits(self, tokens: mx.array, layers: list[MLXLayerCache], all_logits: bool) -> mx.array:

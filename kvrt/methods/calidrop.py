@@ -38,7 +38,7 @@ from typing import Sequence
 import numpy as np
 
 from kvrt import rows as batch_rows
-from kvrt.attention import merge_partials
+from kvrt.attention import DenseSegment, merge_partials
 from kvrt.errors import InvalidValue
 from kvrt.methods.base import selection
 from kvrt.methods.evicted_store import check_offload, evicted_store, paired_partial
@@ -88,7 +88,7 @@ class CalibrationTier:
     def __init__(self, ops: Ops, config: CaliDrop):
         self.ops, self.config = ops, config
         self.store = evicted_store(ops, config.offload)
-        self.scores = None  # host float32 [B, Hkv, E]
+        self.scores = None  # host float32 [B, Hkv, E]: the evicted tokens' eviction scores (calibration_size > 0)
         self.proxy = self.out = self.lse = None
         self.mean_key = None  # rule=taylor: float32 [B, Hq, 1, D], the evicted keys' mean under the proxy
         self.length = 0  # evicted tokens the stored partial covers (the most of any row, in a batch)
@@ -154,24 +154,43 @@ class CalibrationTier:
             if taylor:
                 self.mean_key = ops.to_float32(mean_key[0])
         else:  # the stored partial stays exact for its proxy: merge in the new tokens under it
-            proxy_q = ops.cast_like(self.proxy[:, :, None, :], q)
-            out, lse, *mean_key = paired_partial(ops, proxy_q, pairs, scale, mean_key=taylor)
-            if taylor:  # the mean key merges with the same weights as the output
-                self.mean_key, _ = merge_partials(ops, [(self.mean_key, self.lse), (ops.to_float32(mean_key[0]), lse)])
-            self.out, self.lse = merge_partials(ops, [(self.out, self.lse), (out, lse)])
+            self._merge_evicted(ops.cast_like(self.proxy[:, :, None, :], q), pairs, scale, taylor)
         self.length += k.shape[2]
         if self.config.recompute == "never":
             return
-        self.store.add(k, v)
+        self.store.add(k, v, pairs)
+        cap = self.config.calibration_size
+        if not cap:  # the eviction scores matter only to a capped tier
+            return
         scores = ops.to_host(scores)
         self.scores = scores if self.scores is None else ops.concat([self.scores, scores], axis=2)
-        cap = self.config.calibration_size
-        if cap and self.store.length > cap:  # keep the highest scores; a quantized store re-stores them
+        if self.store.length > cap:  # keep the highest scores; a quantized store re-stores them
             keep, _ = selection(ops, self.scores, cap)
             k, v = self.store.tokens()
             self.store = evicted_store(ops, self.config.offload)
             self.store.add(ops.gather_seq(k, keep), ops.gather_seq(v, keep))
             self.scores = ops.gather_seq(self.scores, keep)
+
+    def _merge_evicted(self, proxy_q: Array, pairs: Array, scale: float, taylor: bool) -> None:
+        """Merge newly evicted pairs [B, Hkv, E, 2D] into the stored partial under the proxy (and the
+        mean key, with the same weights). A fused decode kernel takes the stored partial as its extra
+        tier (its mean key beside its output): one call where the ops path takes an attention and two
+        merges; decode-time eviction (StreamingLLM, H2O) does this at every step."""
+        ops = self.ops
+        kernel = ops.decode_kernel(proxy_q, self.kv_heads)
+        if kernel is not None:
+            d = pairs.shape[-1] // 2
+            stored = ops.concat([ops.cast_like(self.mean_key, self.out), self.out], axis=-1) if taylor else self.out
+            segment = DenseSegment(pairs[..., :d], pairs if taylor else pairs[..., d:])
+            merged, self.lse = kernel(proxy_q, [segment], scale, (stored, self.lse))
+            self.out = merged[..., d:] if taylor else merged
+            if taylor:
+                self.mean_key = ops.to_float32(merged[..., :d])
+            return
+        out, lse, *mean_key = paired_partial(ops, proxy_q, pairs, scale, mean_key=taylor)
+        if taylor:
+            self.mean_key, _ = merge_partials(ops, [(self.mean_key, self.lse), (ops.to_float32(mean_key[0]), lse)])
+        self.out, self.lse = merge_partials(ops, [(self.out, self.lse), (out, lse)])
 
     def similarity(self, q: Array) -> Array:
         """ρ = cos(q_t, proxy) per query head and query: float32 [B, Hq, T]."""
@@ -277,7 +296,7 @@ class CalibrationTier:
         return 0
 
     def arrays(self) -> list[Array]:
-        kept = (self.scores, self.proxy, self.out, self.lse, self.mean_key)
+        kept = (self.scores, self.proxy, self.out, self.lse, self.mean_key, self.counts)
         return self.store.arrays() + [a for a in kept if a is not None]
 
     def host_arrays(self) -> list[Array]:

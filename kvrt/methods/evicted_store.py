@@ -68,8 +68,9 @@ class FullStore:
     def signature(self, row: int) -> tuple:
         return (int(self.lengths()[row]) if self.length else 0,)
 
-    def add(self, k: Array, v: Array) -> None:
-        pairs = self.ops.concat([k, v], axis=-1)
+    def add(self, k: Array, v: Array, pairs: Array | None = None) -> None:
+        """Store k, v [B, Hkv, E, D]; `pairs`: the same side by side, where the caller has them."""
+        pairs = self.ops.concat([k, v], axis=-1) if pairs is None else pairs
         self.pairs.append(self.ops.to_host(pairs) if self.host else pairs)
 
     def tokens(self) -> tuple[Array, Array]:
@@ -141,8 +142,8 @@ class QuantizedStore:
         groups = self.groups.lengths()
         return (int(groups[row]) if len(groups) else 0, *self.rest.signature(row))
 
-    def add(self, k: Array, v: Array) -> None:
-        self.rest.add(k, v)
+    def add(self, k: Array, v: Array, pairs: Array | None = None) -> None:
+        self.rest.add(k, v, pairs)
         m = self.config.groups_to_flush(self.rest.length) * self.config.group
         if m:
             k, v = self.rest.tokens()
