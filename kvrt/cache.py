@@ -90,17 +90,19 @@ class LayerCache:
         turns) and decode tokens flow through the residual into the quantized tier. A local
         layer first lets go of the tokens that left its window, then evicts among the rest."""
         evicts = self.eviction is not None and (self.quantized is None or q.shape[2] > 1)
+        keys = None  # the candidates' keys, once built (H2O's sums and the eviction read the same)
         if evicts and self.eviction.accumulates:  # H2O's sums cover every chunk, held ones included
             keys = self._after_kept(self.kept.k, self.newest.keys.view())
             self.accumulated = self.eviction.accumulate(self.ops, self.accumulated, q, keys, scale, self.query_block)
             self.unscored = 0
         if self.window is not None:
             slide(self)
+            keys = None  # the window let tokens go
         if evicts and not self.holding:  # the rest waits for the prompt's last chunk
             if self.rows > 1 and self._ragged():  # the window moved rows apart: each evicts on its own
                 self._evict_apart(q, scale)
             else:
-                self._evict(q, scale)
+                self._evict(q, scale, keys)
         if self.quantized is not None and not self.holding:
             self._flush()
 
@@ -149,9 +151,9 @@ class LayerCache:
         """A kept-tier array followed by the newest tier's along the token axis: the candidates."""
         return self.ops.concat([kept, newest], axis=2) if self.kept.length else newest
 
-    def _evict(self, q: Array, scale: float) -> None:
+    def _evict(self, q: Array, scale: float, keys: Array | None = None) -> None:
         method, ops, kept, newest = self.eviction, self.ops, self.kept, self.newest
-        keys = self._after_kept(kept.k, newest.keys.view())
+        keys = self._after_kept(kept.k, newest.keys.view()) if keys is None else keys
         total = keys.shape[2]
         if self.budget is None:
             self.budget = method.layer_budget(self.layer_idx, self.num_layers, total)

@@ -220,7 +220,7 @@ class MLXOps(KernelPaths):
         g = hq // hkv
         qg = q.reshape(b, hkv, g * t, d).astype(mx.float32)
         scores = self._capped((qg @ k.astype(mx.float32).swapaxes(-1, -2)) * scale).reshape(b, hkv, g, t, s)
-        if causal_offset is not None:
+        if causal_offset is not None and causal_offset < s - 1:  # else even the first query sees every key
             scores = mx.where(causal_mask(t, s, causal_offset), scores, -mx.inf)
         return mx.softmax(scores, axis=-1)
 

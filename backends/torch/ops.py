@@ -206,7 +206,7 @@ class TorchOps(KernelPaths):
         hkv, s = k.shape[1], k.shape[2]
         scores = self._capped(torch.matmul(q.reshape(b, hkv, (hq // hkv) * t, d), k.transpose(-1, -2)).float() * scale)
         scores = scores.view(b, hkv, hq // hkv, t, s)
-        if causal_offset is not None:
+        if causal_offset is not None and causal_offset < s - 1:  # else even the first query sees every key
             scores = scores.masked_fill(~causal_mask(t, s, causal_offset, q.device), float("-inf"))
         return torch.softmax(scores, dim=-1)
 
