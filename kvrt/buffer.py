@@ -71,20 +71,39 @@ class SeqBuffer:
         """The whole allocation (what the cache's nbytes counts), rows dropped at the front included."""
         return self.allocation if self.allocation is not None else self.data
 
+    def append_rows(self, rows: Sequence[int], x: Array, batch: int) -> None:
+        """x [len(rows), ..., n, D]: stored after each of these rows' own entries, in place, the other
+        rows untouched (one row of a batch flushing a group while the rest decode); `batch`: the
+        rows the buffer holds, allocated here if nothing was stored yet."""
+        lengths = self.lengths() if self.data is not None else np.zeros(batch, dtype=np.int64)
+        needed = int(lengths[list(rows)].max()) + x.shape[-2]
+        if needed > self.capacity:
+            like = self.data if self.data is not None else self.ops.take_rows(x, [0] * batch)
+            self._grow(like, needed)
+        for i, b in enumerate(rows):
+            self.data = self.ops.write_row(self.data, b, int(lengths[b]), x[i : i + 1])
+            lengths[b] += x.shape[-2]
+        self.length, self.row_lengths = int(lengths.max()), batch_rows.ragged(lengths)
+
     def drop_front(self, drop: np.ndarray) -> None:
-        """Drop each row's oldest drop[b] rows (a sliding window moving on). Dropped evenly, the rows
-        left stay in place as a view into the allocation until `step` rows have gone; then (or when
-        rows drop unevenly) they move to an allocation of their own."""
+        """Drop each row's oldest drop[b] rows (a sliding window moving on, a row flushing a group).
+        Dropped evenly, the rows left stay in place as a view into the allocation until `step` rows
+        have gone, then move to an allocation of their own; dropped unevenly, each row that drops
+        moves its rest to its front, in place."""
         lengths = self.lengths()
         kept = lengths - drop
         if (drop == drop[0]).all() and self.dropped + int(drop[0]) < self.step:
             self.allocation, self.dropped = self.stored(), self.dropped + int(drop[0])
             self.data = self.data[..., int(drop[0]):, :]  # the capacity after the rows stays usable
-        else:
-            rest = batch_rows.drop_front(self.ops, self.view(), drop, lengths, axis=-2)
+        elif (drop == drop[0]).all():
+            rest = self.view()[..., int(drop[0]):, :]
             capacity = -(-(int(kept.max()) + 1) // self.step) * self.step
             self.data = self.ops.write_seq(self.ops.alloc_seq(rest, capacity), 0, rest)
             self.allocation, self.dropped = None, 0
+        else:
+            for b in np.flatnonzero(drop):
+                rest = self.ops.take_rows(self.view(), [int(b)])[..., int(drop[b]) : int(lengths[b]), :]
+                self.data = self.ops.write_row(self.data, int(b), 0, rest)
         self.length, self.row_lengths = int(kept.max()), batch_rows.ragged(kept)
 
     def view(self, end: int | None = None) -> Array:

@@ -243,6 +243,10 @@ class LayerCache:
             return self._compress(q, scale)  # every row in the same state: no regrouping
         if not groups:
             return
+        if not evicts and self.window is None and self.accumulated is None:  # a quantizer's flush only
+            for rows in groups.values():
+                self._flush_rows(rows)
+            return
         parts, order = [], []
         rest = [b for b in range(self.rows) if b not in due]
         if rest:
@@ -257,6 +261,35 @@ class LayerCache:
         merged = stack_layers(parts)
         position = {b: i for i, b in enumerate(order)}
         self._adopt(merged.take([position[b] for b in range(self.rows)]))
+
+    def _flush_rows(self, rows: list[int]) -> None:
+        """`_flush` for these rows of a batch (all in the same state), in place: their oldest whole
+        groups quantized into their own places in the quantized tier, their full-precision rest
+        moved to the front of their rows, the other rows untouched (no regrouping of the layer)."""
+        kept, newest, config, ops = self.kept, self.newest, self.quantized.config, self.ops
+        held_kept = int(kept.lengths()[rows[0]]) if kept.length else 0
+        held_newest = int(newest.lengths()[rows[0]])
+        m = config.groups_to_flush(held_kept + held_newest) * config.group
+        parts = [(ops.take_rows(kept.k, rows)[..., :held_kept, :], ops.take_rows(kept.v, rows)[..., :held_kept, :])
+                 ] if held_kept else []
+        if m > held_kept:
+            parts.append((ops.take_rows(newest.keys.view(), rows)[..., : m - held_kept, :],
+                          ops.take_rows(newest.values.view(), rows)[..., : m - held_kept, :]))
+        keys, values = (ops.concat([p[i] for p in parts], axis=2)[..., :m, :] for i in (0, 1))
+        self.quantized.add_rows(rows, keys, values, self.rows)
+        if held_kept:
+            kept.drop_front(self._rows_mask(rows, min(m, held_kept)))
+        if m > held_kept:
+            drop = self._rows_mask(rows, m - held_kept)
+            newest.drop_front(drop)
+            starts = np.broadcast_to(np.asarray(self.newest_start), (self.rows,)) + drop
+            self.newest_start = int(starts[0]) if (starts == starts[0]).all() else starts
+
+    def _rows_mask(self, rows: list[int], n: int) -> np.ndarray:
+        """n at these rows, 0 at the others: per-row counts of tokens to drop."""
+        drop = np.zeros(self.rows, dtype=np.int64)
+        drop[rows] = n
+        return drop
 
     def _row_due(self, b: int, evicts: bool) -> bool:
         """Whether row b compresses after a decode token (as `_compress` would for it alone);

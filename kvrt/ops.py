@@ -75,6 +75,10 @@ class Ops(Protocol):
         """Store row b of x [B, H, 1, D] at buf[b, :, starts[b], :] (each row at its own length);
         returns the buffer (in place where possible)."""
 
+    def write_row(self, buf: Array, row: int, start: int, x: Array, axis: int = -2) -> Array:
+        """Store x (one row: [1, H, n(, D)]) at buf[row, :, start:start+n] along `axis` (-2 or -1), the
+        other rows untouched; returns the buffer (in place where possible)."""
+
     def row_values(self, values: Sequence[int], like: Array) -> Array:
         """int32 [B] holding one host value per row, on like's device."""
 

@@ -58,6 +58,11 @@ def cut(x: Array, axis: int, n: int) -> Array:
     return x[..., :n] if axis == -1 else x[..., :n, :]
 
 
+def cut_front(x: Array, axis: int, start: int, end: int) -> Array:
+    """x's entries start..end-1 along axis -1 or -2."""
+    return x[..., start:end] if axis == -1 else x[..., start:end, :]
+
+
 def take(ops: Ops, x: Array | None, rows: Sequence[int], axis: int | None = None, extent: int | None = None):
     """Rows of x (all of them in order: x itself), cut to `extent` entries along `axis`."""
     if x is None:
@@ -112,5 +117,5 @@ def drop_front(ops: Ops, x: Array, drop: np.ndarray, lengths: np.ndarray, axis: 
     for b in range(x.shape[0]):
         row = take(ops, x, [b])
         end = int(lengths[b])
-        rows.append(row[..., int(drop[b]):end] if axis == -1 else row[..., int(drop[b]):end, :])
+        rows.append(cut_front(row, axis, int(drop[b]), end))
     return stack(ops, rows, [1] * len(rows), axis, 0.0)

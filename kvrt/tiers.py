@@ -144,6 +144,21 @@ class KeptTier:
         out.row_lengths = batch_rows.ragged(np.concatenate(lengths))
         return out
 
+    def drop_front(self, drop: np.ndarray) -> None:
+        """Drop each row's oldest drop[b] tokens (a row flushing a group into the quantized tier): each
+        row that drops moves its rest to its front, in place; the tier empties when every row has."""
+        lengths = self.lengths()
+        left = lengths - drop
+        if not left.any():
+            return self.replace(None, None, None)
+        for b in np.flatnonzero(drop):
+            b, end = int(b), int(lengths[b])
+            for name, axis in (("k", -2), ("v", -2), ("positions", -1)):
+                array = getattr(self, name)
+                rest = batch_rows.cut_front(self.ops.take_rows(array, [b]), axis, int(drop[b]), end)
+                setattr(self, name, self.ops.write_row(array, b, 0, rest, axis))
+        self.row_lengths = left if (left < self.length).any() else None
+
     def trim(self, n: int) -> int:
         return 0  # compressed tokens cannot be un-fed; only the newest tier rewinds
 

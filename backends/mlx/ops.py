@@ -153,6 +153,16 @@ class MLXOps(KernelPaths):
         idx = mx.broadcast_to(rows, (b, h, 1, d))
         return mx.put_along_axis(buf, idx, x, axis=2)
 
+    def write_row(self, buf, row, start, x, axis=-2):
+        end = start + x.shape[axis]
+        if end > buf.shape[axis]:
+            raise KvrtError(f"write of {x.shape[axis]} entries at {start} overflows a buffer of {buf.shape[axis]}")
+        if axis == -1:  # slice assignment rebinds `buf` to the updated array, as in write_seq
+            buf[row : row + 1, ..., start:end] = x
+        else:
+            buf[row : row + 1, ..., start:end, :] = x
+        return buf
+
     def row_values(self, values, like):
         return mx.array([int(v) for v in values], dtype=mx.int32)
 

@@ -138,6 +138,14 @@ class TorchOps(KernelPaths):
         idx = torch.tensor(list(starts), device=buf.device).view(b, 1, 1, 1).expand(b, h, 1, d)
         return buf.scatter_(2, idx, x)
 
+    def write_row(self, buf, row, start, x, axis=-2):
+        end = start + x.shape[axis]
+        if axis == -1:
+            buf[row, ..., start:end] = x[0]
+        else:
+            buf[row, ..., start:end, :] = x[0]
+        return buf
+
     def row_values(self, values, like):
         return torch.tensor([int(v) for v in values], dtype=torch.int32, device=like.device)
 

@@ -126,6 +126,25 @@ class QuantizedTier:
         self.length += k.shape[2]
         self.shape = (k.shape[0], k.shape[1], k.shape[3])
 
+    def add_rows(self, rows: Sequence[int], k: Array, v: Array, batch: int) -> None:
+        """Quantize and store whole groups k, v [len(rows), Hkv, n·G, D] after these rows' own groups,
+        in place, the other rows of the `batch` untouched (rows of a batch flush at different steps)."""
+        part = self._part_for(rows)
+        part.add(k, v)
+        self._adopt_added(rows, part, batch)
+
+    def _part_for(self, rows: Sequence[int]) -> "QuantizedTier":
+        """An empty tier for these rows, holding what their next groups depend on (OTT's pools)."""
+        return self._empty_like()
+
+    def _adopt_added(self, rows: Sequence[int], part: "QuantizedTier", batch: int) -> None:
+        for name, buf in self.buffers.items():
+            buf.append_rows(rows, part.buffers[name].view(), batch)
+        lengths = self.lengths() if self.shape is not None else np.zeros(batch, dtype=np.int64)
+        lengths[list(rows)] += part.length
+        self.length, self.row_lengths = int(lengths.max()), batch_rows.ragged(lengths)
+        self.shape = (batch, *part.shape[1:])
+
     def stored(self, first: int, last: int) -> tuple[QuantizedKeys, QuantizedValues]:
         """Groups first..last-1 as stored (views of the packed words, scales and zeros)."""
         cfg, buf = self.config, self.buffers

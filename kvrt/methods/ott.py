@@ -93,6 +93,36 @@ class TracedTier(QuantizedTier):
         out.slots = SeqBuffer.stack([p.slots for p in parts], counts)
         return out
 
+    def _part_for(self, rows: Sequence[int]) -> "TracedTier":
+        part = self._empty_like()
+        if self.pool_k is not None:
+            pools = (self.pool_k, self.pool_v, self.pool_norm, self.over_k, self.over_v, self.over_valid)
+            (part.pool_k, part.pool_v, part.pool_norm, part.over_k, part.over_v,
+             part.over_valid) = (batch_rows.take(self.ops, a, rows) for a in pools)
+        return part
+
+    def _adopt_added(self, rows: Sequence[int], part: "TracedTier", batch: int) -> None:
+        super()._adopt_added(rows, part, batch)
+        if part.pool_k is None:  # outliers=0: nothing traced
+            return
+        ops, names = self.ops, ("pool_k", "pool_v", "pool_norm", "over_k", "over_v", "over_valid")
+        if self.pool_k is None:  # the batch's first flush: every other row holds an empty pool
+            empty = {"pool_norm": INF}
+            for name in names:
+                if getattr(part, name) is not None:
+                    blank = ops.take_rows(getattr(part, name), [0] * batch)
+                    setattr(self, name, ops.cast_like(ops.full(blank.shape, empty.get(name, 0.0), blank), blank))
+        for name in names:
+            array, new = getattr(self, name), getattr(part, name)
+            if array is None:
+                continue
+            axis = -1 if name in ("pool_norm", "over_valid") else -2
+            for i, b in enumerate(rows):
+                array = ops.write_row(array, b, 0, new[i : i + 1], axis)
+            setattr(self, name, array)
+        self._pools = None  # written in place: the pools' biases must be made again
+        self.slots.append_rows(rows, part.slots.view(), batch)
+
     def add(self, k: Array, v: Array) -> None:
         """Trace and quantize whole groups, one group after another (each sees the pool the one before left)."""
         g, o = self.config.group, self.config.outliers
