@@ -101,9 +101,7 @@ class SeqBuffer:
             self.data = self.ops.write_seq(self.ops.alloc_seq(rest, capacity), 0, rest)
             self.allocation, self.dropped = None, 0
         else:
-            for b in np.flatnonzero(drop):
-                rest = self.ops.take_rows(self.view(), [int(b)])[..., int(drop[b]) : int(lengths[b]), :]
-                self.data = self.ops.write_row(self.data, int(b), 0, rest)
+            self.data = batch_rows.move_to_front(self.ops, self.data, drop, lengths, axis=-2)
         self.length, self.row_lengths = int(kept.max()), batch_rows.ragged(kept)
 
     def view(self, end: int | None = None) -> Array:

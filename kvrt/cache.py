@@ -282,8 +282,7 @@ class LayerCache:
         if m > held_kept:
             drop = self._rows_mask(rows, m - held_kept)
             newest.drop_front(drop)
-            starts = np.broadcast_to(np.asarray(self.newest_start), (self.rows,)) + drop
-            self.newest_start = int(starts[0]) if (starts == starts[0]).all() else starts
+            self.newest_start = _shared(np.broadcast_to(np.asarray(self.newest_start), (self.rows,)) + drop)
 
     def _rows_mask(self, rows: list[int], n: int) -> np.ndarray:
         """n at these rows, 0 at the others: per-row counts of tokens to drop."""
@@ -371,8 +370,12 @@ def _rows_of(value, rows: list[int]):
     """An int position, or per-row positions at these rows (an int again when they agree)."""
     if value is None or not isinstance(value, np.ndarray):
         return value
-    picked = value[rows]
-    return int(picked[0]) if (picked == picked[0]).all() else picked
+    return _shared(value[rows])
+
+
+def _shared(values: np.ndarray):
+    """Per-row values as one int when every row agrees, else as they are."""
+    return int(values[0]) if (values == values[0]).all() else values
 
 
 def _per_row_values(layers: Sequence[LayerCache], attr: str) -> np.ndarray:
@@ -394,8 +397,7 @@ def stack_layers(parts: Sequence[LayerCache]) -> LayerCache:
         if any(p.budget is None for p in parts):
             raise ValueError("rows that have compressed and rows that have not cannot share a batch")
     for attr in ("newest_start", "offset") + (("budget",) if first.budget is not None else ()):
-        values = _per_row_values(parts, attr)
-        setattr(out, attr, int(values[0]) if (values == values[0]).all() else values)
+        setattr(out, attr, _shared(_per_row_values(parts, attr)))
     if any(p.accumulated is not None for p in parts):
         ops = first.ops
         kept = [p.accumulated[..., : p.kept.length] if p.kept.length else None for p in parts]

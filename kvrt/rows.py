@@ -107,6 +107,15 @@ def blank(ops: Ops, like: Array, count: int, axis: int | None, pad: float) -> Ar
     return cut(rows, axis, 0)
 
 
+def move_to_front(ops: Ops, x: Array, drop: np.ndarray, lengths: np.ndarray, axis: int) -> Array:
+    """x [B, H, S(, D)] with each row that drops (drop[b] > 0) holding its entries drop[b]..lengths[b]-1
+    at its front along `axis` (-1 or -2), in place where the backend can; the other rows untouched."""
+    for b in np.flatnonzero(drop):
+        b = int(b)
+        x = ops.write_row(x, b, 0, cut_front(ops.take_rows(x, [b]), axis, int(drop[b]), int(lengths[b])), axis)
+    return x
+
+
 def drop_front(ops: Ops, x: Array, drop: np.ndarray, lengths: np.ndarray, axis: int) -> Array:
     """x [B, H, S(, D)] without each row's first drop[b] entries along `axis` (-1 or -2); rows
     then hold lengths[b] − drop[b] entries, padded at the end to the longest."""

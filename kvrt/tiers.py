@@ -151,12 +151,8 @@ class KeptTier:
         left = lengths - drop
         if not left.any():
             return self.replace(None, None, None)
-        for b in np.flatnonzero(drop):
-            b, end = int(b), int(lengths[b])
-            for name, axis in (("k", -2), ("v", -2), ("positions", -1)):
-                array = getattr(self, name)
-                rest = batch_rows.cut_front(self.ops.take_rows(array, [b]), axis, int(drop[b]), end)
-                setattr(self, name, self.ops.write_row(array, b, 0, rest, axis))
+        self.k, self.v = (batch_rows.move_to_front(self.ops, a, drop, lengths, -2) for a in (self.k, self.v))
+        self.positions = batch_rows.move_to_front(self.ops, self.positions, drop, lengths, -1)
         self.row_lengths = left if (left < self.length).any() else None
 
     def trim(self, n: int) -> int:

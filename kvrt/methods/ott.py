@@ -59,6 +59,8 @@ class TracedTier(QuantizedTier):
     flush), and per group the slots its traced tokens left (int32
     [B, Hkv, groups, O], −1 = none)."""
 
+    POOLS = ("pool_k", "pool_v", "pool_norm", "over_k", "over_v", "over_valid")  # the arrays above, by name
+
     def __init__(self, ops: Ops, config: OTT):
         super().__init__(ops, config)
         self.pool_k = self.pool_v = self.pool_norm = None
@@ -71,13 +73,13 @@ class TracedTier(QuantizedTier):
 
     def take(self, rows: Sequence[int]) -> "TracedTier":
         out = super().take(rows)
-        ops = self.ops
-        out.pool_k, out.pool_v, out.pool_norm = (batch_rows.take(ops, a, rows) for a in (self.pool_k, self.pool_v,
-                                                                                          self.pool_norm))
-        out.over_k, out.over_v, out.over_valid = (batch_rows.take(ops, a, rows) for a in (self.over_k, self.over_v,
-                                                                                           self.over_valid))
+        self._take_pools(out, rows)
         out.slots = self.slots.take(rows)
         return out
+
+    def _take_pools(self, out: "TracedTier", rows: Sequence[int]) -> None:
+        for name in self.POOLS:
+            setattr(out, name, batch_rows.take(self.ops, getattr(self, name), rows))
 
     @staticmethod
     def stack(parts: Sequence["TracedTier"], counts: Sequence[int]) -> "TracedTier":
@@ -95,24 +97,21 @@ class TracedTier(QuantizedTier):
 
     def _part_for(self, rows: Sequence[int]) -> "TracedTier":
         part = self._empty_like()
-        if self.pool_k is not None:
-            pools = (self.pool_k, self.pool_v, self.pool_norm, self.over_k, self.over_v, self.over_valid)
-            (part.pool_k, part.pool_v, part.pool_norm, part.over_k, part.over_v,
-             part.over_valid) = (batch_rows.take(self.ops, a, rows) for a in pools)
+        self._take_pools(part, rows)
         return part
 
     def _adopt_added(self, rows: Sequence[int], part: "TracedTier", batch: int) -> None:
         super()._adopt_added(rows, part, batch)
         if part.pool_k is None:  # outliers=0: nothing traced
             return
-        ops, names = self.ops, ("pool_k", "pool_v", "pool_norm", "over_k", "over_v", "over_valid")
+        ops = self.ops
         if self.pool_k is None:  # the batch's first flush: every other row holds an empty pool
             empty = {"pool_norm": INF}
-            for name in names:
+            for name in self.POOLS:
                 if getattr(part, name) is not None:
                     blank = ops.take_rows(getattr(part, name), [0] * batch)
                     setattr(self, name, ops.cast_like(ops.full(blank.shape, empty.get(name, 0.0), blank), blank))
-        for name in names:
+        for name in self.POOLS:
             array, new = getattr(self, name), getattr(part, name)
             if array is None:
                 continue
