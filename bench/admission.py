@@ -1,9 +1,10 @@
 """What admission reserves for a request against what its cache really comes to hold.
 
-For each cache spec, one request of the default model: a `--prompt`-token passage fed whole, then
-`--new` greedy decode steps; the most bytes the cache held at any point (`KVCache.nbytes`: every
-buffer as allocated) against `kvrt.admission.kv_bytes_needed`, which the server reserves before it
-admits a request. Goal: never less than held, at most 10% more.
+For each cache spec, one request of the default model for `--new` tokens: a `--prompt`-token
+passage fed whole, then greedy decode steps, and the most bytes its cache held at any point
+(`KVCache.nbytes`: every buffer as allocated; bench/serve.py's `peak_bytes`, its "fit") against
+`kvrt.admission.kv_bytes_needed`, which the server reserves before it admits a request. Goal:
+never less than held, at most 10% more.
 
     python bench/admission.py --prompt 1024 --new 64
 """
@@ -14,6 +15,7 @@ import argparse
 
 import torch
 
+from serve import peak_bytes
 from texts import natural_passages
 
 import kvrt
@@ -23,15 +25,6 @@ from kvrt.spec import CacheSpec
 SPECS = ("full;ott:bits=2;kivi:bits=2;snapkv:budget=256;snapkv:budget=256+ott:bits=2;streaming:budget=256;"
          "snapkv:budget=256+calidrop;h2o:budget=256+calidrop;snapkv:budget=256+calidrop:offload=int2")
 MIB = 1 << 20
-
-
-def peak_bytes(runtime, spec: CacheSpec, ids: list[int], new: int) -> int:
-    cache = runtime.new_cache(spec)
-    token, peak = runtime.ops.argmax_last(runtime.forward(ids, cache)[-1]), cache.nbytes()
-    for _ in range(new):
-        token = runtime.ops.argmax_last(runtime.forward([token], cache)[-1])
-        peak = max(peak, cache.nbytes())
-    return peak
 
 
 def main() -> None:
@@ -44,12 +37,11 @@ def main() -> None:
     torch.set_num_threads(1)
     model = kvrt.load(args.model, backend="torch", dtype="float32")
     ids = natural_passages(model.tokenizer, args.prompt, 1)[0]
-    print(f"model {args.model}, {args.prompt}-token prompt fed whole + {args.new} decode steps, fp32\n")
+    print(f"model {args.model}, {args.prompt}-token prompt fed whole, {args.new} new tokens, fp32\n")
     print("| spec | held at most | reserved | reserved / held |\n|---|---|---|---|")
     for text in args.specs.split(";"):
-        spec = CacheSpec.parse(text)
-        held = peak_bytes(model.runtime, spec, ids, args.new)
-        reserved = kv_bytes_needed(model.runtime, spec, args.prompt, args.new)
+        held = peak_bytes(model.runtime, text, ids, args.new)
+        reserved = kv_bytes_needed(model.runtime, CacheSpec.parse(text), args.prompt, args.new)
         print(f"| `{text}` | {held / MIB:.2f} MiB | {reserved / MIB:.2f} MiB | {reserved / held:.2f} |", flush=True)
 
 
