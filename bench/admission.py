@@ -3,7 +3,7 @@
 For each cache spec, one request of the default model for `--new` tokens: a `--prompt`-token
 passage fed whole, then greedy decode steps, and the most bytes its cache held at any point
 (`KVCache.nbytes`: every buffer as allocated; bench/serve.py's `peak_bytes`, its "fit") against
-`kvrt.admission.kv_bytes_needed`, which the server reserves before it admits a request. Goal:
+`kvrt.cache.admission.kv_bytes_needed`, which the server reserves before it admits a request. Goal:
 never less than held, at most 10% more.
 
     python bench/admission.py --prompt 1024 --new 64
@@ -19,8 +19,8 @@ from serve import peak_bytes
 from texts import natural_passages
 
 import kvrt
-from kvrt.admission import kv_bytes_needed
-from kvrt.spec import CacheSpec
+from kvrt.cache.admission import kv_bytes_needed
+from kvrt.cache.spec import CacheSpec
 
 SPECS = ("full;ott:bits=2;kivi:bits=2;snapkv:budget=256;snapkv:budget=256+ott:bits=2;streaming:budget=256;"
          "snapkv:budget=256+calidrop;h2o:budget=256+calidrop;snapkv:budget=256+calidrop:offload=int2")

@@ -67,8 +67,8 @@ def transformers_engine(folder: str):
 def worker(engine: str, folder: str, length: int, new_tokens: int, repeats: int) -> dict:
     import torch
 
-    from kvrt.memory import peak_rss_bytes
-    from kvrt.tokenizer import Tokenizer
+    from kvrt.models.memory import peak_rss_bytes
+    from kvrt.models.tokenizer import Tokenizer
 
     torch.set_num_threads(1)
     ids = haystack_ids(Tokenizer.from_folder(folder), length)
@@ -108,7 +108,7 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.folder, lengths[0], args.new_tokens, args.repeats)))
         return
 
-    from kvrt.model_store import resolve_model
+    from kvrt.models.store import resolve_model
 
     folder = str(resolve_model(args.model, log=lambda m: print(m, file=sys.stderr)))
     print(f"model {args.model}, fp32, 1 thread, greedy, {args.new_tokens} new tokens, median of {args.repeats} runs")

@@ -27,9 +27,9 @@ from fidelity import cache_for, record_prefill
 from texts import natural_passages
 
 from kvrt.backends.torch.runtime import TorchRuntime
-from kvrt.model_store import resolve_model
-from kvrt.ops import kernels_allowed
-from kvrt.tokenizer import Tokenizer
+from kvrt.models.store import resolve_model
+from kvrt.cache.ops import kernels_allowed
+from kvrt.models.tokenizer import Tokenizer
 
 SPECS = ("full;streaming:budget=256;h2o:budget=256;snapkv:budget=256;pyramidkv:budget=256;"
          "streaming:budget=256+calidrop;h2o:budget=256+calidrop;snapkv:budget=256+calidrop;"

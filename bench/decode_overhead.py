@@ -23,8 +23,8 @@ from fidelity import base_of, cache_for, record_prefill
 from texts import natural_passages
 
 from kvrt.backends.torch.runtime import TorchRuntime
-from kvrt.model_store import resolve_model
-from kvrt.tokenizer import Tokenizer
+from kvrt.models.store import resolve_model
+from kvrt.models.tokenizer import Tokenizer
 
 
 def main() -> None:

@@ -20,8 +20,8 @@ import torch
 from texts import haystack_ids
 
 from kvrt.backends.torch.runtime import TorchRuntime
-from kvrt.model_store import resolve_model
-from kvrt.tokenizer import Tokenizer
+from kvrt.models.store import resolve_model
+from kvrt.models.tokenizer import Tokenizer
 
 
 def instrumented_prefill(runtime, spec, ids):

@@ -40,9 +40,9 @@ import torch
 from texts import haystack_ids, natural_passages
 
 from kvrt.backends.torch.runtime import TorchRuntime
-from kvrt.model_store import resolve_model
-from kvrt.spec import CacheSpec
-from kvrt.tokenizer import Tokenizer
+from kvrt.models.store import resolve_model
+from kvrt.cache.spec import CacheSpec
+from kvrt.models.tokenizer import Tokenizer
 
 
 def record_prefill(runtime, ids):

@@ -42,9 +42,9 @@ from kvrt.kernels_cuda.quantize_keys import quantize_keys_fused  # noqa: E402
 from kvrt.kernels_cuda.quantize_values import quantize_values_fused  # noqa: E402
 from kvrt.kernels_cuda.quantized_decode import quantized_decode_attention  # noqa: E402
 from kvrt.kernels_cuda.window_scores import window_scores  # noqa: E402
-from kvrt.model_config import ModelArgs  # noqa: E402
-from kvrt.ops import kernels_allowed  # noqa: E402
-from kvrt.quant import dequantize_keys, dequantize_values, mean_substituted, quantize_keys, quantize_values  # noqa: E402
+from kvrt.models.config import ModelArgs  # noqa: E402
+from kvrt.cache.ops import kernels_allowed  # noqa: E402
+from kvrt.cache.quant import dequantize_keys, dequantize_values, mean_substituted, quantize_keys, quantize_values  # noqa: E402
 
 
 @dataclass
@@ -313,7 +313,7 @@ def serving(shape: Shape) -> list[dict]:
     rows of each spec as fit decoding together (bench/serve.py's fixed_memory_decode)."""
     from serve import fixed_memory_decode, fixed_memory_table
 
-    from kvrt.cache import stack_caches
+    from kvrt.cache.kvcache import stack_caches
 
     dtype = "float32" if SMOKE else "bfloat16"
     runtime = TorchRuntime.with_random_weights(shape.model, dtype=dtype, device=shape.device)

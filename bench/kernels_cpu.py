@@ -11,11 +11,11 @@ import time
 
 import torch
 
-from kvrt.attention import DenseSegment
+from kvrt.cache.attention import DenseSegment
 from kvrt.backends.torch.ops import TorchOps
 from kvrt.kernels_cpu.decode import decode_tiers
-from kvrt.methods.kivi import KIVI
-from kvrt.methods.ott import OTT
+from kvrt.cache.methods.kivi import KIVI
+from kvrt.cache.methods.ott import OTT
 
 SHAPES = ((1, 4096), (8, 1024), (8, 4096))  # (rows, tokens per row)
 

@@ -17,9 +17,9 @@ import argparse
 import torch
 
 from kvrt.backends.torch.ops import TorchOps
-from kvrt.cache import LayerCache
-from kvrt.quant import bits_per_element
-from kvrt.spec import CacheSpec
+from kvrt.cache.kvcache import LayerCache
+from kvrt.cache.quant import bits_per_element
+from kvrt.cache.spec import CacheSpec
 
 SHAPES = {  # layers, KV heads, query heads, head dim
     "default": (30, 3, 9, 64),  # SmolLM2-135M

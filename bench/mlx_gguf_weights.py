@@ -33,15 +33,15 @@ from texts import haystack_ids, natural_passages
 from kvrt.api import Model
 from kvrt.backends.mlx.gguf_weights import SIDECAR, describe, read_types
 from kvrt.backends.mlx.runtime import MLXRuntime
-from kvrt.model_config import context_length, read_config
-from kvrt.model_store import resolve_model
-from kvrt.tokenizer import Tokenizer
+from kvrt.models.config import context_length, read_config
+from kvrt.models.store import resolve_model
+from kvrt.models.tokenizer import Tokenizer
 
 
 def folder_with_types(args, scratch: Path) -> Path:
     """A converted folder that carries gguf_types.json."""
     if args.gguf:
-        from kvrt.gguf_convert import convert_gguf
+        from kvrt.models.gguf_convert import convert_gguf
 
         return convert_gguf(Path(args.gguf), scratch / "converted", log=None)
     folder = resolve_model(args.model, log=lambda *a: None)

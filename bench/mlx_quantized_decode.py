@@ -22,7 +22,7 @@ from texts import haystack_ids
 
 import kvrt
 from kvrt.backends.mlx.ops import MLXOps
-from kvrt.methods.kivi import KIVI
+from kvrt.cache.methods.kivi import KIVI
 
 
 def median_ms(fn, repeats: int) -> float:

@@ -53,9 +53,9 @@ def peak_bytes(runtime, spec: str, ids: list[int], new: int) -> int:
 
 def decode_ratio(model, prompt: list[int], rows: int, steps: int) -> tuple[float, float]:
     """(decode tok/s at B = rows, at B = 1) over the same prompt, full cache, greedy."""
-    from kvrt.batch import Batch, Row
-    from kvrt.sampling import SamplingParams
-    from kvrt.spec import CacheSpec
+    from kvrt.generation.batch import Batch, Row
+    from kvrt.generation.sampling import SamplingParams
+    from kvrt.cache.spec import CacheSpec
 
     def rate(count: int) -> float:
         made = []
@@ -80,7 +80,7 @@ def fixed_memory_decode(runtime, ids: list[int], specs: list[str], fits: float, 
     """Decode-phase throughput at one KV memory budget (`fits` full caches of this prompt): per spec,
     as many rows as its prefilled cache fits (grown by `steps` tokens), decoded together `steps`
     steps. Runtime level, no tokenizer: random shapes on a GPU run it too (bench/gpu_kernels.py)."""
-    from kvrt.cache import stack_caches
+    from kvrt.cache.kvcache import stack_caches
 
     results, budget = [], None
     for spec in specs:
@@ -115,8 +115,8 @@ def fixed_memory_table(results: list[dict]) -> str:
 
 def serve_run(model, spec: str, prompts: list[list[int]], new: int, kv_memory: int, max_batch: int) -> dict:
     """Submit every prompt at once to a fresh engine; wait for all; the numbers of one spec."""
-    from kvrt.engine import Engine
-    from kvrt.sampling import SamplingParams
+    from kvrt.serving.engine import Engine
+    from kvrt.generation.sampling import SamplingParams
 
     engine = Engine(model, cache=spec, max_batch=max_batch, kv_memory=kv_memory, max_queue=len(prompts),
                     prefill_chunk=256).start()
@@ -201,8 +201,8 @@ def main() -> None:
 
 def serve_table(model, specs: list[str], args) -> None:
     """Part 3: every spec served the same requests, side by side."""
-    from kvrt.admission import kv_bytes_needed
-    from kvrt.spec import CacheSpec
+    from kvrt.cache.admission import kv_bytes_needed
+    from kvrt.cache.spec import CacheSpec
 
     prompts = [haystack_ids(model.tokenizer, args.prompt, seed=i) for i in range(args.requests)]
     full_need = kv_bytes_needed(model.runtime, CacheSpec.parse("full"), args.prompt, args.new, 256)

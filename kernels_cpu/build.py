@@ -43,7 +43,7 @@ def _cpu_id() -> str:
 
 
 def _cache_dir() -> Path:
-    from kvrt.model_store import kvrt_home
+    from kvrt.models.store import kvrt_home
 
     folder = kvrt_home() / "kernels"
     try:

@@ -1,4 +1,4 @@
-/* CaliDrop's decode step for one layer (arXiv 2507.19906; kvrt/methods/calidrop.py), one call: per
+/* CaliDrop's decode step for one layer (arXiv 2507.19906; kvrt/cache/methods/calidrop.py), one call: per
    query head ρ = cos(q, proxy) (per head, KV-head mean or layer minimum), the branch, the evicted
    tier's partial recomputed only for the heads with ρ < θ1 (keys beside values, so one pass gives
    the output and rule=taylor's mean key), the stored lse moved to first order toward q where a head

@@ -1,5 +1,5 @@
 """CaliDrop's decode step for one layer on the CPU (calidrop.c): torch tensors in, (out, lse) and the
-new calibration state out. Reference twin: CalibrationTier.partial's ops path (kvrt/methods/calidrop.py).
+new calibration state out. Reference twin: CalibrationTier.partial's ops path (kvrt/cache/methods/calidrop.py).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 /* Shared pieces of kvrt's CPU kernels: element types, a vectorizable exp, and the online softmax
-   that every tier's keys stream through (the same (out, lse) merge as kvrt/attention.py, one
+   that every tier's keys stream through (the same (out, lse) merge as kvrt/cache/attention.py, one
    block of keys at a time). Written so that gcc/clang -O3 vectorize the loops over channels. */
 #ifndef KVRT_CPU_COMMON_H
 #define KVRT_CPU_COMMON_H

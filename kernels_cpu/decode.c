@@ -1,7 +1,7 @@
 /* Decode attention over a layer's tiers in one pass: (out, lse) of one query per query head over
    every tier's keys (full-precision tiers as stored, the packed 2/4/8-bit tier read from its words,
    scales and zeros; OTT's traced slots hidden), merged with extra partials (CaliDrop's), exactly the
-   log-sum-exp merge of kvrt/attention.py. One task per (batch row, KV head) holds that head's G query
+   log-sum-exp merge of kvrt/cache/attention.py. One task per (batch row, KV head) holds that head's G query
    rows (GQA: each key is read once); a row's padding past its length is never read.
 
    Reference twin: merge_partials over each tier's partial (LayerCache's per-tier path). */
@@ -10,7 +10,7 @@
 #include <stdlib.h>
 
 typedef struct {
-    int32_t packed; /* 0: dense k/v; 1: the packed format of kvrt/quant.py */
+    int32_t packed; /* 0: dense k/v; 1: the packed format of kvrt/cache/quant.py */
     int32_t bits, group, vgroup, n_slots, dtype; /* dtype: of dense k/v, or of packed scales/zeros */
     int64_t extent;                              /* S: tokens the arrays span (per row, before lengths) */
     const int32_t *lengths;                      /* [B]: tokens row b holds (<= S), or NULL */
@@ -78,7 +78,7 @@ ALWAYS_INLINE void packed_key_scores(float *restrict scores, const float *restri
     }
 }
 
-/* Dequantize nw word rows of packed keys into rows kf [per·nw, D], as kvrt.quant.dequantize_keys
+/* Dequantize nw word rows of packed keys into rows kf [per·nw, D], as kvrt.cache.quant.dequantize_keys
    computes them (float32, then rounded to the scales' dtype): the exact path for 16-bit scales. */
 ALWAYS_INLINE void dequantize_keys(float *restrict kf, const int32_t *words, int64_t word_stride, int nw,
                                    const float *restrict s, const float *restrict z, int d, int dtype,
@@ -95,7 +95,7 @@ ALWAYS_INLINE void dequantize_keys(float *restrict kf, const int32_t *words, int
     }
 }
 
-/* Dequantize one token's packed value row into vf [D], as kvrt.quant.dequantize_values does. */
+/* Dequantize one token's packed value row into vf [D], as kvrt.cache.quant.dequantize_values does. */
 ALWAYS_INLINE void dequantize_value(float *restrict vf, const int32_t *words, const float *restrict s,
                                     const float *restrict z, int d, int gv, int dtype, const int bits) {
     const int per = 32 / bits;

@@ -1,6 +1,6 @@
 """Fused decode attention over a layer's tiers on the CPU (decode.c): torch tensors in, (out, lse) out.
 
-The tiers come as segments (kvrt.attention.DenseSegment / PackedSegment): their stored arrays as they
+The tiers come as segments (kvrt.cache.attention.DenseSegment / PackedSegment): their stored arrays as they
 lie, read through their strides (channels contiguous), never copied or dequantized whole. An extra
 partial (CaliDrop's) is merged into the result. Reference twin: merge_partials over the tiers' own
 partials (LayerCache's per-tier path).
@@ -13,7 +13,7 @@ import ctypes
 import numpy as np
 import torch
 
-from kvrt.attention import PackedSegment
+from kvrt.cache.attention import PackedSegment
 from kvrt.kernels_cpu.build import library
 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -138,7 +138,7 @@ def decode_tiers(q: torch.Tensor, segments, scale: float, extra=None) -> tuple[t
 
 def quantized_decode(q, keys, values, scale: float, key_bias=None, lengths=None):
     """Ops.quantized_kernel's call on the CPU: (out, lse) of decode queries over a whole quantized tier
-    (kvrt.quant.QuantizedKeys / QuantizedValues), key_bias float32 [B, Hkv, S] or None, lengths int32 [B]
+    (kvrt.cache.quant.QuantizedKeys / QuantizedValues), key_bias float32 [B, Hkv, S] or None, lengths int32 [B]
     (each row's flushed tokens) or None."""
     rows = None if lengths is None else lengths.cpu().numpy()
     return decode_tiers(q, [PackedSegment(keys, values, rows, None, key_bias)], scale)

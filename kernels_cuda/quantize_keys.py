@@ -1,9 +1,9 @@
-"""Quantize and pack key groups (format: kvrt/quant.py), with OTT's mean substitution: one
+"""Quantize and pack key groups (format: kvrt/cache/quant.py), with OTT's mean substitution: one
 program per (batch·KV head, group) loads the group's G × D keys, replaces its traced slots by
 the mean of the other keys (per channel), takes min/max per channel, stores scale (rounded up
 into the model dtype) and zero, and packs the codes along the tokens into int32 words.
 
-Reference twin: OTT's substitution in kvrt/methods/ott.py + kvrt.quant.quantize_keys.
+Reference twin: OTT's substitution in kvrt/cache/methods/ott.py + kvrt.cache.quant.quantize_keys.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvrt.quant import RANGE_CAP, QuantizedKeys, codes_per_word
+from kvrt.cache.quant import RANGE_CAP, QuantizedKeys, codes_per_word
 
 INT_OF = {torch.float16: tl.int16, torch.bfloat16: tl.int16, torch.float32: tl.int32}
 

@@ -1,6 +1,6 @@
-"""Quantize and pack values (format: kvrt/quant.py): per token over groups of `group` channels,
+"""Quantize and pack values (format: kvrt/cache/quant.py): per token over groups of `group` channels,
 codes packed along the channels into int32 words; one program per (batch·KV head, block of
-tokens). Reference twin: kvrt.quant.quantize_values.
+tokens). Reference twin: kvrt.cache.quant.quantize_values.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from kvrt.kernels_cuda.quantize_keys import INT_OF, _round_half_even, _scale_up
-from kvrt.quant import RANGE_CAP, QuantizedValues, codes_per_word
+from kvrt.cache.quant import RANGE_CAP, QuantizedValues, codes_per_word
 
 
 @triton.jit

@@ -1,4 +1,4 @@
-"""Fused decode attention over kvrt's quantized tier (format: kvrt/quant.py), split over the
+"""Fused decode attention over kvrt's quantized tier (format: kvrt/cache/quant.py), split over the
 sequence (flash-decoding): each program reads one KV head's packed key and value words with
 their scales and zeros, dequantizes them in registers, and runs an online softmax for all the
 query rows of that KV head (GQA: the head's data is read once), with tl.dot for q·kᵀ and p·v on
@@ -82,7 +82,7 @@ def quantized_decode_attention(q, keys, values, scale: float, key_bias=None, spl
                                block_n: int = 32, *, lengths=None):
     """(out [B, Hq, T, D] in q's dtype, lse [B, Hq, T] float32) of q over a quantized tier.
 
-    keys/values: kvrt.quant.QuantizedKeys / QuantizedValues of the whole tier (S tokens);
+    keys/values: kvrt.cache.quant.QuantizedKeys / QuantizedValues of the whole tier (S tokens);
     key_bias: float32 [B, Hkv, S] or None; lengths: int32 [B] on q's device, or None: row b's tokens
     t >= lengths[b] (a whole number of groups) are hidden as a -inf bias would hide them, and never
     read (a row of length 0 sees no key: out 0, lse -inf)."""

@@ -7,7 +7,7 @@ small Python wrapper per job lays out the inputs and the launch grid:
   dequantize-a-block path)
 - decode: (out, lse) over full-precision keys and values (twin: MLXOps.partial_attention)
 - quantize_keys / quantize_values: the packed low-bit format with OTT's mean substitution (twin:
-  kvrt.quant.quantize_keys / quantize_values / mean_substituted)
+  kvrt.cache.quant.quantize_keys / quantize_values / mean_substituted)
 - window_scores: SnapKV's observation-window scores (twin: MLXOps.window_scores)
 
 MLXOps dispatches to them when Metal is available and KVRT_KERNELS is not "off".

@@ -1,16 +1,16 @@
-// Helpers shared by kvrt's Metal kernels, passed as `header` to mx.fast.metal_kernel (format: kvrt/quant.py).
+// Helpers shared by kvrt's Metal kernels, passed as `header` to mx.fast.metal_kernel (format: kvrt/cache/quant.py).
 
 // A key whose bias is at or below this is hidden (OTT's traced slots carry −inf); also the running max
 // before any key is seen: finite, so no step of the online softmax computes with an infinity.
 static constant constexpr const float kvrt_hidden = -1e30f;
 
-// kvrt/quant.py's RANGE_CAP (2^127): max − min is clamped here so scale and codes stay finite.
+// kvrt/cache/quant.py's RANGE_CAP (2^127): max − min is clamped here so scale and codes stay finite.
 static constant constexpr const float kvrt_range_cap = 1.7014118346046923e38f;
 
 // −inf by bit pattern: an empty row's lse, written without relying on INFINITY under any math mode.
 inline float kvrt_neg_inf() { return as_type<float>(0xff800000u); }
 
-// Code i of a packed word sits at bits [i·b, (i+1)·b) (kvrt/quant.py); shifted as uint so the sign bit is data.
+// Code i of a packed word sits at bits [i·b, (i+1)·b) (kvrt/cache/quant.py); shifted as uint so the sign bit is data.
 inline uint kvrt_code(int word, uint shift, uint mask) { return (as_type<uint>(word) >> shift) & mask; }
 
 // A float32 scale in the model dtype, rounded up where conversion rounded down: a stored scale never

@@ -1,5 +1,5 @@
 // Quantize and pack keys per channel over groups of GROUP tokens (KIVI, arXiv 2402.02750; format in
-// kvrt/quant.py), with OTT's substitution (arXiv 2505.10938): a traced slot first takes the float32 mean
+// kvrt/cache/quant.py), with OTT's substitution (arXiv 2505.10938): a traced slot first takes the float32 mean
 // of its group's untraced keys, cast to the model dtype, so it widens no range. One thread per
 // (channel, group, batch·KV head); it stores the group's scale (rounded up into T) and zero, and packs
 // its channel's codes along the tokens into int32 words.

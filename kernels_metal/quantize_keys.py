@@ -1,5 +1,5 @@
 """Quantize and pack key groups (quantize_keys.metal) with OTT's mean substitution of traced slots.
-Reference twin: kvrt.quant.mean_substituted + kvrt.quant.quantize_keys (bit-exact)."""
+Reference twin: kvrt.cache.quant.mean_substituted + kvrt.cache.quant.quantize_keys (bit-exact)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import mlx.core as mx
 
 from kvrt.errors import KvrtError
 from kvrt.kernels_metal.sources import launch, meta, placeholder
-from kvrt.quant import QuantizedKeys, codes_per_word
+from kvrt.cache.quant import QuantizedKeys, codes_per_word
 
 MAX_D = 1024  # one thread per channel in a threadgroup
 

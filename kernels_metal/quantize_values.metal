@@ -1,5 +1,5 @@
 // Quantize and pack values per token over groups of GV channels (KIVI, arXiv 2402.02750; format in
-// kvrt/quant.py). One simdgroup per (token, batch·KV head): its lanes first take each group's min/max and
+// kvrt/cache/quant.py). One simdgroup per (token, batch·KV head): its lanes first take each group's min/max and
 // store scale (rounded up into T) and zero, then, after a barrier, pack the codes along the channels into
 // int32 words (a word may span two groups when GV is not a multiple of 32 / BITS).
 // Template: T (model dtype), D, BITS, GV. meta = [S].

@@ -1,4 +1,4 @@
-"""Quantize and pack values per token (quantize_values.metal). Reference twin: kvrt.quant.quantize_values
+"""Quantize and pack values per token (quantize_values.metal). Reference twin: kvrt.cache.quant.quantize_values
 (bit-exact)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import mlx.core as mx
 
 from kvrt.errors import KvrtError
 from kvrt.kernels_metal.sources import launch, meta
-from kvrt.quant import QuantizedValues, codes_per_word
+from kvrt.cache.quant import QuantizedValues, codes_per_word
 
 
 def quantize_values_metal(v, bits: int, group: int) -> QuantizedValues:

@@ -1,4 +1,4 @@
-// Decode attention over a whole quantized tier (KIVI, arXiv 2402.02750; format in kvrt/quant.py), split
+// Decode attention over a whole quantized tier (KIVI, arXiv 2402.02750; format in kvrt/cache/quant.py), split
 // over the sequence: one simdgroup per (batch·KV head, split). Lane l owns channels c = e·32 + l, reads
 // each packed key and value word once for all ROWS = G·T query rows of its KV head (GQA; row r = g·T + t),
 // dequantizes in registers and runs an online float32 softmax. Each split writes its (out, lse); the

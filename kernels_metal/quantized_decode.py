@@ -19,7 +19,7 @@ def fits(q: mx.array, kv_heads: int) -> bool:
 
 def quantized_decode_attention(q, keys, values, scale: float, key_bias=None, splits: int | None = None, *,
                                lengths=None):
-    """(out [B, Hq, T, D] in q's dtype, lse [B, Hq, T] float32) of q over kvrt.quant.QuantizedKeys /
+    """(out [B, Hq, T, D] in q's dtype, lse [B, Hq, T] float32) of q over kvrt.cache.quant.QuantizedKeys /
     QuantizedValues of S tokens; key_bias float32 [B, Hkv, S] or None (−inf hides a key); lengths int32 [B]
     or None: row b's tokens t >= lengths[b] (a whole number of groups) are hidden as a −inf bias would hide
     them, and never read (a row of length 0 sees no key: out 0, lse −inf)."""

@@ -2,7 +2,7 @@
 
 Each kernel body lives in `<name>.metal` (the body only: mx.fast.metal_kernel writes the signature from
 the input and output names below, the arrays' dtypes and the template), with `common.metal` as the shared
-header. The same files feed the C++ checks in tests/test_kernels_metal.py, so there is one source of truth.
+header. The same files feed the C++ checks in tests/kernels/test_kernels_metal.py, so there is one source of truth.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Flash-decoding splits: how the decode kernels cut the sequence, and the log-sum-exp merge of the splits'
-(out, lse), the same merge kvrt.attention applies to tiers."""
+(out, lse), the same merge kvrt.cache.attention applies to tiers."""
 
 from __future__ import annotations
 

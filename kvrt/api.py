@@ -10,15 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from kvrt.chat import ChatSession, TextStream
+from kvrt.generation.chat import ChatSession, TextStream
 from kvrt.errors import InvalidValue, KvrtError
-from kvrt.generate import GenerationStats, stream_text
-from kvrt.loading import load_runtime
-from kvrt.model_config import context_length, read_config
-from kvrt.model_store import resolve_model
-from kvrt.sampling import SamplingParams
-from kvrt.spec import CacheSpec
-from kvrt.tokenizer import Tokenizer, checked_text
+from kvrt.generation.generate import GenerationStats, stream_text
+from kvrt.models.loading import load_runtime
+from kvrt.models.config import context_length, read_config
+from kvrt.models.store import resolve_model
+from kvrt.generation.sampling import SamplingParams
+from kvrt.cache.spec import CacheSpec
+from kvrt.models.tokenizer import Tokenizer, checked_text
 
 Progress = Callable[[int, int], None]  # (layers done, layers) while a prompt runs through the model
 
@@ -129,7 +129,7 @@ class Model:
         chat_template: bool = True, cache: str | CacheSpec = "full", stop: Sequence[str] = (),
         truncate: bool = False, params: SamplingParams | None = None, max_batch: int = 8, **sampling,
     ) -> list[Generation]:
-        """One Generation per prompt, decoded together (kvrt.batch: one model call per step for all
+        """One Generation per prompt, decoded together (kvrt.generation.batch: one model call per step for all
         rows, each over its own compressed cache); greedy text equals each prompt's text alone."""
         ids = [self.encode_prompt(p, system_prompt, chat_template) for p in prompts]
         fitted = [self.fit_prompt(i, max_tokens, truncate) for i in ids]
@@ -143,7 +143,7 @@ class Model:
                            stop: Sequence[str] = (), params: SamplingParams | None = None, max_batch: int = 8,
                            **sampling) -> list[Generation]:
         """`generate_batch` for already-tokenized prompts (kvrt eval --batch)."""
-        from kvrt.batch import Row, generate_rows
+        from kvrt.generation.batch import Row, generate_rows
 
         if max_batch < 1:
             raise InvalidValue(f"max_batch must be >= 1, got {max_batch}")
@@ -157,7 +157,7 @@ class Model:
 
     def chat_session(self, system_prompt: str | None = None, cache: str | CacheSpec = "full",
                      overflow: str = "drop") -> ChatSession:
-        """A multi-turn session that keeps its cache between turns (see kvrt.chat); a turn that would
+        """A multi-turn session that keeps its cache between turns (see kvrt.generation.chat); a turn that would
         not fit the context drops the oldest turns (`overflow="drop"`) or raises (`"stop"`)."""
         return ChatSession(self.runtime, self.tokenizer, system_prompt, CacheSpec.parse(cache),
                            context_length=self.context_length, overflow=overflow)

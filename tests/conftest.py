@@ -48,7 +48,7 @@ def unavailable(reason: str) -> None:
 def _resolved_in_test_home(name: str) -> Path:
     """Model `name` fetched and converted once into the reusable test cache (see `unavailable`)."""
     from kvrt.errors import KvrtError
-    from kvrt import model_store
+    from kvrt.models import store as model_store
 
     old = os.environ.get("KVRT_HOME")
     os.environ["KVRT_HOME"] = str(_test_home())
@@ -84,7 +84,7 @@ def gemma3_270m_gguf():
     import tempfile
 
     from kvrt.errors import KvrtError
-    from kvrt import model_store
+    from kvrt.models import store as model_store
 
     spec = model_store.MODEL_ALIASES["gemma3-270m"]
     folder = _test_home() / "gguf"

@@ -295,7 +295,7 @@ def hf_folder_to_gguf(folder, gguf_path, qtype: str = "F32", arch: str | None = 
     return gguf_path
 
 
-# ------------------------------------------- Gemma 2, Gemma 3, Phi-3 (see kvrt/gguf_archs.py)
+# ------------------------------------------- Gemma 2, Gemma 3, Phi-3 (see kvrt/models/gguf_archs.py)
 
 # name -> (transformers config class, GGUF architecture, tokenizer kind written into the GGUF)
 TINY_ARCHS = {

@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 
 import mlx.core as mx
 
-from kvrt.cache import LayerCache
+from kvrt.cache.kvcache import LayerCache
 from kvrt.errors import KvrtError
 
 

@@ -24,7 +24,7 @@ maximum), Q4_0/Q5_0/Q8_0/TQ* (symmetric codes, the largest magnitude on an end c
 sub-blocks (Q2_K, Q3_K, Q6_K: two scales in a group of 32) and the non-uniform IQ grids are
 re-rounded, within half a step (Q6_K at 8 bits: a step of 1/127 of the group's largest magnitude). The codes are packed
 in MLX's layout (a little-endian bit stream, ``bits`` words per 32 values), checked against
-``mx.quantize`` in tests/test_mlx_gguf_weights.py.
+``mx.quantize`` in tests/models/test_mlx_gguf_weights.py.
 
 Everything here is lazy: each weight is read from the safetensors file, fitted and packed when
 its layer is evaluated, one layer at a time, so a load never holds more than one float weight.

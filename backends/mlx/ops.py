@@ -1,4 +1,4 @@
-"""The ops protocol (kvrt/ops.py) for mx.arrays, on Metal or the CPU."""
+"""The ops protocol (kvrt/cache/ops.py) for mx.arrays, on Metal or the CPU."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import mlx.core as mx
 import numpy as np
 
 from kvrt.errors import KvrtError
-from kvrt.ops import KernelPaths, kernels_allowed
-from kvrt.rows import add_bias, length_bias
+from kvrt.cache.ops import KernelPaths, kernels_allowed
+from kvrt.cache.rows import add_bias, length_bias
 
 
 def causal_mask(t: int, s: int, causal_offset: int, window: int | None = None) -> mx.array:
@@ -309,7 +309,7 @@ class MLXOps(KernelPaths):
     def cast_like(self, x, like):
         return x.astype(like.dtype)
 
-    # low-bit quantization (kvrt/quant.py). Packed exactly as the torch backend packs (int32
+    # low-bit quantization (kvrt/cache/quant.py). Packed exactly as the torch backend packs (int32
     # words, code i at bits [i·b, (i+1)·b)), not with mx.quantize: its per-group affine layout
     # (scale and bias over groups along the last axis) cannot express per-channel key groups
     # along the token axis, and one byte-identical format lets torch and MLX share tests,

@@ -11,11 +11,11 @@ import mlx.core as mx
 
 from kvrt.backends.mlx.cache_adapter import MLXLayerCache, install_attention
 from kvrt.backends.mlx.ops import MLXOps
-from kvrt.cache import KVCache
+from kvrt.cache.kvcache import KVCache
 from kvrt.errors import KvrtError
-from kvrt.generate import check_token_ids
-from kvrt.memory import peak_rss_bytes
-from kvrt.model_config import (GLOBAL, LOCAL, ModelArgs, decoder_config, layer_types, layer_windows,
+from kvrt.generation.generate import check_token_ids
+from kvrt.models.memory import peak_rss_bytes
+from kvrt.models.config import (GLOBAL, LOCAL, ModelArgs, decoder_config, layer_types, layer_windows,
                                local_rope_parameters, read_config, rope_parameters)
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}

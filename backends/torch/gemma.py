@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from kvrt.backends.torch.layers import MLP, MLP_TOKEN_BLOCK, Attention
-from kvrt.cache import LayerCache
-from kvrt.model_config import ModelArgs
+from kvrt.cache.kvcache import LayerCache
+from kvrt.models.config import ModelArgs
 
 
 class GemmaRMSNorm(nn.Module):

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from kvrt.backends.torch.rope import apply_rope
-from kvrt.cache import LayerCache
-from kvrt.model_config import ModelArgs
+from kvrt.cache.kvcache import LayerCache
+from kvrt.models.config import ModelArgs
 
 MLP_TOKEN_BLOCK = 512
 

@@ -17,8 +17,8 @@ from kvrt.backends.torch.gemma import GemmaDecoderLayer, GemmaRMSNorm
 from kvrt.backends.torch.layers import MLP_TOKEN_BLOCK, MLP, Attention, DecoderLayer, RMSNorm  # noqa: F401
 from kvrt.backends.torch.phi3 import phi3_layer
 from kvrt.backends.torch.rope import Rotary, rotate_half  # noqa: F401
-from kvrt.cache import KVCache
-from kvrt.model_config import LOCAL, ModelArgs
+from kvrt.cache.kvcache import KVCache
+from kvrt.models.config import LOCAL, ModelArgs
 
 
 def decoder_layer(args: ModelArgs) -> nn.Module:

@@ -1,4 +1,4 @@
-"""The ops protocol (kvrt/ops.py) for torch tensors, CPU or CUDA."""
+"""The ops protocol (kvrt/cache/ops.py) for torch tensors, CPU or CUDA."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from kvrt.attention import DenseSegment
-from kvrt.ops import KernelPaths, kernels_allowed
-from kvrt.rows import add_bias, length_bias
+from kvrt.cache.attention import DenseSegment
+from kvrt.cache.ops import KernelPaths, kernels_allowed
+from kvrt.cache.rows import add_bias, length_bias
 
 
 def causal_mask(t: int, s: int, causal_offset: int, device, window: int | None = None) -> torch.Tensor:
@@ -295,7 +295,7 @@ class TorchOps(KernelPaths):
     def cast_like(self, x, like):
         return x.to(like.dtype)
 
-    # low-bit quantization (kvrt/quant.py). torch has no uint32: words are int32 whose top code
+    # low-bit quantization (kvrt/cache/quant.py). torch has no uint32: words are int32 whose top code
     # holds the sign bit; `<<` wraps into it and `>>` is arithmetic, so unpacking masks after shifting.
     def amin(self, x, axis, keepdims=False):
         return torch.amin(x, dim=axis, keepdim=keepdims)

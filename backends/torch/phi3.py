@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from kvrt.backends.torch.layers import ACTIVATIONS, Attention, DecoderLayer
-from kvrt.model_config import ModelArgs
+from kvrt.models.config import ModelArgs
 
 
 class Phi3Attention(Attention):

@@ -13,11 +13,11 @@ from safetensors.torch import load_file
 
 from kvrt.backends.torch.model import Transformer
 from kvrt.backends.torch.ops import TorchOps
-from kvrt.cache import KVCache
+from kvrt.cache.kvcache import KVCache
 from kvrt.errors import KvrtError
-from kvrt.generate import check_token_ids
-from kvrt.memory import peak_rss_bytes
-from kvrt.model_config import ModelArgs
+from kvrt.generation.generate import check_token_ids
+from kvrt.models.memory import peak_rss_bytes
+from kvrt.models.config import ModelArgs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

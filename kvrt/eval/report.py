@@ -128,7 +128,7 @@ def markdown(summary: dict) -> str:
 
 def budget_of(spec: str) -> tuple[str, int] | None:
     """(the spec without its budget, the budget) for specs that set budget=N, else None."""
-    from kvrt.spec import CacheSpec, Part
+    from kvrt.cache.spec import CacheSpec, Part
 
     parsed = CacheSpec.parse(spec)
     options = dict(parsed.method.options)

@@ -29,8 +29,8 @@ from kvrt.eval.files import json_line, json_value, read_file
 from kvrt.eval.metrics import score_sample
 from kvrt.eval.sample import Sample
 from kvrt.eval.tasks import Task, get_task
-from kvrt.progress import Progress
-from kvrt.sampling import SamplingParams
+from kvrt.models.progress import Progress
+from kvrt.generation.sampling import SamplingParams
 
 
 @dataclass
@@ -269,8 +269,8 @@ def run_eval(model, settings: Settings, out: Path, overwrite: bool = False, prog
     """Run (or resume) every cell, here or sharded over Ray workers (`ray_address`: a cluster's
     address, "auto" for the running one, "local" to start one with `workers` workers); this
     process alone writes the files. `batch` > 1 decodes that many samples of a cell together
-    (kvrt.batch; greedy predictions equal batch 1's). `progress`: True shows it on stderr, False
-    stays silent, or a factory made like `kvrt.progress.Progress`. Returns {"cells": n, "written": n}."""
+    (kvrt.generation.batch; greedy predictions equal batch 1's). `progress`: True shows it on stderr, False
+    stays silent, or a factory made like `kvrt.models.progress.Progress`. Returns {"cells": n, "written": n}."""
     show = progress_factory(progress)
     prepare_out(out, settings, overwrite)
     plans = plan_cells(model, settings, cells(settings, model.context_length, report), out, report, show)

@@ -1,0 +1,5 @@
+"""`python -m kvrt.cli`, the same as the `kvrt` command."""
+
+from kvrt.cli.commands import main
+
+main()
