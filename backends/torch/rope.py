@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from kvrt.models.config import ModelArgs, rope_attention_factor, rope_inv_freq, rope_type
+from kvrt.models.config import ModelArgs
+from kvrt.models.rope import rope_attention_factor, rope_inv_freq, rope_type
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 
 from kvrt.models import gguf_archs
 from kvrt.errors import KvrtError
-from kvrt.models.config import llama3_scaled, yarn_attention_factor
+from kvrt.models.rope import llama3_scaled, yarn_attention_factor
 from kvrt.models.progress import Progress, quiet
 
 # GGUF architecture -> (HF architecture class, HF model_type)

@@ -192,7 +192,7 @@ def test_longrope_frequencies_and_attention_factor_equal_transformers(folders):
     from transformers import AutoConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from kvrt.models.config import rope_attention_factor, rope_inv_freq
+    from kvrt.models.rope import rope_attention_factor, rope_inv_freq
 
     folder = folders("phi3-longrope")
     config, args = AutoConfig.from_pretrained(folder), ModelArgs.from_folder(folder)

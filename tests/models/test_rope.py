@@ -19,7 +19,8 @@ from gguf_fixtures import hf_folder_to_gguf, llama3_rope_freqs, write_tiny_hf_mo
 from kvrt.backends.torch.runtime import TorchRuntime
 from kvrt.errors import KvrtError
 from kvrt.models.gguf_convert import convert_gguf, llama3_from_rope_freqs
-from kvrt.models.config import ModelArgs, context_length, read_config, rope_attention_factor, rope_inv_freq
+from kvrt.models.config import ModelArgs, context_length, read_config
+from kvrt.models.rope import rope_attention_factor, rope_inv_freq
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64}
