@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -56,9 +56,30 @@ class SeqBuffer:
     @staticmethod
     def grown_capacity(capacity: int, needed: int, step: int) -> int:
         """The capacity a buffer of `capacity` rows grows to when it must hold `needed` (> capacity):
-        by at least an eighth, in whole steps (kvrt/cache/admission.py reserves memory by the same rule)."""
+        by at least an eighth, in whole steps (admission reserves memory by this rule: `capacity_after`)."""
         target = max(needed, capacity + capacity // 8)
         return -(-target // step) * step
+
+    @classmethod
+    def capacity_after(cls, appends: Iterable[int], step: int = 64, singles: int = 0) -> int:
+        """Rows a buffer of this `step` allocates when fed these appends (row counts) one after another,
+        then `singles` appends of one row each (decode), counted in as many steps as it grows."""
+        capacity = length = 0
+        for rows in appends:
+            length += rows
+            if length > capacity:
+                capacity = cls.grown_capacity(capacity, length, step)
+        while capacity < length + singles:
+            capacity = cls.grown_capacity(capacity, capacity + 1, step)
+        return capacity
+
+    @staticmethod
+    def sliding_capacity(held: int, step: int = 64) -> int:
+        """A bound on the rows allocated by a buffer that never holds more than `held` rows, dropping
+        its oldest (a sliding window): up to a step dropped but not yet released (`drop_front`), and
+        growth by an eighth in whole steps."""
+        rows = held + step
+        return rows + rows // 8 + step
 
     def _grow(self, like: Array, needed: int) -> None:
         capacity = self.grown_capacity(self.capacity, needed, self.step)

@@ -13,7 +13,6 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from kvrt.cache import rows as batch_rows
 from kvrt.cache.attention import merge_partials
 from kvrt.cache.methods.base import Candidates, selection
 from kvrt.cache.ops import Array, Ops
@@ -40,14 +39,14 @@ class LayerCache:
         self.quantized = quantization.new_tier(ops, layer_idx) if quantization is not None else None
         optional = [t for t in (self.quantized, self.calibration) if t is not None]
         self.tiers = [self.kept, self.newest] + optional
-        self.accumulated = None  # H2O: float32 [B, Hkv, kept + newest], attention each token received
+        # the eviction method's per-token state over the kept and newest tokens (H2O's sums), or None
+        self.token_state = eviction.new_token_state(ops) if eviction is not None else None
         self.budget = None  # tokens kept per KV head, fixed by the first chunk (the prompt); per row in a batch
         # absolute positions of the newest tier's first token and of the next token: ints, or one
         # per row (numpy) in a batch whose rows differ
         self.newest_start = 0
         self.offset = 0
         self.rows = 1
-        self.unscored = 0  # newest tokens H2O's sums do not cover yet (the chunk being attended)
         self.holding = False  # more of the prompt follows: compress once it is all in (see KVCache.hold)
 
     def _set_tiers(self) -> None:
@@ -64,12 +63,14 @@ class LayerCache:
         self.newest.append(k, v)
         self.offset = self.offset + k.shape[2]  # a new value: per-row offsets may be shared (newest_start)
         out = self._attention(q, scale, base)
-        self.unscored = k.shape[2]
+        if self.token_state is not None:
+            self.token_state.appended(k.shape[2])
         if self.rows > 1:
             self._compress_rows(q, scale)
         else:
             self._compress(q, scale)
-        self.unscored = 0
+        if self.token_state is not None:
+            self.token_state.settled()
         return out
 
     def prefilled(self, q: Array, k: Array, v: Array, scale: float) -> None:
@@ -90,11 +91,10 @@ class LayerCache:
         turns) and decode tokens flow through the residual into the quantized tier. A local
         layer first lets go of the tokens that left its window, then evicts among the rest."""
         evicts = self.eviction is not None and (self.quantized is None or q.shape[2] > 1)
-        keys = None  # the candidates' keys, once built (H2O's sums and the eviction read the same)
-        if evicts and self.eviction.accumulates:  # H2O's sums cover every chunk, held ones included
+        keys = None  # the candidates' keys, once built (the token state and the eviction read the same)
+        if evicts and self.token_state is not None:  # the token state takes in every chunk, held ones included
             keys = self._after_kept(self.kept.k, self.newest.keys.view())
-            self.accumulated = self.eviction.accumulate(self.ops, self.accumulated, q, keys, scale, self.query_block)
-            self.unscored = 0
+            self.token_state.observe(q, keys, scale, self.query_block)
         if self.window is not None:
             slide(self)
             keys = None  # the window let tokens go
@@ -161,13 +161,15 @@ class LayerCache:
             return
         positions = self._after_kept(kept.positions, self._positions(self.newest_start, newest.length, keys))
         offset = self._per_row(self.offset, keys)
-        candidates = Candidates(keys, positions, self.accumulated, q, scale, offset, self.budget)
+        state = self.token_state
+        candidates = Candidates(keys, positions, state.values if state is not None else None, q, scale, offset,
+                                self.budget)
         scores = method.scores(ops, candidates)
         keep, drop = selection(ops, scores, self.budget)
         values = self._after_kept(kept.v, newest.values.view())
         kept.replace(ops.gather_seq(keys, keep), ops.gather_seq(values, keep), ops.gather_seq(positions, keep))
-        if self.accumulated is not None:
-            self.accumulated = ops.gather_seq(self.accumulated, keep)
+        if state is not None:
+            state.select(keep)
         if self.calibration is not None:
             evicted = (ops.gather_seq(keys, drop), ops.gather_seq(values, drop), ops.gather_seq(scores, drop))
             self.calibration.add_evicted(*evicted, q, scale)
@@ -203,8 +205,8 @@ class LayerCache:
         else:  # eviction just moved every token into the kept tier
             keys, values = kept.k, kept.v
         self.quantized.add(keys[..., :m, :], values[..., :m, :])
-        if self.accumulated is not None:  # H2O's scores follow the tokens still in full precision
-            self.accumulated = self.accumulated[..., m:]
+        if self.token_state is not None:  # the token state follows the tokens still in full precision
+            self.token_state.drop_front(m)
         if m < kept.length:  # the rest of the kept tokens stay in full precision, copied out of the old arrays
             rest = [self.ops.concat([a[..., m:, :]], axis=2) for a in (kept.k, kept.v)]
             kept.replace(*rest, self.ops.concat([kept.positions[..., m:]], axis=2))
@@ -224,8 +226,8 @@ class LayerCache:
             n = min(n, max(0, self.offset - self.window + 1 - self.newest_start))
         n = self.newest.trim(n)
         self.offset = self.offset - n
-        if n and self.accumulated is not None:
-            self.accumulated = self.accumulated[..., : self.accumulated.shape[2] - n]
+        if self.token_state is not None:
+            self.token_state.drop_back(n)
         return n
 
     # --- rows of a batch (kvrt/cache/rows.py) -----------------------------------------------
@@ -243,7 +245,8 @@ class LayerCache:
             return self._compress(q, scale)  # every row in the same state: no regrouping
         if not groups:
             return
-        if not evicts and self.window is None and self.accumulated is None:  # a quantizer's flush only
+        held_state = self.token_state is not None and self.token_state.values is not None
+        if not evicts and self.window is None and not held_state:  # a quantizer's flush (it moves no token state)
             for rows in groups.values():
                 self._flush_rows(rows)
             return
@@ -255,7 +258,8 @@ class LayerCache:
         for rows in groups.values():
             part = self.take(rows)
             part._compress(self.ops.take_rows(q, rows), scale)
-            part.unscored = 0  # its H2O sums now cover the new token
+            if part.token_state is not None:
+                part.token_state.settled()  # its token state now covers the new token
             parts.append(part)
             order += rows
         merged = stack_layers(parts)
@@ -296,7 +300,7 @@ class LayerCache:
         if self.window is not None:
             return True  # its window moves on every step
         held = (int(self.kept.lengths()[b]) if self.kept.length else 0) + int(self.newest.lengths()[b])
-        if evicts and (self.eviction.accumulates or held > _row_value(self.budget, b)):
+        if evicts and (self.token_state is not None or held > _row_value(self.budget, b)):  # a state takes each token
             return True
         return self.quantized is not None and self.quantized.config.groups_to_flush(held) > 0
 
@@ -326,12 +330,8 @@ class LayerCache:
         out._set_tiers()
         out.newest_start, out.offset, out.budget = (_rows_of(x, rows) for x in (self.newest_start, self.offset,
                                                                                  self.budget))
-        if self.accumulated is not None:  # laid out as [kept tokens | newest tokens], each padded
-            split = self.kept.length
-            kept = batch_rows.take(self.ops, self.accumulated[..., :split], rows, -1, out.kept.length)
-            scored = out.newest.length - self.unscored
-            newest = batch_rows.take(self.ops, self.accumulated[..., split:], rows, -1, scored)
-            out.accumulated = self.ops.concat([kept, newest], axis=2) if out.kept.length else newest
+        if self.token_state is not None:
+            out.token_state = self.token_state.take(rows, self.kept.length, out.kept.length, out.newest.length)
         return out
 
     def _like(self, rows: int) -> "LayerCache":
@@ -339,8 +339,8 @@ class LayerCache:
         out.ops, out.layer_idx, out.num_layers = self.ops, self.layer_idx, self.num_layers
         out.query_block, out.eviction, out.budget = self.query_block, self.eviction, self.budget
         out.window = self.window
-        out.quantized = out.calibration = out.accumulated = None
-        out.rows, out.unscored, out.holding = rows, self.unscored, self.holding
+        out.quantized = out.calibration = out.token_state = None
+        out.rows, out.holding = rows, self.holding
         return out
 
     def _adopt(self, other: "LayerCache") -> None:
@@ -348,7 +348,7 @@ class LayerCache:
         self.__dict__.update(other.__dict__)
 
     def arrays(self) -> list[Array]:
-        extra = [self.accumulated] if self.accumulated is not None else []
+        extra = self.token_state.arrays() if self.token_state is not None else []
         return [a for tier in self.tiers for a in tier.arrays()] + extra
 
     def nbytes(self) -> int:
@@ -398,13 +398,9 @@ def stack_layers(parts: Sequence[LayerCache]) -> LayerCache:
             raise ValueError("rows that have compressed and rows that have not cannot share a batch")
     for attr in ("newest_start", "offset") + (("budget",) if first.budget is not None else ()):
         setattr(out, attr, _shared(_per_row_values(parts, attr)))
-    if any(p.accumulated is not None for p in parts):
-        ops = first.ops
-        kept = [p.accumulated[..., : p.kept.length] if p.kept.length else None for p in parts]
-        newest = [p.accumulated[..., p.kept.length :] for p in parts]
-        kept_all = batch_rows.stack(ops, kept, counts, -1, 0.0)
-        newest_all = batch_rows.stack(ops, newest, counts, -1, 0.0)
-        out.accumulated = newest_all if kept_all is None else ops.concat([kept_all, newest_all], axis=2)
+    if first.token_state is not None:
+        out.token_state = type(first.token_state).stack([p.token_state for p in parts], [p.kept.length for p in parts],
+                                                        counts)
     return out
 
 
@@ -432,6 +428,13 @@ class KVCache:
     def rows(self) -> int:
         """Sequences this cache holds (a batch has several)."""
         return self.layers[0].rows
+
+    @property
+    def last_chunk_min(self) -> int:
+        """The fewest tokens the last chunk of a prompt fed in chunks may have, so that it compresses as
+        the whole prompt would (SnapKV's observation window); 0 when any chunk will do."""
+        eviction = self.layers[0].eviction
+        return eviction.last_chunk_min if eviction is not None else 0
 
     def offsets(self) -> np.ndarray:
         """The absolute position of each row's next token."""
@@ -482,7 +485,7 @@ class KVCache:
         if quantized:
             held = max(layer.quantized.length + layer.kept.length + layer.newest.length for layer in self.layers
                        if layer.quantized is not None)  # local layers hold their window unquantized
-            traced = [t.traced_per_head() for t in quantized if hasattr(t, "traced_per_head")]
+            traced = [n for n in (t.traced_per_head() for t in quantized) if n is not None]
             stats["quantized"] = {"tokens": max(t.length for t in quantized), "of": held,
                                   "traced": sum(traced) / len(traced) if traced else 0.0}
         paths = getattr(self.ops, "paths", None)

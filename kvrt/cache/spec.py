@@ -71,8 +71,8 @@ class CacheSpec:
 
     def calibration(self):
         """The CaliDrop configuration if the spec has the modifier, else None."""
-        parts = [p for p in self.modifiers if p.name == "calidrop"]
-        return MODIFIER_CLASSES["calidrop"](**parts[0].options) if parts else None
+        parts = [p for p in self.modifiers if p.name in MODIFIER_CLASSES]
+        return MODIFIER_CLASSES[parts[0].name](**parts[0].options) if parts else None
 
     def build(self):
         """(eviction, calibration, quantization), validated: every bad value is one InvalidValue line."""

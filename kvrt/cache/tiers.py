@@ -15,6 +15,7 @@ import numpy as np
 from kvrt.cache import rows as batch_rows
 from kvrt.cache.attention import DenseSegment
 from kvrt.cache.buffer import SeqBuffer
+from kvrt.cache.layer_shape import LayerShape
 from kvrt.cache.ops import Array, Ops
 
 
@@ -86,6 +87,11 @@ class FullPrecisionTier:
     def arrays(self) -> list[Array]:
         """Every array this tier stores (what nbytes counts)."""
         return [buf.stored() for buf in (self.keys, self.values) if buf.data is not None]
+
+    @staticmethod
+    def bytes_for(shape: LayerShape, appends: Sequence[int], singles: int = 0, step: int = 64) -> int:
+        """Bytes its buffers (of `step`) allocate for these appends, then `singles` one-token ones."""
+        return shape.tokens(SeqBuffer.capacity_after(appends, step, singles))
 
 
 class KeptTier:
@@ -160,3 +166,8 @@ class KeptTier:
 
     def arrays(self) -> list[Array]:
         return [a for a in (self.k, self.v, self.positions) if a is not None]
+
+    @staticmethod
+    def bytes_for(shape: LayerShape, tokens: int) -> int:
+        """Bytes of `tokens` kept tokens: k, v and int32 positions, arrays of exactly that length."""
+        return shape.tokens(tokens) + shape.per_head(tokens)

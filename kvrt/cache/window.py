@@ -22,6 +22,8 @@ from __future__ import annotations
 import numpy as np
 
 from kvrt.cache import rows as batch_rows
+from kvrt.cache.buffer import SeqBuffer
+from kvrt.cache.layer_shape import LayerShape
 from kvrt.cache.ops import Array
 
 INF = float("inf")
@@ -43,11 +45,8 @@ def _slide_newest(layer, horizon) -> None:
     drop = np.clip(np.broadcast_to(horizon + 1 - np.asarray(layer.newest_start), lengths.shape), 0, lengths)
     if not drop.any():
         return
-    if layer.accumulated is not None:  # H2O's sums: [kept | newest], the newest part loses the same tokens
-        split = layer.kept.length
-        kept, scored = layer.accumulated[..., :split], layer.accumulated[..., split:]
-        scored = batch_rows.drop_front(layer.ops, scored, drop, newest.lengths(), axis=-1)
-        layer.accumulated = layer.ops.concat([kept, scored], axis=2) if split else scored
+    if layer.token_state is not None:  # the method's per-token state loses the same tokens
+        layer.token_state.drop_newest_front(layer.kept.length, drop, lengths)
     newest.drop_front(drop)
     start = layer.newest_start + drop
     layer.newest_start = int(start[0]) if (start == start[0]).all() else start
@@ -65,15 +64,19 @@ def _slide_kept(layer, horizon) -> None:
     # alive tokens first, each group in its stored order (stable sort on a key that ranks them so)
     index = ops.to_float32(ops.positions(0, length, like=kept.positions))
     order = ops.argsort_desc(ops.where(alive, 2.0 * length - index, length - index))[..., :longest]
-    if layer.accumulated is not None:
-        scored = layer.accumulated[..., length:]
-        picked = ops.gather_seq(layer.accumulated[..., :length], order)
-        layer.accumulated = ops.concat([picked, scored], axis=2) if longest else scored
+    if layer.token_state is not None:
+        layer.token_state.reorder_kept(length, order)
     if not longest:
         kept.replace(None, None, None)
         return
     kept.replace(ops.gather_seq(kept.k, order), ops.gather_seq(kept.v, order), ops.gather_seq(kept.positions, order))
     kept.row_lengths = batch_rows.ragged(counts.max(axis=1))
+
+
+def local_layer_bytes(shape: LayerShape, window: int, tokens: int) -> int:
+    """The most bytes a local layer holds over a request of `tokens` tokens: at most its window, in a
+    newest tier whose buffers drop their oldest tokens whole steps at a time."""
+    return shape.tokens(SeqBuffer.sliding_capacity(min(tokens, window)))
 
 
 def kept_bias(layer, first_query, count: int) -> Array:

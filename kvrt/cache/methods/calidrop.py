@@ -41,7 +41,8 @@ from kvrt.cache import rows as batch_rows
 from kvrt.cache.attention import DenseSegment, merge_partials
 from kvrt.errors import InvalidValue
 from kvrt.cache.methods.base import selection
-from kvrt.cache.methods.evicted_store import check_offload, evicted_store, paired_partial
+from kvrt.cache.layer_shape import LayerShape
+from kvrt.cache.methods.evicted_store import check_offload, evicted_store, evicted_store_bytes, paired_partial
 from kvrt.cache.ops import Array, Ops
 
 BRANCHES = ("calibrate", "recompute", "skip")
@@ -77,6 +78,23 @@ class CaliDrop:
 
     def new_tier(self, ops: Ops) -> "CalibrationTier":
         return CalibrationTier(ops, self)
+
+    def layer_bytes(self, shape: LayerShape, evicted: int, prompt: int, budget: int) -> int:
+        """The most bytes a layer's tier holds over a request that evicts `evicted` tokens in all (the
+        prompt's beyond the `budget` at once, then one a decode step for StreamingLLM, H2O): the store
+        of evicted tokens and their float32 scores (a capped tier's only), and per query head the proxy,
+        the partial out and lse (and rule=taylor's mean key); the branch counts."""
+        vectors = shape.query_heads * (shape.dim * 4 + shape.dim * shape.itemsize + 4) + 3 * 4
+        if self.rule == "taylor":
+            vectors += shape.query_heads * shape.dim * 4
+        if self.recompute == "never" or not evicted:
+            return vectors
+        first = max(prompt - budget, 0)
+        cap = self.calibration_size
+        if cap and evicted > cap:
+            first, evicted = min(first, cap), cap + 1  # a capped tier is rebuilt at the cap, then takes one
+        pairs = evicted_store_bytes(shape, self.offload, first, evicted - first)
+        return vectors + pairs + (shape.per_head(evicted) if cap else 0)
 
 
 class CalibrationTier:

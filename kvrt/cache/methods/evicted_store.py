@@ -10,6 +10,8 @@ import numpy as np
 from kvrt.cache import rows as batch_rows
 from kvrt.cache.attention import merge_partials
 from kvrt.cache.buffer import SeqBuffer
+from kvrt.cache.layer_shape import LayerShape
+from kvrt.cache.methods.kivi import KIVI
 from kvrt.errors import InvalidValue
 from kvrt.cache.ops import Array, Ops
 
@@ -35,6 +37,14 @@ def evicted_store(ops: Ops, offload: str):
     """Full precision in host memory (offload=none), or quantized on the device, 4-14x smaller."""
     check_offload(offload)
     return FullStore(ops, host=True) if offload == "none" else QuantizedStore(ops, int(offload[3:]))
+
+
+def evicted_store_bytes(shape: LayerShape, offload: str, first: int, more: int) -> int:
+    """The most bytes `evicted_store(ops, offload)` holds for a layer of this shape that evicts `first`
+    tokens at once, then `more` one at a time."""
+    if offload == "none":
+        return FullStore.bytes_for(shape, first, more)
+    return QuantizedStore.bytes_for(shape, int(offload[3:]), first, more)
 
 
 class FullStore:
@@ -106,14 +116,17 @@ class FullStore:
     def arrays(self) -> list[Array]:
         return [self.pairs.stored()] if self.pairs.data is not None else []
 
+    @staticmethod
+    def bytes_for(shape: LayerShape, first: int, more: int, step: int = 64) -> int:
+        """Its pairs buffer after `first` tokens at once (none if 0), then `more` one at a time."""
+        return shape.tokens(SeqBuffer.capacity_after([first] * bool(first), step, more))
+
 
 class QuantizedStore:
     """Evicted tokens in whole quantized groups, the last partial group in full precision; on the device."""
 
     def __init__(self, ops: Ops, bits: int):
-        from kvrt.cache.methods.kivi import KIVI
-
-        self.ops, self.config = ops, KIVI(bits=bits, group=OFFLOAD_GROUP, residual=0)
+        self.ops, self.config = ops, self.format(bits)
         self.groups = self.config.new_tier(ops)
         self.rest = FullStore(ops, step=OFFLOAD_GROUP)  # less than a group waits here between flushes
 
@@ -181,3 +194,14 @@ class QuantizedStore:
 
     def arrays(self) -> list[Array]:
         return self.groups.arrays() + self.rest.arrays()
+
+    @staticmethod
+    def format(bits: int) -> KIVI:
+        """kvrt's KIVI format for it: groups of OFFLOAD_GROUP tokens, flushed whole (no residual)."""
+        return KIVI(bits=bits, group=OFFLOAD_GROUP, residual=0)
+
+    @classmethod
+    def bytes_for(cls, shape: LayerShape, bits: int, first: int, more: int) -> int:
+        """Its groups and full-precision rest (buffers of a group) after `first` tokens at once, then
+        `more` one at a time: a quantized layer's, with nothing evicted from it."""
+        return cls.format(bits).layer_bytes(shape, 0, first, first, more, None, OFFLOAD_GROUP)

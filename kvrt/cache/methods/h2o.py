@@ -11,13 +11,30 @@ from __future__ import annotations
 from kvrt.errors import InvalidValue
 from kvrt.cache.methods.base import INF, Candidates, EvictionMethod
 from kvrt.cache.ops import Array, Ops
+from kvrt.cache.token_state import TokenState
+
+
+class AttentionSums(TokenState):
+    """H2O's per-layer state: the attention each full-precision token has received, float32 [B, Hkv, S]."""
+
+    def observe(self, q: Array, keys: Array, scale: float, block: int) -> None:
+        """Add the chunk's attention to each candidate's running sum. The sums before it cover all but
+        the chunk's own T tokens, whose sums start at zero."""
+        ops, before = self.ops, self.values
+        seen = accumulated_attention(ops, q, keys, scale, block)
+        if before is None:
+            self.values = seen
+        else:
+            b, h, t = seen.shape[0], seen.shape[1], q.shape[2]
+            self.values = seen + ops.concat([before, ops.full((b, h, t), 0.0, before)], axis=2)
+        self.unscored = 0
 
 
 class H2O(EvictionMethod):
     name = "h2o"
     options = {**EvictionMethod.options, "recent": float}
     evicts_during_decode = True
-    accumulates = True
+    token_state = AttentionSums
 
     def __init__(self, budget=None, ratio=None, recent: float = 0.5):
         if not 0 <= recent <= 1:
@@ -25,19 +42,10 @@ class H2O(EvictionMethod):
         self.recent = recent  # share of the budget given to the most recent tokens
         super().__init__(budget, ratio)
 
-    def accumulate(self, ops: Ops, before: Array | None, q: Array, keys: Array, scale: float, block: int) -> Array:
-        """Add the chunk's attention to each candidate's running sum: float32 [B, Hkv, S].
-        `before` covers all but the chunk's own T tokens, whose sums start at zero."""
-        seen = accumulated_attention(ops, q, keys, scale, block)
-        if before is None:
-            return seen
-        b, h, t = seen.shape[0], seen.shape[1], q.shape[2]
-        return seen + ops.concat([before, ops.full((b, h, t), 0.0, before)], axis=2)
-
     def scores(self, ops: Ops, c: Candidates) -> Array:
         window = max(1, int(round(c.budget * self.recent)))
         recent = c.positions > c.offset - 1 - window  # the window newest positions (always contiguous)
-        return ops.where(recent, ops.full(c.accumulated.shape, INF, c.accumulated), c.accumulated)
+        return ops.where(recent, ops.full(c.state.shape, INF, c.state), c.state)
 
 
 def accumulated_attention(ops: Ops, q: Array, k: Array, scale: float, block: int) -> Array:

@@ -19,6 +19,8 @@ import numpy as np
 from kvrt.cache import rows as batch_rows
 from kvrt.cache.attention import PackedSegment, merge_partials
 from kvrt.cache.buffer import SeqBuffer
+from kvrt.cache.layer_shape import LayerShape
+from kvrt.cache.tiers import FullPrecisionTier, KeptTier
 from kvrt.errors import InvalidValue
 from kvrt.cache.ops import Array, Ops
 from kvrt.cache.quant import QuantizedKeys, QuantizedValues, codes_per_word, dequantize_keys, dequantize_values
@@ -46,12 +48,41 @@ class KIVI:
         brought down to a divisor of the head dim (gcd(group, head_dim))."""
         return self.value_group or gcd(self.group, head_dim)
 
+    def tier_type(self, layer_idx: int) -> type["QuantizedTier"]:
+        """The quantized tier layer `layer_idx` stores its groups in."""
+        return QuantizedTier
+
     def new_tier(self, ops: Ops, layer_idx: int = 0) -> "QuantizedTier":
-        return QuantizedTier(ops, self)
+        return self.tier_type(layer_idx)(ops, self)
 
     def groups_to_flush(self, residual_length: int) -> int:
         """How many whole groups leave the residual, keeping at least `residual` tokens there."""
         return max(residual_length - self.residual, 0) // self.group
+
+    def layer_bytes(self, shape: LayerShape, layer: int, kept: int, prompt: int, new: int, budget: int | None,
+                    step: int = 64) -> int:
+        """The most bytes a quantized layer holds over a request: its full-precision tokens (at most
+        residual + group, in buffers of `step` rows), the groups as their buffers grow (a prompt's
+        groups at once, then one a flush) with what its tier keeps beside them (`stored_bytes`), at the
+        worst moment, since the full-precision part shrinks as the groups grow. `kept`: the tokens the
+        prompt leaves after eviction (of a `budget`; None: no eviction), then `new` tokens one at a time."""
+        r, g = self.residual, self.group
+        first = max(kept - r, 0) // g * g  # flushed with the prompt
+        last = max(kept + new - r, 0) // g * g
+        rest = kept - first  # full-precision tokens right after the prompt
+        flushes = [first // g] * bool(first) + [1] * ((last - first) // g)  # in groups
+        tier = self.tier_type(layer)
+        packed = [tier.stored_bytes(self, shape, flushes[:n]) for n in range(len(flushes) + 1)]
+        if kept + new <= r + g:  # never flushes during decode
+            return FullPrecisionTier.bytes_for(shape, [kept], new, step) + packed[-1]
+        residual = FullPrecisionTier.bytes_for(shape, [r], g, step)  # re-stored at each flush, then filled up
+        if budget is not None and prompt > budget:  # evicted: the kept tier hands its tokens over a group a flush
+            done = bool(first)
+            phases = [KeptTier.bytes_for(shape, left) + FullPrecisionTier.bytes_for(shape, [], r + g - left, step)
+                      + packed[done + k]
+                      for k, left in enumerate(range(rest, 0, -g))]
+            return max(phases + [residual + packed[-1]])
+        return max(FullPrecisionTier.bytes_for(shape, [rest], r + g - rest, step), residual) + packed[-1]
 
 
 class QuantizedTier:
@@ -210,6 +241,21 @@ class QuantizedTier:
     def extra_partials(self, q: Array, scale: float, heads: list[int] | None) -> list:
         """Partials over tokens this tier keeps beside the groups (OTT's outlier pools); none here."""
         return []
+
+    @classmethod
+    def stored_bytes(cls, config: KIVI, shape: LayerShape, flushes: list[int]) -> int:
+        """Its arrays after these flushes (in groups): packed codes, scales and zeros in buffers of one
+        row a step (`buffers`), and what a subclass keeps beside them."""
+        per, gv, g, d = codes_per_word(config.bits), config.value_group_for(shape.dim), config.group, shape.dim
+        word, scale = 4, shape.itemsize  # int32 code words; scales and zeros in the model dtype
+        total = SeqBuffer.capacity_after([n * g // per for n in flushes], 1) * d * word  # key codes
+        total += 2 * SeqBuffer.capacity_after(flushes, 1) * d * scale  # key scale, zero
+        total += SeqBuffer.capacity_after([n * g for n in flushes], 1) * (d // per * word + 2 * d // gv * scale)
+        return total * shape.heads
+
+    def traced_per_head(self) -> float | None:
+        """Tokens kept out of the groups per KV head (OTT's outlier pools, for --verbose); None: it traces none."""
+        return None
 
     def trim(self, n: int) -> int:
         return 0  # quantized tokens cannot be un-fed; only the residual rewinds

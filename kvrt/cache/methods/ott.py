@@ -26,6 +26,7 @@ from typing import Sequence
 from kvrt.cache import rows as batch_rows
 from kvrt.cache.attention import DenseSegment
 from kvrt.cache.buffer import SeqBuffer
+from kvrt.cache.layer_shape import LayerShape
 from kvrt.errors import InvalidValue
 from kvrt.cache.methods.kivi import KIVI, QuantizedTier
 from kvrt.cache.ops import Array, Ops
@@ -48,8 +49,8 @@ class OTT(KIVI):
             raise InvalidValue(f"ott: overflow and skip_layers must be >= 0, got {overflow} and {skip_layers}")
         self.outliers, self.overflow, self.skip_layers = outliers, overflow, skip_layers
 
-    def new_tier(self, ops: Ops, layer_idx: int = 0) -> QuantizedTier:
-        return QuantizedTier(ops, self) if layer_idx < self.skip_layers else TracedTier(ops, self)
+    def tier_type(self, layer_idx: int) -> type[QuantizedTier]:
+        return QuantizedTier if layer_idx < self.skip_layers else TracedTier
 
 
 class TracedTier(QuantizedTier):
@@ -212,6 +213,16 @@ class TracedTier(QuantizedTier):
 
     def extra_segments(self) -> list:
         return [DenseSegment(k, v, None, bias) for k, v, bias in self.pools()]
+
+    @classmethod
+    def stored_bytes(cls, config: OTT, shape: LayerShape, flushes: list[int]) -> int:
+        """KIVI's groups, and once it has traced: the pools (k/v, norms, flags) and each group's slots."""
+        total = super().stored_bytes(config, shape, flushes)
+        if config.outliers and flushes:
+            o, c = config.outliers, config.overflow
+            total += shape.tokens(o + c) + shape.per_head(o + c)  # pool and overflow k/v, norms and flags
+            total += SeqBuffer.capacity_after([], 1, sum(flushes)) * shape.heads * o * 4  # int32 slots, a group a row
+        return total
 
     def traced_per_head(self) -> float:
         """Tokens held in the outlier and overflow pools, averaged over KV heads (for --verbose)."""

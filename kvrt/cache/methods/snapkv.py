@@ -30,6 +30,10 @@ class SnapKV(EvictionMethod):
         self.window, self.kernel, self.pool = window, kernel, pool
         super().__init__(budget, ratio)
 
+    @property
+    def last_chunk_min(self) -> int:
+        return self.window  # the observation window's queries must all be in the prompt's last chunk
+
     def min_budget(self) -> int:
         return self.window
 
