@@ -67,7 +67,7 @@ def transformers_engine(folder: str):
 def worker(engine: str, folder: str, length: int, new_tokens: int, repeats: int) -> dict:
     import torch
 
-    from kvrt.models.memory import peak_rss_bytes
+    from kvrt.models.runtime import peak_rss_bytes
     from kvrt.models.tokenizer import Tokenizer
 
     torch.set_num_threads(1)

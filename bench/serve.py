@@ -53,14 +53,15 @@ def peak_bytes(runtime, spec: str, ids: list[int], new: int) -> int:
 
 def decode_ratio(model, prompt: list[int], rows: int, steps: int) -> tuple[float, float]:
     """(decode tok/s at B = rows, at B = 1) over the same prompt, full cache, greedy."""
-    from kvrt.generation.batch import Batch, Row
+    from kvrt.generation.request import Request
+    from kvrt.generation.scheduler import Batch
     from kvrt.generation.sampling import SamplingParams
     from kvrt.cache.spec import CacheSpec
 
     def rate(count: int) -> float:
         made = []
         for _ in range(count):
-            row = Row(model, prompt, CacheSpec.parse("full"), SamplingParams(), steps + 2)
+            row = Request(model, prompt, CacheSpec.parse("full"), SamplingParams(), steps + 2)
             while not row.prefill(512):
                 pass
             row.start()

@@ -13,8 +13,8 @@ if not _os.path.isdir(_os.path.join(__path__[0], "backends")) and _os.path.isfil
 
 # what `kvrt.X` names, loaded on first use so that `import kvrt` stays light
 _EXPORTS = {
-    "Model": "kvrt.api", "Generation": "kvrt.api", "TextStream": "kvrt.generation.chat", "ChatSession": "kvrt.generation.chat",
-    "GenerationStats": "kvrt.generation.generate", "SamplingParams": "kvrt.generation.sampling", "CacheSpec": "kvrt.cache.spec",
+    "Model": "kvrt.api", "Generation": "kvrt.api", "TextStream": "kvrt.generation.stream", "ChatSession": "kvrt.generation.chat",
+    "GenerationStats": "kvrt.generation.stats", "SamplingParams": "kvrt.generation.sampling", "CacheSpec": "kvrt.cache.spec",
     "KvrtError": "kvrt.errors", "InvalidValue": "kvrt.errors",
 }
 __all__ = ["load", *_EXPORTS]

@@ -10,9 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from kvrt.generation.chat import ChatSession, TextStream
 from kvrt.errors import InvalidValue, KvrtError
-from kvrt.generation.generate import GenerationStats, stream_text
+from kvrt.generation.chat import ChatSession
+from kvrt.generation.request import Request
+from kvrt.generation.scheduler import run_requests
+from kvrt.generation.stats import GenerationStats
+from kvrt.generation.stream import TextStream, stream_alone
 from kvrt.models.loading import load_runtime
 from kvrt.models.config import context_length, read_config
 from kvrt.models.store import resolve_model
@@ -106,10 +109,9 @@ class Model:
         lengths)."""
         if not ids:
             raise InvalidValue("no prompt token ids to start from")
-        stats = GenerationStats(prompt_tokens=len(ids))
-        pieces = stream_text(self.runtime, self.tokenizer, list(ids), self.runtime.new_cache(CacheSpec.parse(cache)),
-                             params or SamplingParams(), max_tokens, stop, stats, progress=progress)
-        return TextStream(pieces, stats)
+        request = Request(self, ids, CacheSpec.parse(cache), params or SamplingParams(), max_tokens, stop,
+                          progress=progress)
+        return stream_alone(self, request)
 
     def generate_ids(self, ids: Sequence[int], **kwargs) -> Generation:
         """The whole completion of prompt ids at once, with its stats."""
@@ -129,7 +131,7 @@ class Model:
         chat_template: bool = True, cache: str | CacheSpec = "full", stop: Sequence[str] = (),
         truncate: bool = False, params: SamplingParams | None = None, max_batch: int = 8, **sampling,
     ) -> list[Generation]:
-        """One Generation per prompt, decoded together (kvrt.generation.batch: one model call per step for all
+        """One Generation per prompt, decoded together (kvrt.generation.scheduler: one model call per step for all
         rows, each over its own compressed cache); greedy text equals each prompt's text alone."""
         ids = [self.encode_prompt(p, system_prompt, chat_template) for p in prompts]
         fitted = [self.fit_prompt(i, max_tokens, truncate) for i in ids]
@@ -143,24 +145,21 @@ class Model:
                            stop: Sequence[str] = (), params: SamplingParams | None = None, max_batch: int = 8,
                            **sampling) -> list[Generation]:
         """`generate_batch` for already-tokenized prompts (kvrt eval --batch)."""
-        from kvrt.generation.batch import Row, generate_rows
-
         if max_batch < 1:
             raise InvalidValue(f"max_batch must be >= 1, got {max_batch}")
         if any(not ids for ids in prompts):
             raise InvalidValue("no prompt token ids to start from")
         params = params or SamplingParams(**sampling)
         spec = CacheSpec.parse(cache)
-        rows = [Row(self, ids, spec, params, max_tokens, stop) for ids in prompts]
-        generate_rows(self, rows, max_batch=max_batch)
-        return [Generation(row.text, row.stats) for row in rows]
+        requests = [Request(self, ids, spec, params, max_tokens, stop) for ids in prompts]
+        run_requests(self, requests, max_batch=max_batch)
+        return [Generation(request.text, request.stats) for request in requests]
 
     def chat_session(self, system_prompt: str | None = None, cache: str | CacheSpec = "full",
                      overflow: str = "drop") -> ChatSession:
         """A multi-turn session that keeps its cache between turns (see kvrt.generation.chat); a turn that would
         not fit the context drops the oldest turns (`overflow="drop"`) or raises (`"stop"`)."""
-        return ChatSession(self.runtime, self.tokenizer, system_prompt, CacheSpec.parse(cache),
-                           context_length=self.context_length, overflow=overflow)
+        return ChatSession(self, system_prompt, CacheSpec.parse(cache), overflow=overflow)
 
     def chat(self, messages: list[dict], *, max_tokens: int = 256, stop: Sequence[str] = (),
              cache: str | CacheSpec = "full", params: SamplingParams | None = None, **sampling) -> Generation:

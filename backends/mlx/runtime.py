@@ -13,8 +13,7 @@ from kvrt.backends.mlx.cache_adapter import MLXLayerCache, install_attention
 from kvrt.backends.mlx.ops import MLXOps
 from kvrt.cache.kvcache import KVCache
 from kvrt.errors import KvrtError
-from kvrt.generation.generate import check_token_ids
-from kvrt.models.memory import peak_rss_bytes
+from kvrt.models.runtime import check_token_ids, peak_rss_bytes
 from kvrt.models.config import (GLOBAL, LOCAL, ModelArgs, decoder_config, layer_types, layer_windows,
                                local_rope_parameters, read_config, rope_parameters)
 

@@ -15,8 +15,7 @@ from kvrt.backends.torch.model import Transformer
 from kvrt.backends.torch.ops import TorchOps
 from kvrt.cache.kvcache import KVCache
 from kvrt.errors import KvrtError
-from kvrt.generation.generate import check_token_ids
-from kvrt.models.memory import peak_rss_bytes
+from kvrt.models.runtime import check_token_ids, peak_rss_bytes
 from kvrt.models.config import ModelArgs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

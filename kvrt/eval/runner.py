@@ -269,7 +269,7 @@ def run_eval(model, settings: Settings, out: Path, overwrite: bool = False, prog
     """Run (or resume) every cell, here or sharded over Ray workers (`ray_address`: a cluster's
     address, "auto" for the running one, "local" to start one with `workers` workers); this
     process alone writes the files. `batch` > 1 decodes that many samples of a cell together
-    (kvrt.generation.batch; greedy predictions equal batch 1's). `progress`: True shows it on stderr, False
+    (kvrt.generation.scheduler; greedy predictions equal batch 1's). `progress`: True shows it on stderr, False
     stays silent, or a factory made like `kvrt.models.progress.Progress`. Returns {"cells": n, "written": n}."""
     show = progress_factory(progress)
     prepare_out(out, settings, overwrite)

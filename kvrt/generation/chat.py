@@ -13,32 +13,11 @@ from __future__ import annotations
 from typing import Callable, Iterator, Sequence
 
 from kvrt.errors import InvalidValue, KvrtError
-from kvrt.generation.generate import GenerationStats, stream_text
+from kvrt.generation.request import Request
 from kvrt.generation.sampling import SamplingParams
+from kvrt.generation.stream import TextStream, stream_alone
 
 OVERFLOW = ("drop", "stop")
-
-
-class TextStream:
-    """One generation's text as it arrives (iterate it), with that generation's own `stats`."""
-
-    def __init__(self, pieces: Iterator[str], stats: GenerationStats):
-        self.stats = stats
-        self._pieces = pieces
-
-    def __iter__(self) -> "TextStream":
-        return self
-
-    def __next__(self) -> str:
-        return next(self._pieces)
-
-    def text(self) -> str:
-        """The rest of the text, all at once."""
-        return "".join(self)
-
-    def close(self) -> None:
-        """Stop generating; the stats describe the cache as it is."""
-        self._pieces.close()
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -51,15 +30,13 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class ChatSession:
-    def __init__(self, runtime, tokenizer, system_prompt: str | None = None, cache="full",
-                 context_length: int | None = None, overflow: str = "drop"):
+    def __init__(self, model, system_prompt: str | None = None, cache="full", overflow: str = "drop"):
         if overflow not in OVERFLOW:
             raise InvalidValue(f"overflow must be one of {', '.join(OVERFLOW)}, got {overflow!r}")
-        self.runtime = runtime
-        self.tokenizer = tokenizer
+        self.model, self.runtime, self.tokenizer = model, model.runtime, model.tokenizer
         self.system_prompt = system_prompt
         self.spec = cache
-        self.context_length = context_length
+        self.context_length = model.context_length
         self.overflow = overflow
         self.reset()
 
@@ -77,8 +54,14 @@ class ChatSession:
         params = params or SamplingParams(**sampling)
         messages, ids, dropped = self.fitted(self.messages + [{"role": "user", "content": text}], max_tokens)
         self.messages = messages
-        stats = GenerationStats(dropped_turns=dropped)
-        return TextStream(self._reply(ids, params, max_tokens, stop, stats, progress), stats)
+        keep = min(common_prefix(self.cached_ids, ids), len(ids) - 1)  # at least one token must be fed
+        if not self.cache.rewind_to(keep):  # compressed tokens cannot be un-fed: start the cache over
+            self.cache, keep = self.runtime.new_cache(self.spec), 0
+        self.cached_ids = ids[:keep]
+        request = Request(self.model, ids[keep:], self.spec, params, max_tokens, stop, cache=self.cache,
+                          progress=progress)
+        request.stats.dropped_turns = dropped
+        return TextStream(self._reply(ids, request), request.stats)
 
     def fitted(self, messages: list[dict], max_tokens: int) -> tuple[list[dict], list[int], int]:
         """(messages, their prompt ids, turns dropped) that fit the context with `max_tokens` to spare."""
@@ -100,21 +83,15 @@ class ChatSession:
             messages = messages[:first] + messages[end:]
             dropped += 1
 
-    def _reply(self, ids: list[int], params, max_tokens: int, stop, stats: GenerationStats, progress) -> Iterator[str]:
-        keep = min(common_prefix(self.cached_ids, ids), len(ids) - 1)  # at least one token must be fed
-        if not self.cache.rewind_to(keep):  # compressed tokens cannot be un-fed: start the cache over
-            self.cache, keep = self.runtime.new_cache(self.spec), 0
-        self.cached_ids = ids[:keep]
-        generated: list[int] = []
+    def _reply(self, ids: list[int], request: Request) -> Iterator[str]:
         reply = []
         try:
-            for piece in stream_text(self.runtime, self.tokenizer, ids[keep:], self.cache, params, max_tokens, stop,
-                                     stats, generated, progress=progress):
+            for piece in stream_alone(self.model, request):
                 reply.append(piece)
                 yield piece
         finally:
-            # the cache holds the prompt and every generated token but the last (a cut-short forward is undone)
-            fed = ids + generated[:-1]
+            # the cache holds the prompt and every sampled token but the last (a cut-short forward is undone)
+            fed = ids + request.tokens[:-1]
             if self.cache.rewind_to(min(len(fed), self.cache.offset)):
                 self.cached_ids = fed[: self.cache.offset]
             else:  # a forward cut short inside a compression: the next turn rebuilds the cache

@@ -1,210 +1,189 @@
-"""Batched generation: many sequences decoded together over one batched, compressed cache.
+"""The one scheduler: requests prefilled in chunks, then decoded together in batches.
 
-A `Row` is one sequence: its prompt is prefilled alone into a one-row cache (in chunks),
-then it joins a `Batch` — rows whose caches share a spec and per-layer budgets, stacked
-into one KVCache of B rows (kvrt.cache.kvcache: per-row lengths, padding masked). Each decode
-step runs the model once for all rows, each at its own position, and samples each row
-with its own sampler; a finished row leaves the batch and its memory goes with it.
-A sequence's greedy tokens do not depend on what runs beside it.
+A request's prompt is prefilled alone into its own cache; it then joins the `Batch` of its cache
+spec: requests whose caches share a spec and per-layer budgets, stacked into one KVCache of B
+rows (kvrt.cache.kvcache: per-row lengths, padding masked). Each decode step runs the model once
+for all rows, each at its own position, and samples each row with its own sampler; a finished
+request leaves the batch and its memory goes with it. A sequence's greedy tokens do not depend on
+what runs beside it.
+
+Each `turn` prefills one chunk of the oldest admitted request (so running decodes never wait longer
+than one chunk) and then steps every batch once. `kvrt.generation.stream` runs one request as a batch
+of one on the caller's thread (Model.generate/stream, chat turns), `run_requests` runs many to the end
+there (generate([...]), kvrt eval --batch), and the server's engine thread calls `turn` itself
+(kvrt.serving.engine).
 """
 
 from __future__ import annotations
 
-import time
+from collections import deque
+from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Sequence
 
 from kvrt.cache.kvcache import stack_caches
-from kvrt.errors import KvrtError
-from kvrt.generation.generate import GenerationStats, StopMatcher
-from kvrt.generation.sampling import Sampler, SamplingParams
-from kvrt.cache.spec import CacheSpec
-from kvrt.models.tokenizer import StreamingDetokenizer
-
-
-FINISHED = object()  # the end of a request's event stream (a Row's handle gets it when the row closes)
-
-
-class Row:
-    """One sequence of a batch: its prompt, sampler, detokenizer and stop strings, its stats, and
-    where its text goes (`handle`, a kvrt.serving.engine.Handle, or None to keep only `text`)."""
-
-    def __init__(self, model, ids: Sequence[int], spec: CacheSpec, params: SamplingParams, max_tokens: int,
-                 stop: Sequence[str] = (), handle=None, need: int = 0):
-        self.model, self.runtime = model, model.runtime
-        self.ids, self.spec, self.params, self.max_tokens = list(ids), spec, params, max_tokens
-        self.handle, self.need = handle, need
-        self.cache = self.runtime.new_cache(spec)
-        self.fed = 0  # prompt tokens prefilled so far
-        self.logits = None
-        self.sampler = Sampler(params)
-        self.history = list(ids)
-        self.detok = StreamingDetokenizer(model.tokenizer)
-        self.matcher = StopMatcher(stop)
-        self.tokens: list[int] = []  # every sampled token (an end-of-sequence one included)
-        self.pieces: list[str] = []
-        self.generated = 0  # tokens of text
-        self.last = None  # the token the next decode step feeds
-        self.finish_reason: str | None = None
-        self.stats = GenerationStats(prompt_tokens=len(self.ids))
-        self._prefill_seconds = 0.0
-        self._t_first = self._t_last = 0.0
-
-    @property
-    def text(self) -> str:
-        return "".join(self.pieces)
-
-    # --- prefill ---------------------------------------------------------------------
-    def prefill(self, chunk: int) -> bool:
-        """Feed the next `chunk` prompt tokens; True once the whole prompt is in. The cache compresses
-        after the last chunk only (KVCache.hold), which is never shorter than the eviction method's
-        observation window, so a prompt in chunks compresses exactly as a whole one."""
-        start = time.perf_counter()
-        remaining = len(self.ids) - self.fed
-        last = max(chunk, getattr(self.cache.layers[0].eviction, "window", 0))
-        end = self.fed + (remaining if remaining < chunk + last else chunk)
-        self.cache.hold(end < len(self.ids))
-        self.logits = self.runtime.forward(self.ids[self.fed : end], self.cache)
-        self.fed = end
-        self._prefill_seconds += time.perf_counter() - start
-        return end == len(self.ids)
-
-    def start(self) -> bool:
-        """Sample the first token from the prompt's logits; True when that already finished the row."""
-        return self.accept(self.sampler(self.runtime.ops, self.logits[-1], self.history))
-
-    def batch_key(self) -> tuple:
-        """Rows with equal keys share a batched cache: those of one cache spec (apart, the rare rows
-        whose eviction has not yet fixed its budgets: a one-token prompt under a quantized spec)."""
-        return str(self.spec), self.cache.layers[0].budget is None
-
-    def nbytes(self) -> int:
-        return self.cache.nbytes() if self.cache is not None else 0
-
-    # --- tokens ------------------------------------------------------------------------
-    def accept(self, token: int) -> bool:
-        """Take a sampled token and emit its text; True when the row has finished (then `close` it)."""
-        self._t_last = time.perf_counter()
-        self._t_first = self._t_first or self._t_last
-        if self.handle is not None and self.handle.first_token_at is None:
-            self.handle.first_token_at = self._t_last
-        self.history.append(token)
-        self.tokens.append(token)
-        if token in self.model.tokenizer.eos_token_ids:
-            return self.finish("eos")
-        self.generated += 1
-        self.last = token
-        self.emit(self.matcher.push(self.detok.add_token(token)))
-        if self.matcher.stopped:
-            return self.finish("stop")
-        if self.generated >= self.max_tokens:
-            return self.finish("length")
-        return self.cancelled() and self.finish("cancelled")
-
-    def emit(self, piece: str) -> None:
-        if piece:
-            self.pieces.append(piece)
-            if self.handle is not None:
-                self.handle._events.put(piece)
-
-    def cancelled(self) -> bool:
-        return self.handle is not None and self.handle.cancelled
-
-    def finish(self, reason: str) -> bool:
-        """Stop the row ("eos", "stop", "length" or "cancelled"); its last text is emitted now."""
-        if reason != "cancelled":
-            tail = self.matcher.push(self.detok.finalize())
-            self.emit(tail + ("" if self.matcher.stopped else self.matcher.flush()))
-        self.finish_reason = reason
-        return True
-
-    def close(self) -> None:
-        """After the row has left its batch: fill in its stats from its own cache, free the cache
-        and tell the handle. OpenAI's finish reasons name an end-of-sequence token "stop" too."""
-        stats = self.stats
-        stats.finish_reason = self.finish_reason or "interrupted"
-        stats.generation_tokens = self.generated
-        stats.prompt_tps = self.fed / max(self._prefill_seconds, 1e-9)
-        if self.generated > 1:
-            stats.generation_tps = (self.generated - 1) / max(self._t_last - self._t_first, 1e-9)
-        if self.cache is not None:
-            stats.kv_bytes, stats.cache = self.cache.nbytes(), self.cache.stats()
-            stats.kv_host_bytes = self.cache.host_nbytes()
-        stats.peak_memory_bytes = self.runtime.peak_memory_bytes()
-        self.cache = None
-        if self.handle is not None:
-            reason = "stop" if self.finish_reason == "eos" else self.finish_reason
-            self.handle.completion_tokens, self.handle.finish_reason = self.generated, reason
-            self.handle.kv_bytes, self.handle.finished_at = stats.kv_bytes, time.perf_counter()
-            self.handle._events.put(FINISHED)
-
-    def fail(self, exc: BaseException) -> None:
-        self.cache = None
-        if self.handle is not None:
-            self.handle.finish_reason = "error"
-            self.handle._events.put(exc if isinstance(exc, KvrtError) else KvrtError(f"generation failed: {exc}"))
+from kvrt.generation.request import Request
 
 
 class Batch:
-    """Rows decoded together: one batched cache, one model call per step for all of them."""
+    """Requests decoded together: one batched cache, one model call per step for all of them."""
 
-    def __init__(self, model, rows: list[Row]):
-        self.model, self.runtime = model, model.runtime
-        self.rows: list[Row] = []
+    def __init__(self, model, requests: list[Request], in_place: bool = False):
+        self.runtime, self.in_place = model.runtime, in_place
+        self.rows: list[Request] = []
         self.cache = None
-        for row in rows:
-            self.join(row)
+        for request in requests:
+            self.join(request)
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def join(self, row: Row) -> None:
-        """Add a prefilled row: its one-row cache is stacked under the batch's (and then dropped)."""
-        self.cache = row.cache if self.cache is None else stack_caches([self.cache, row.cache])
-        row.cache = None
-        self.rows.append(row)
+    def join(self, request: Request) -> None:
+        """Add a prefilled request: its one-row cache is stacked under the batch's (and then dropped)."""
+        self.cache = request.cache if self.cache is None else stack_caches([self.cache, request.cache])
+        request.cache = None
+        self.rows.append(request)
 
-    def leave(self, rows: list[Row]) -> None:
-        """Take finished rows out and close them; each takes its own rows of the cache along (its
-        stats measure them), and their memory goes with them."""
-        for row in rows:
-            row.cache = self.cache.take([self.rows.index(row)])
-        stay = [i for i, r in enumerate(self.rows) if r not in rows]
+    def leave(self, requests: list[Request]) -> None:
+        """Take requests out and close them; each takes its own rows of the cache along, cut to its
+        length (its stats measure them), and their memory goes with them. `in_place`: a batch of one
+        hands its cache back as it is instead (no copy; a chat turn keeps the very cache)."""
+        stay = [i for i, r in enumerate(self.rows) if r not in requests]
+        for request in requests:
+            whole = self.in_place and len(self.rows) == 1
+            request.cache = self.cache if whole else self.cache.take([self.rows.index(request)])
         self.cache = self.cache.take(stay) if stay else None
         self.rows = [self.rows[i] for i in stay]
-        for row in rows:
-            row.close()
+        for request in requests:
+            request.close()
 
     def nbytes(self) -> int:
         return 0 if self.cache is None else self.cache.nbytes()
 
-    def step(self) -> list[Row]:
-        """One decode step for every row; returns the rows that finished (they have left the batch)."""
-        logits = self.runtime.decode([row.last for row in self.rows], self.cache)
-        finished = [row for i, row in enumerate(self.rows)
-                    if row.accept(row.sampler(self.runtime.ops, logits[i], row.history))]
+    def step(self) -> list[Request]:
+        """One decode step for every row; returns the requests that finished (they have left)."""
+        if len(self.rows) == 1:  # a lone sequence steps as it prefilled: one token through forward
+            logits = self.runtime.forward([self.rows[0].last], self.cache)
+        else:
+            logits = self.runtime.decode([row.last for row in self.rows], self.cache)
+        finished = [row for i, row in enumerate(self.rows) if row.accept(logits[i])]
         if finished:
             self.leave(finished)
         return finished
 
 
-def generate_rows(model, rows: Sequence[Row], max_batch: int = 8, prefill_chunk: int = 512) -> None:
-    """Run rows to the end on this thread, at most `max_batch` at once: each is prefilled alone,
-    then joins the batch of its spec; as rows finish, waiting ones take their place."""
-    waiting = list(rows)[::-1]
-    batches: dict[tuple, Batch] = {}
-    while waiting or batches:
-        while waiting and sum(len(b) for b in batches.values()) < max_batch:
-            row = waiting.pop()
-            while not row.prefill(prefill_chunk):
-                pass
-            key = row.batch_key()
-            if row.start():
-                row.close()
-            elif key in batches:
-                batches[key].join(row)
-            else:
-                batches[key] = Batch(model, [row])
-        for key, batch in list(batches.items()):
-            batch.step()
-            if not batch.rows:
-                del batches[key]
+@dataclass
+class Turn:
+    """What one turn did: prompt tokens prefilled, tokens sampled, requests finished."""
+
+    prompt_tokens: int = 0
+    sampled: int = 0
+    finished: int = 0
+
+
+class Scheduler:
+    """Admitted requests, prefilling and in batches (see the module docstring). `lock` guards the
+    queues and batches when other threads read or add to them (the server's engine); the forwards
+    run outside it. A failure belongs to its request (or its batch), never to the others.
+    `in_place`: see Batch.leave."""
+
+    def __init__(self, model, prefill_chunk: int | None = 512, lock=None, in_place: bool = False):
+        self.model, self.prefill_chunk, self.in_place = model, prefill_chunk, in_place
+        self.lock = lock if lock is not None else nullcontext()
+        self.prefilling: deque[Request] = deque()
+        self.batches: dict[tuple, Batch] = {}
+
+    def add(self, request: Request) -> None:
+        self.prefilling.append(request)
+
+    def requests(self) -> list[Request]:
+        return [r for b in self.batches.values() for r in b.rows] + list(self.prefilling)
+
+    def __len__(self) -> int:
+        return sum(len(b) for b in self.batches.values()) + len(self.prefilling)
+
+    def held(self) -> int:
+        """KV bytes the running caches hold now (batches and prefills)."""
+        return sum(b.nbytes() for b in self.batches.values()) + sum(r.nbytes() for r in self.prefilling)
+
+    def turn(self) -> Turn:
+        """One prefill chunk of the oldest admitted request, then one decode step of every batch."""
+        done = Turn()
+        if self.prefilling:
+            request = self.prefilling[0]
+            fed = request.fed
+            try:
+                complete = request.cancelled or request.prefill(self.prefill_chunk)
+            except Exception as exc:
+                with self.lock:
+                    self.prefilling.popleft()
+                request.fail(exc)
+                complete = False
+            done.prompt_tokens = request.fed - fed
+            if complete:
+                with self.lock:
+                    self.prefilling.popleft()
+                    self._start(request, done)
+        for key, batch in list(self.batches.items()):
+            stepped = len(batch)
+            try:
+                finished = batch.step()
+            except Exception as exc:
+                finished = []
+                for request in batch.rows:
+                    request.fail(exc)
+                batch.rows.clear()
+            with self.lock:
+                done.sampled += stepped
+                done.finished += len(finished)
+                if not batch.rows:
+                    del self.batches[key]
+        return done
+
+    def _start(self, request: Request, done: Turn) -> None:
+        """A prefilled request samples its first token (which may finish it) and joins its batch."""
+        if request.cancelled:
+            request.finish("cancelled")
+            request.close()
+            return
+        done.sampled += 1
+        if request.start():
+            request.close()
+            done.finished += 1
+            return
+        key = request.batch_key()
+        if key in self.batches:
+            self.batches[key].join(request)
+        else:
+            self.batches[key] = Batch(self.model, [request], self.in_place)
+
+    def close(self) -> None:
+        """Close every request still running as it is ("interrupted": the caller stopped early)."""
+        with self.lock:
+            for key, batch in list(self.batches.items()):
+                try:
+                    batch.leave(list(batch.rows))
+                except Exception:  # a forward cut short left the batch uneven: its rows go without stats
+                    for request in batch.rows:
+                        request.cache = None
+                        request.close()
+                del self.batches[key]
+            while self.prefilling:
+                self.prefilling.popleft().close()
+
+
+def run_requests(model, requests: Sequence[Request], max_batch: int = 8, prefill_chunk: int | None = 512) -> None:
+    """Run requests to the end on the caller's thread, at most `max_batch` at once: as they finish,
+    waiting ones take their place. Raises the first failure once all have ended."""
+    waiting = deque(requests)
+    scheduler = Scheduler(model, prefill_chunk)
+    try:
+        while waiting or len(scheduler):
+            while waiting and len(scheduler) < max_batch:
+                scheduler.add(waiting.popleft())
+            scheduler.turn()
+    finally:
+        scheduler.close()
+    failed = next((r.error for r in requests if r.error is not None), None)
+    if failed is not None:
+        raise failed

@@ -35,7 +35,7 @@ def pick_backend(requested: str = "auto") -> str:
 
 
 def load_runtime(folder: Path, backend: str = "auto", dtype: str | None = None, quantize_gguf: bool = True):
-    """A backend runtime (see kvrt.generation.generate.Runtime) holding the model in `folder`. On MLX, the weights a
+    """A backend runtime (see kvrt.models.runtime.Runtime) holding the model in `folder`. On MLX, the weights a
     GGUF held quantized load as MLX-quantized layers unless `quantize_gguf` is False (then as the
     converted floats, as torch always runs them)."""
     backend = pick_backend(backend)

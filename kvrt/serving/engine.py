@@ -1,11 +1,9 @@
 """Continuous batching over compressed caches: the engine behind `kvrt serve`.
 
-One background thread owns the model. Each turn of its loop it admits waiting requests
-while their KV fits the memory budget, runs one prefill chunk of the oldest admitted
-request (so running decodes never wait longer than one chunk), and then one decode step
-for every running row. A request's cache is prefilled alone; it then joins the batch of
-its cache spec (kvrt.generation.batch: rows with the same spec and per-layer budgets share one
-batched cache) and leaves it when it finishes or its client goes away.
+One background thread owns the model and runs the one scheduler (kvrt.generation.scheduler) turn
+after turn: each turn admits waiting requests while their KV fits the memory budget, prefills one
+chunk of the oldest admitted request (so running decodes never wait longer than one chunk), and
+then steps every batch once. A request leaves its batch when it finishes or its client goes away.
 
 Admission is by KV bytes: a request is admitted only while the bytes reserved by the
 running ones (each the larger of what its cache holds now and what its spec will need at
@@ -23,10 +21,13 @@ from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 from kvrt.cache.admission import kv_bytes_needed
-from kvrt.generation.batch import FINISHED, Batch, Row
-from kvrt.errors import InvalidValue, KvrtError
-from kvrt.generation.sampling import SamplingParams
 from kvrt.cache.spec import CacheSpec
+from kvrt.errors import InvalidValue, KvrtError
+from kvrt.generation.request import Request
+from kvrt.generation.sampling import SamplingParams
+from kvrt.generation.scheduler import Scheduler
+
+FINISHED = object()  # the end of a request's event stream
 
 
 class QueueFull(KvrtError):
@@ -35,7 +36,8 @@ class QueueFull(KvrtError):
 
 @dataclass
 class Handle:
-    """One request as its caller sees it: text pieces as they are decoded (iterate), then the totals."""
+    """One request as its caller sees it: text pieces as they are decoded (iterate), then the totals.
+    The engine thread tells it what happens (kvrt.generation.request.Listener)."""
 
     id: int
     prompt_tokens: int
@@ -71,12 +73,28 @@ class Handle:
         return "".join(self)
 
     def cancel(self) -> None:
-        """Stop generating (the client went away): the engine frees the row at its next step."""
+        """Stop generating (the client went away): the engine frees the request at its next step."""
         self._cancelled.set()
 
     @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
+
+    # --- what the engine thread tells it ---------------------------------------------------
+    def piece(self, text: str) -> None:
+        self._events.put(text)
+
+    def finished(self, request: Request) -> None:
+        """OpenAI's finish reasons name an end-of-sequence token "stop" too."""
+        reason = request.stats.finish_reason
+        self.completion_tokens, self.finish_reason = request.generated, "stop" if reason == "eos" else reason
+        self.kv_bytes, self.first_token_at = request.stats.kv_bytes, request.first_token_at
+        self.finished_at = time.perf_counter()
+        self._events.put(FINISHED)
+
+    def failed(self, exc: BaseException) -> None:
+        self.finish_reason = "error"
+        self._events.put(exc if isinstance(exc, KvrtError) else KvrtError(f"generation failed: {exc}"))
 
 
 @dataclass
@@ -115,12 +133,11 @@ class Engine:
         self.spec = CacheSpec.parse(cache)
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.kv_memory = kv_memory
-        self.waiting: deque[Row] = deque()
-        self.prefilling: deque[Row] = deque()
-        self.batches: dict[tuple, Batch] = {}
+        self.waiting: deque[Request] = deque()
         self.counters = Counters()
         self._ids = 0
         self._wake = threading.Condition()
+        self.scheduler = Scheduler(model, prefill_chunk, lock=self._wake)
         self._thread: threading.Thread | None = None
         self._stop = False
 
@@ -138,16 +155,16 @@ class Engine:
             raise InvalidValue(f"the prompt is {len(ids)} tokens and {max_tokens} more are asked for, but the "
                                f"model's context is {context}")
         spec = self.spec if cache is None else CacheSpec.parse(cache)
-        runtime = self.model.runtime
-        need = kv_bytes_needed(runtime, spec, len(ids), max_tokens, self.prefill_chunk)
+        need = kv_bytes_needed(self.model.runtime, spec, len(ids), max_tokens, self.prefill_chunk)
         if self.kv_memory is not None and need > self.kv_memory:
             raise InvalidValue(f"this request needs {need} bytes of KV cache at {spec} but --kv-memory is "
                                f"{self.kv_memory}")
         with self._wake:
             self._ids += 1
             handle = Handle(self._ids, len(ids), spec)
-            row = Row(self.model, ids, spec, params or SamplingParams(), max_tokens, stop, handle, need)
-            self.waiting.append(row)
+            request = Request(self.model, ids, spec, params or SamplingParams(), max_tokens, stop, listener=handle)
+            request.need = need
+            self.waiting.append(request)
             self._admit()  # admitted now if it fits; else it waits, if the queue has room
             if len(self.waiting) > self.max_queue:
                 self.waiting.pop()
@@ -157,12 +174,10 @@ class Engine:
         return handle
 
     def metrics(self) -> dict:
-        """What /metrics reports: rows running and waiting, KV bytes in use and the budget, tokens/s."""
+        """What /metrics reports: requests running and waiting, KV bytes in use and the budget, tokens/s."""
         with self._wake:
-            running = sum(len(b) for b in self.batches.values()) + len(self.prefilling)
-            kv = self._held()
             prompt_tps, generation_tps = self.counters.rates()
-            return {"running": running, "waiting": len(self.waiting), "kv_bytes": kv,
+            return {"running": len(self.scheduler), "waiting": len(self.waiting), "kv_bytes": self.scheduler.held(),
                     "kv_budget_bytes": self.kv_memory or 0, "kv_reserved_bytes": self._reserved(),
                     "prompt_tokens_total": self.counters.prompt_tokens,
                     "generation_tokens_total": self.counters.generation_tokens,
@@ -187,95 +202,41 @@ class Engine:
         return self._thread is not None and self._thread.is_alive()
 
     # --- the engine thread ----------------------------------------------------------------
-    def _rows(self) -> list[Row]:
-        return [r for b in self.batches.values() for r in b.rows] + list(self.prefilling)
-
-    def _reserved(self, extra: Row | None = None) -> int:
-        """KV bytes the admitted rows (and `extra`) may come to hold: a batch is rectangular, so each
-        of its rows is reserved at its longest row's need; never less than the caches hold now."""
-        rows = self._rows() + ([extra] if extra is not None else [])
+    def _reserved(self, extra: Request | None = None) -> int:
+        """KV bytes the admitted requests (and `extra`) may come to hold: a batch is rectangular, so
+        each of its rows is reserved at its longest row's need; never less than the caches hold now."""
+        requests = self.scheduler.requests() + ([extra] if extra is not None else [])
         keys: dict = {}
-        for row in rows:
-            keys.setdefault(str(row.spec), []).append(row.need)
+        for request in requests:
+            keys.setdefault(str(request.spec), []).append(request.need)
         projected = sum(len(needs) * max(needs) for needs in keys.values())
-        return max(projected, self._held())
+        return max(projected, self.scheduler.held())
 
-    def _held(self) -> int:
-        """KV bytes the running caches hold now (batches and prefills)."""
-        return sum(b.nbytes() for b in self.batches.values()) + sum(r.nbytes() for r in self.prefilling)
-
-    def _room_for(self, row: Row) -> bool:
-        if len(self._rows()) >= self.max_batch:
+    def _room_for(self, request: Request) -> bool:
+        if len(self.scheduler) >= self.max_batch:
             return False
-        return self.kv_memory is None or self._reserved(row) <= self.kv_memory
+        return self.kv_memory is None or self._reserved(request) <= self.kv_memory
 
     def _loop(self) -> None:
         while True:
             with self._wake:
                 self._admit()
-                while not (self._stop or self.prefilling or self.batches):
+                while not (self._stop or len(self.scheduler)):
                     self._wake.wait()
                     self._admit()
                 if self._stop:
                     break
-            self._turn()
-        for row in self._rows() + list(self.waiting):
-            row.fail(KvrtError("the server is shutting down"))
+            done = self.scheduler.turn()
+            with self._wake:
+                self.counters.add(done.prompt_tokens, done.sampled)  # prompt tokens count as they are prefilled
+                self.counters.requests_finished += done.finished
+        for request in self.scheduler.requests() + list(self.waiting):
+            request.fail(KvrtError("the server is shutting down"))
 
     def _admit(self) -> None:
         while self.waiting and self._room_for(self.waiting[0]):
-            self.prefilling.append(self.waiting.popleft())
-        for row in [r for r in self.waiting if r.handle is not None and r.handle.cancelled]:
-            self.waiting.remove(row)
-            row.finish("cancelled")
-            row.close()
-
-    def _turn(self) -> None:
-        """One prefill chunk (the oldest admitted request), then one decode step of every batch."""
-        if self.prefilling:
-            row = self.prefilling[0]
-            fed = row.fed
-            try:
-                done = row.cancelled() or row.prefill(self.prefill_chunk)
-                with self._wake:
-                    self.counters.add(row.fed - fed, 0)  # prompt tokens count as they are prefilled
-            except Exception as exc:  # a failure belongs to this request, never the server
-                with self._wake:
-                    self.prefilling.popleft()
-                row.fail(exc)
-                done = False
-            if done:
-                with self._wake:
-                    self.prefilling.popleft()
-                    self._after_prefill(row)
-        for key, batch in list(self.batches.items()):
-            stepped = len(batch)
-            try:
-                finished = batch.step()
-            except Exception as exc:
-                finished = []
-                for row in batch.rows:
-                    row.fail(exc)
-                batch.rows.clear()
-            with self._wake:
-                self.counters.add(0, stepped)
-                self.counters.requests_finished += len(finished)
-                if not batch.rows:
-                    del self.batches[key]
-
-    def _after_prefill(self, row: Row) -> None:
-        if row.cancelled():
-            row.finish("cancelled")
-            row.close()
-            return
-        finished = row.start()  # the first token may already finish it
-        self.counters.add(0, row.generated)
-        if finished:
-            row.close()
-            self.counters.requests_finished += 1
-            return
-        key = row.batch_key()
-        if key in self.batches:
-            self.batches[key].join(row)
-        else:
-            self.batches[key] = Batch(self.model, [row])
+            self.scheduler.add(self.waiting.popleft())
+        for request in [r for r in self.waiting if r.cancelled]:
+            self.waiting.remove(request)
+            request.finish("cancelled")
+            request.close()

@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException
 
 from kvrt.serving.engine import Engine, QueueFull
 from kvrt.errors import InvalidValue, KvrtError
-from kvrt.generation.generate import check_token_ids
+from kvrt.models.runtime import check_token_ids
 from kvrt.generation.sampling import SamplingParams
 from kvrt.cache.spec import CacheSpec
 
@@ -228,12 +228,12 @@ class Server:
 
     def submit(self, ids: list[int], body: Sampling, max_tokens: int | None):
         """Queue the request on the engine (in a worker thread: tokenizing and checks take a while)."""
-        cache = body.kvrt.cache.kvcache if body.kvrt else None
+        cache = body.kvrt.cache if body.kvrt else None
         try:
             if cache is not None:
                 CacheSpec.parse(cache)
         except InvalidValue as exc:
-            raise ApiError(400, str(exc), param="kvrt.cache.kvcache") from None
+            raise ApiError(400, str(exc), param="kvrt.cache") from None
         try:
             params = body.params()
         except InvalidValue as exc:

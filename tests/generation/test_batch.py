@@ -10,7 +10,8 @@ import pytest
 
 import kvrt
 from kvrt.cache.admission import kv_bytes_needed
-from kvrt.generation.batch import Batch, Row, generate_rows
+from kvrt.generation.request import Request
+from kvrt.generation.scheduler import Batch, run_requests
 from kvrt.cache.kvcache import stack_caches
 from kvrt.generation.sampling import SamplingParams
 from kvrt.cache.spec import CacheSpec
@@ -30,15 +31,15 @@ TINY_SPECS = [
 def lone_tokens(model, prompts, spec, max_tokens):
     out = []
     for ids in prompts:
-        row = Row(model, ids, CacheSpec.parse(spec), SamplingParams(), max_tokens)
-        generate_rows(model, [row], max_batch=1)
+        row = Request(model, ids, CacheSpec.parse(spec), SamplingParams(), max_tokens)
+        run_requests(model, [row], max_batch=1)
         out.append(row.tokens)
     return out
 
 
 def staggered_tokens(model, prompts, spec, max_tokens):
     """Two rows start together, a third joins after two steps, a fourth after three; rows leave as they end."""
-    rows = [Row(model, ids, CacheSpec.parse(spec), SamplingParams(), max_tokens - i) for i, ids in enumerate(prompts)]
+    rows = [Request(model, ids, CacheSpec.parse(spec), SamplingParams(), max_tokens - i) for i, ids in enumerate(prompts)]
     for row in rows:
         while not row.prefill(16):  # chunked prefill, as the server runs it
             pass
@@ -119,15 +120,15 @@ def test_a_prompt_in_chunks_compresses_as_a_whole_one(tiny, spec):
 def test_rows_leave_with_their_own_cache_and_the_batch_shrinks(tiny):
     model, prompts = tiny
     spec = CacheSpec.parse("snapkv:budget=24,window=8+kivi:bits=2,group=16,residual=8")
-    rows = [Row(model, ids, spec, SamplingParams(), 3 + 4 * i) for i, ids in enumerate(prompts)]
-    generate_rows(model, rows, max_batch=4)
+    rows = [Request(model, ids, spec, SamplingParams(), 3 + 4 * i) for i, ids in enumerate(prompts)]
+    run_requests(model, rows, max_batch=4)
     for row in rows:
         assert row.cache is None  # freed on leaving
         assert row.stats.generation_tokens == len(row.tokens) and row.stats.kv_bytes > 0
         assert row.stats.cache["quantized"]["tokens"] > 0
-    lone = [Row(model, ids, spec, SamplingParams(), 3 + 4 * i) for i, ids in enumerate(prompts)]
+    lone = [Request(model, ids, spec, SamplingParams(), 3 + 4 * i) for i, ids in enumerate(prompts)]
     for row in lone:
-        generate_rows(model, [row], max_batch=1)
+        run_requests(model, [row], max_batch=1)
     assert [r.stats.kv_bytes for r in rows] == [r.stats.kv_bytes for r in lone]
 
 

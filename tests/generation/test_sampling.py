@@ -6,7 +6,7 @@ import torch
 
 from kvrt.backends.torch.ops import TorchOps
 from kvrt.errors import KvrtError
-from kvrt.generation.generate import StopMatcher
+from kvrt.generation.stops import StopMatcher
 from kvrt.generation.sampling import Sampler, SamplingParams, filtered_probs, penalize_repeats
 
 OPS = TorchOps()

@@ -197,7 +197,7 @@ def test_a_request_picks_its_own_cache_spec(client):
     assert quantized.usage.completion_tokens == 8
     with pytest.raises(openai.BadRequestError) as bad:
         complete(client, prompt, extra_body={"kvrt": {"cache": "snapkv:budget=lots"}})
-    assert bad.value.body["param"] == "kvrt.cache.kvcache" and "budget" in bad.value.body["message"]
+    assert bad.value.body["param"] == "kvrt.cache" and "budget" in bad.value.body["message"]
 
 
 @pytest.mark.model
@@ -244,7 +244,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "hi", "top_p": 1.5}, 400, "top_p", None),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens", None),
     ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n", None),
-    ("/v1/completions", {"prompt": "hi", "kvrt": {"cache": "nosuch:budget=4"}}, 400, "kvrt.cache.kvcache", None),
+    ("/v1/completions", {"prompt": "hi", "kvrt": {"cache": "nosuch:budget=4"}}, 400, "kvrt.cache", None),
     ("/v1/completions", {"prompt": "hi", "model": "gpt-4o"}, 404, "model", "model_not_found"),
     ("/v1/completions", {"prompt": [1] * 8190, "max_tokens": 16}, 400, None, None),  # longer than the context
     ("/v1/completions", {"prompt": [10**9]}, 400, "prompt", None),
