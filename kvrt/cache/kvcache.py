@@ -92,7 +92,8 @@ class LayerCache:
         layer first lets go of the tokens that left its window, then evicts among the rest."""
         evicts = self.eviction is not None and (self.quantized is None or q.shape[2] > 1)
         keys = None  # the candidates' keys, once built (the token state and the eviction read the same)
-        if evicts and self.token_state is not None:  # the token state takes in every chunk, held ones included
+        if self.token_state is not None:  # it takes in every chunk and decode step (held chunks, a quantizer's
+            # deferred eviction included), so that it covers every full-precision token a later chunk evicts among
             keys = self._after_kept(self.kept.k, self.newest.keys.view())
             self.token_state.observe(q, keys, scale, self.query_block)
         if self.window is not None:
@@ -300,7 +301,7 @@ class LayerCache:
         if self.window is not None:
             return True  # its window moves on every step
         held = (int(self.kept.lengths()[b]) if self.kept.length else 0) + int(self.newest.lengths()[b])
-        if evicts and (self.token_state is not None or held > _row_value(self.budget, b)):  # a state takes each token
+        if self.token_state is not None or (evicts and held > _row_value(self.budget, b)):  # a state takes each token
             return True
         return self.quantized is not None and self.quantized.config.groups_to_flush(held) > 0
 

@@ -70,3 +70,18 @@ def test_each_quantized_tier_reports_its_own_traced_outliers(spec, traced):
     assert set(stats) == {"tokens", "of", "traced"} and (stats["tokens"], stats["of"]) == (48, 48)
     assert (stats["traced"] > 0) == traced  # averaged over the tracing layer only, not the skipped one
     assert [layer.quantized.traced_per_head() is not None for layer in cache.layers] == [False, traced]
+
+
+@pytest.mark.parametrize("spec", ["h2o:budget=24+kivi:bits=4,group=16,residual=8",
+                                  "h2o:budget=24+ott:bits=2,group=16,residual=8,skip_layers=0"])
+def test_h2o_beside_a_quantizer_scores_decode_tokens_so_a_later_chunk_can_evict(spec):
+    """A quantizer defers H2O's eviction to multi-token chunks (a chat turn); the sums must still
+    cover the decode tokens then (a later chunk once failed on sums shorter than its candidates)."""
+    cache = KVCache(OPS, 1, spec)
+    q, k, v = qkv(90, 6)
+    for layer in feed(cache, q[:, :, :80], k[:, :, :80], v[:, :, :80], prompt=40):
+        assert covers_full_precision(layer)
+    layer = cache.layers[0]
+    out = layer.attend(q[:, :, 80:], k[:, :, 80:], v[:, :, 80:], 0.3)  # the next turn's chunk
+    assert torch.isfinite(out).all() and covers_full_precision(layer)
+    assert layer.quantized.length > 0 and layer.kept.length + layer.newest.length <= 24 + 16 + 8

@@ -100,7 +100,8 @@ class EvictionMethod:
         if quantizer is not None:
             kept, _ = self.held_tokens(budget, prompt, new, True)
             held = quantizer.layer_bytes(shape, layer, kept, prompt, new, budget)
-            covered = kept  # decode tokens are not scored beside a quantizer, and flushes take scored ones
+            # its state covers the full-precision tokens: the kept ones, then at most residual + group
+            covered = min(kept + new, max(kept, quantizer.residual + quantizer.group))
         else:
             held = self._full_precision_bytes(shape, budget, chunks, new)
             covered = min(prompt + new, budget + 1)  # the budget and the decode token its step evicts
