@@ -330,10 +330,20 @@ def models():
               help="Tokens generated for a request that names no max_tokens.")
 @click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
               help="Model replicas behind Ray Serve (each with its own engine and --kv-memory).")
+@click.option("--api-key", "api_keys", multiple=True, envvar="KVRT_API_KEY", show_envvar=True,
+              help="A key clients must send as 'Authorization: Bearer KEY' on /v1 and /metrics (repeatable; "
+                   "the variable takes several separated by spaces) [none: open].")
+@click.option("--metrics-public", is_flag=True, help="Serve /metrics without a key.")
 def serve(model, backend, dtype, cache_spec, host, port, max_batch, kv_memory, max_queue, prefill_chunk, max_tokens,
-          replicas):
+          replicas, api_keys, metrics_public):
     """Serve the model over an OpenAI-compatible HTTP API, with continuous batching."""
+    from kvrt.serving.keys import ApiKeys, exposure_warning
+
     budget = parse_size(kv_memory, "--kv-memory") if kv_memory is not None else None
+    keys = ApiKeys(api_keys, metrics_public)
+    warning = exposure_warning(host, keys)
+    if warning:
+        log(warning)
     if replicas > 1:
         from kvrt.serving.replicas import serve_replicas
         from kvrt.cache.spec import CacheSpec
@@ -341,7 +351,7 @@ def serve(model, backend, dtype, cache_spec, host, port, max_batch, kv_memory, m
         CacheSpec.parse(cache_spec)  # a bad spec is one line here, not an error in every replica
         engine = dict(cache=cache_spec, max_batch=max_batch, kv_memory=budget, max_queue=max_queue,
                       prefill_chunk=prefill_chunk)
-        serve_replicas(model, backend, dtype, engine, host, port, replicas, max_tokens, log)
+        serve_replicas(model, backend, dtype, engine, host, port, replicas, max_tokens, log, keys)
         log("stopped")
         return
     try:
@@ -358,11 +368,11 @@ def serve(model, backend, dtype, cache_spec, host, port, max_batch, kv_memory, m
     except BaseException:
         sock.close()
         raise
-    app = build_app(m, engine, name=model, max_tokens=max_tokens)
+    app = build_app(m, engine, name=model, max_tokens=max_tokens, keys=keys)
     bound_host, bound_port = sock.getsockname()[:2]
     kv = "no KV memory limit" if budget is None else f"KV memory {human_size(budget)}"
     log(f"serving '{model}' ({m.backend}, cache {cache_spec}) on http://{bound_host}:{bound_port}/v1; "
-        f"{kv}, max batch {max_batch}, queue {max_queue}")
+        f"{kv}, max batch {max_batch}, queue {max_queue}" + (f", {len(api_keys)} API key(s)" if keys else ""))
     run_server(app, sock, engine)
     log("stopped")
 

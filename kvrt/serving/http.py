@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.exceptions import HTTPException
 
 from kvrt.serving.engine import Engine, QueueFull
+from kvrt.serving.keys import ApiKeys
 from kvrt.errors import InvalidValue, KvrtError
 from kvrt.models.runtime import check_token_ids
 from kvrt.generation.sampling import SamplingParams
@@ -94,6 +95,25 @@ class InternalErrors:
             if not started:  # once a reply has begun, all we can do is end it
                 error = ApiError(500, f"internal error: {type(exc).__name__}: {one_line(exc)}", kind="server_error")
                 await error.response()(scope, receive, send)
+
+
+class RequireKey:
+    """ASGI middleware: a request for a guarded path without one of the keys gets 401, OpenAI's way
+    (kvrt/serving/keys.py); the app never sees it."""
+
+    def __init__(self, app, keys: ApiKeys):
+        self.app, self.keys = app, keys
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.keys.guards(scope["path"]):
+            authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            if not self.keys.allows(authorization):
+                error = ApiError(401, "incorrect or missing API key: send the header Authorization: Bearer KEY",
+                                 code="invalid_api_key")
+                reply = error.response()
+                reply.headers["WWW-Authenticate"] = "Bearer"
+                return await reply(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 # --- requests ----------------------------------------------------------------------------------
@@ -404,11 +424,14 @@ def prometheus_text(metrics: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_app(model, engine: Engine, name: str = "default", max_tokens: int = 256) -> FastAPI:
-    """The HTTP app over a loaded model and its started engine (`name` is the model id clients use)."""
+def build_app(model, engine: Engine, name: str = "default", max_tokens: int = 256,
+              keys: ApiKeys | None = None) -> FastAPI:
+    """The HTTP app over a loaded model and its started engine (`name` is the model id clients use;
+    `keys`: the API keys its routes need, none by default)."""
     server = Server(model, engine, name, max_tokens)
     app = FastAPI(title="kvrt", docs_url=None, redoc_url=None)
-    app.add_middleware(InternalErrors)
+    app.add_middleware(RequireKey, keys=keys or ApiKeys())
+    app.add_middleware(InternalErrors)  # added last, so outermost: a 401 names its replica too
     app.state.server = server
 
     @app.exception_handler(ApiError)

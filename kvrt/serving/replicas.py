@@ -19,18 +19,18 @@ from kvrt.errors import KvrtError
 class Replica:
     """One model replica: the model, its engine and its app (built after the constructor, on the replica)."""
 
-    def __init__(self, model: str, backend: str, dtype, engine: dict, max_tokens: int):
+    def __init__(self, model: str, backend: str, dtype, engine: dict, max_tokens: int, keys=None):
         import kvrt
         from kvrt.serving.engine import Engine
 
-        self.name, self.max_tokens = model, max_tokens
+        self.name, self.max_tokens, self.keys = model, max_tokens, keys
         self.model = kvrt.load(model, backend=backend, dtype=dtype)
         self.engine = Engine(self.model, **engine).start()
 
     def __serve_build_asgi_app__(self):
         from kvrt.serving.http import build_app
 
-        return build_app(self.model, self.engine, name=self.name, max_tokens=self.max_tokens)
+        return build_app(self.model, self.engine, name=self.name, max_tokens=self.max_tokens, keys=self.keys)
 
     def __del__(self):
         engine = getattr(self, "engine", None)
@@ -39,8 +39,9 @@ class Replica:
 
 
 def serve_replicas(model: str, backend: str, dtype, engine: dict, host: str, port: int, replicas: int,
-                   max_tokens: int, log) -> None:
-    """Start a local Ray instance, deploy `replicas` replicas on host:port and block until Ctrl-C or SIGTERM."""
+                   max_tokens: int, log, keys=None) -> None:
+    """Start a local Ray instance, deploy `replicas` replicas on host:port and block until Ctrl-C or SIGTERM;
+    `keys` (kvrt.serving.keys.ApiKeys) guard every replica's routes."""
     try:
         import ray
         from ray import serve
@@ -53,7 +54,7 @@ def serve_replicas(model: str, backend: str, dtype, engine: dict, host: str, por
         deployment = serve.deployment(name="kvrt", num_replicas=replicas, ray_actor_options={"num_cpus": 0},
                                       max_ongoing_requests=engine["max_batch"] + engine["max_queue"],
                                       graceful_shutdown_timeout_s=5, graceful_shutdown_wait_loop_s=1)
-        app = deployment(serve.ingress()(Replica)).bind(model, backend, dtype, engine, max_tokens)
+        app = deployment(serve.ingress()(Replica)).bind(model, backend, dtype, engine, max_tokens, keys)
         serve.run(app, name="kvrt", route_prefix="/", blocking=False)
         log(f"serving '{model}' on http://{host}:{port}/v1 with {replicas} replicas behind Ray Serve")
         stop = threading.Event()

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def replicas(default_model_dir, tmp_path_factory):
-    srv = start(default_model_dir, tmp_path_factory, "replicas", "--replicas", "2")
+    srv = start(default_model_dir, tmp_path_factory, "replicas", "--replicas", "2", "--api-key", "x")  # the harness's key
     yield srv
     try:
         code = srv.stop()
@@ -50,3 +50,15 @@ def test_two_replicas_share_the_requests_and_each_answers_as_one_server(replicas
             break
     assert len(seen) == 2  # both replicas served
     assert replicas.client().models.list().data[0].id == "default"
+
+
+def test_every_replica_needs_the_key_and_health_stays_open(replicas: ServerProcess):
+    import httpx
+    import openai
+
+    wrong = openai.OpenAI(base_url=f"{replicas.url}/v1", api_key="not-the-key", max_retries=0, timeout=60)
+    for _ in range(4):  # requests spread over both replicas
+        with pytest.raises(openai.AuthenticationError) as bad:
+            wrong.completions.create(model="default", prompt="Hi", max_tokens=2)
+        assert bad.value.status_code == 401 and bad.value.response.headers["x-kvrt-replica"]
+    assert httpx.get(f"{replicas.url}/health", timeout=30).status_code == 200
