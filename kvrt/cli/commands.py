@@ -334,13 +334,16 @@ def models():
               help="A key clients must send as 'Authorization: Bearer KEY' on /v1 and /metrics (repeatable; "
                    "the variable takes several separated by spaces) [none: open].")
 @click.option("--metrics-public", is_flag=True, help="Serve /metrics without a key.")
+@click.option("--max-request-bytes", default="8MiB", show_default=True,
+              help="The largest request body; a larger one gets HTTP 413 before it is read whole.")
 def serve(model, backend, dtype, cache_spec, host, port, max_batch, kv_memory, max_queue, prefill_chunk, max_tokens,
-          replicas, api_keys, metrics_public):
+          replicas, api_keys, metrics_public, max_request_bytes):
     """Serve the model over an OpenAI-compatible HTTP API, with continuous batching."""
     from kvrt.serving.keys import ApiKeys, exposure_warning
 
     budget = parse_size(kv_memory, "--kv-memory") if kv_memory is not None else None
     keys = ApiKeys(api_keys, metrics_public)
+    body_limit = parse_size(max_request_bytes, "--max-request-bytes")
     warning = exposure_warning(host, keys)
     if warning:
         log(warning)
@@ -351,7 +354,7 @@ def serve(model, backend, dtype, cache_spec, host, port, max_batch, kv_memory, m
         CacheSpec.parse(cache_spec)  # a bad spec is one line here, not an error in every replica
         engine = dict(cache=cache_spec, max_batch=max_batch, kv_memory=budget, max_queue=max_queue,
                       prefill_chunk=prefill_chunk)
-        serve_replicas(model, backend, dtype, engine, host, port, replicas, max_tokens, log, keys)
+        serve_replicas(model, backend, dtype, engine, host, port, replicas, max_tokens, log, keys, body_limit)
         log("stopped")
         return
     try:
@@ -368,7 +371,7 @@ def serve(model, backend, dtype, cache_spec, host, port, max_batch, kv_memory, m
     except BaseException:
         sock.close()
         raise
-    app = build_app(m, engine, name=model, max_tokens=max_tokens, keys=keys)
+    app = build_app(m, engine, name=model, max_tokens=max_tokens, keys=keys, max_request_bytes=body_limit)
     bound_host, bound_port = sock.getsockname()[:2]
     kv = "no KV memory limit" if budget is None else f"KV memory {human_size(budget)}"
     log(f"serving '{model}' ({m.backend}, cache {cache_spec}) on http://{bound_host}:{bound_port}/v1; "

@@ -140,6 +140,7 @@ class Engine:
         self.scheduler = Scheduler(model, prefill_chunk, lock=self._wake)
         self._thread: threading.Thread | None = None
         self._stop = False
+        self._turn_started: float | None = None  # monotonic time the running turn began (None: between turns)
 
     # --- the caller's side (any thread) -------------------------------------------------
     def submit(self, ids: Sequence[int], *, max_tokens: int = 256, params: SamplingParams | None = None,
@@ -197,6 +198,11 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
 
+    def turn_seconds(self) -> float:
+        """How long the engine's current turn has run (0 between turns): a stuck engine keeps growing it."""
+        started = self._turn_started
+        return 0.0 if started is None else time.monotonic() - started
+
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -226,7 +232,9 @@ class Engine:
                     self._admit()
                 if self._stop:
                     break
+            self._turn_started = time.monotonic()
             done = self.scheduler.turn()
+            self._turn_started = None
             with self._wake:
                 self.counters.add(done.prompt_tokens, done.sampled)  # prompt tokens count as they are prefilled
                 self.counters.requests_finished += done.finished

@@ -38,6 +38,8 @@ from kvrt.generation.sampling import SamplingParams
 from kvrt.cache.spec import CacheSpec
 
 REPLICA = f"{socket.gethostname()}:{os.getpid()}".encode()
+MAX_REQUEST_BYTES = 8 * 2**20  # --max-request-bytes' default: a context of token ids or text is far less
+STALLED_SECONDS = 120.0  # /health fails when one engine step (a prefill chunk and a decode step) runs longer
 POLL_SECONDS = 0.25  # how often a waiting request checks for its client and the engine
 
 
@@ -206,13 +208,49 @@ def field_path(loc) -> str:
     return path
 
 
-async def parsed(request: Request, schema: type[BaseModel]) -> BaseModel:
-    """The request body as `schema`, or a 400 that names the first thing wrong with it."""
-    raw = await request.body()
+MAX_JSON_DEPTH = 32  # an OpenAI request nests a few levels; far deeper is an attack on the parser
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 once it passes `limit` bytes: at once when Content-Length says so,
+    else as soon as that many have arrived (never read whole)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the request body is {declared} bytes; this server takes at most {limit} "
+                            "(--max-request-bytes)", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"the request body is over {limit} bytes (--max-request-bytes)",
+                           code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def json_depth(value) -> int:
+    """How deeply arrays and objects nest in parsed JSON (a scalar: 0), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
+async def parsed(request: Request, schema: type[BaseModel], limit: int) -> BaseModel:
+    """The request body as `schema`, or a 4xx that names the first thing wrong with it."""
+    raw = await read_body(request, limit)
     try:
         data = json.loads(raw)
+    except RecursionError:  # deeper than the parser goes
+        raise ApiError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON: {one_line(exc)}") from None
+    if json_depth(data) > MAX_JSON_DEPTH:
+        raise ApiError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object")
     for name, defaults in UNSUPPORTED.items():
@@ -235,8 +273,10 @@ def validation_error(errors) -> ApiError:
 class Server:
     """The state every endpoint shares: the model, its engine, the served name and the defaults."""
 
-    def __init__(self, model, engine: Engine, name: str, max_tokens: int = 256):
+    def __init__(self, model, engine: Engine, name: str, max_tokens: int = 256,
+                 max_request_bytes: int = MAX_REQUEST_BYTES):
         self.model, self.engine, self.name, self.max_tokens = model, engine, name, max_tokens
+        self.max_request_bytes = max_request_bytes
         self.created = int(time.time())
         # one worker thread per request waiting on the engine; a request beyond these waits for a thread
         self.threads = anyio.CapacityLimiter(engine.max_batch + engine.max_queue + 8)
@@ -268,8 +308,17 @@ class Server:
         except KvrtError as exc:
             raise ApiError(400, str(exc)) from None
 
+    def check_length(self, chars: int, param: str) -> None:
+        """Refuse text that cannot fit the context before tokenizing it (no token covers more than
+        the tokenizer's longest), so a huge prompt never holds a worker for long."""
+        context = self.model.context_length
+        if context and chars > context * self.model.tokenizer.longest_token_chars:
+            raise ApiError(400, f"the prompt is {chars} characters, more than the model's context of {context} "
+                                "tokens can hold", param=param)
+
     def completion_ids(self, body: CompletionRequest) -> list[int]:
         if isinstance(body.prompt, str):
+            self.check_length(len(body.prompt), "prompt")
             return self.model.encode_prompt(body.prompt, chat_template=False)
         check_token_ids(body.prompt, self.model.tokenizer.vocab_size)
         return body.prompt
@@ -277,6 +326,7 @@ class Server:
     def chat_ids(self, body: ChatRequest) -> list[int]:
         roles = {"developer": "system"}  # OpenAI's newer name for the system role
         messages = [{"role": roles.get(m.role, m.role), "content": m.content or ""} for m in body.messages]
+        self.check_length(sum(len(m["content"]) for m in messages), "messages")
         return self.model.tokenizer.encode_chat(messages, add_generation_prompt=True)
 
     async def start(self, body: Sampling, encode, max_tokens: int | None):
@@ -425,10 +475,10 @@ def prometheus_text(metrics: dict) -> str:
 
 
 def build_app(model, engine: Engine, name: str = "default", max_tokens: int = 256,
-              keys: ApiKeys | None = None) -> FastAPI:
+              keys: ApiKeys | None = None, max_request_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
     """The HTTP app over a loaded model and its started engine (`name` is the model id clients use;
     `keys`: the API keys its routes need, none by default)."""
-    server = Server(model, engine, name, max_tokens)
+    server = Server(model, engine, name, max_tokens, max_request_bytes)
     app = FastAPI(title="kvrt", docs_url=None, redoc_url=None)
     app.add_middleware(RequireKey, keys=keys or ApiKeys())
     app.add_middleware(InternalErrors)  # added last, so outermost: a 401 names its replica too
@@ -449,20 +499,23 @@ def build_app(model, engine: Engine, name: str = "default", max_tokens: int = 25
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await parsed(request, CompletionRequest)
+        body = await parsed(request, CompletionRequest, server.max_request_bytes)
         return await server.completion(request, body, server.completion_ids, body.max_tokens, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await parsed(request, ChatRequest)
+        body = await parsed(request, ChatRequest, server.max_request_bytes)
         max_tokens = body.max_completion_tokens or body.max_tokens
         return await server.completion(request, body, server.chat_ids, max_tokens, chat=True)
 
     @app.get("/health")
     async def health():
-        if engine.alive:
-            return {"status": "ok"}
-        return ApiError(503, "the engine has stopped", kind="server_error").response()
+        if not engine.alive:
+            return ApiError(503, "the engine has stopped", kind="server_error").response()
+        stuck = engine.turn_seconds()
+        if stuck > STALLED_SECONDS:
+            return ApiError(503, f"the engine has not finished a step for {stuck:.0f} s", kind="server_error").response()
+        return {"status": "ok"}
 
     @app.get("/metrics")
     async def metrics():

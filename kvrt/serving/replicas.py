@@ -19,18 +19,20 @@ from kvrt.errors import KvrtError
 class Replica:
     """One model replica: the model, its engine and its app (built after the constructor, on the replica)."""
 
-    def __init__(self, model: str, backend: str, dtype, engine: dict, max_tokens: int, keys=None):
+    def __init__(self, model: str, backend: str, dtype, engine: dict, max_tokens: int, keys=None,
+                 max_request_bytes: int | None = None):
         import kvrt
         from kvrt.serving.engine import Engine
 
-        self.name, self.max_tokens, self.keys = model, max_tokens, keys
+        self.name, self.max_tokens, self.keys, self.max_request_bytes = model, max_tokens, keys, max_request_bytes
         self.model = kvrt.load(model, backend=backend, dtype=dtype)
         self.engine = Engine(self.model, **engine).start()
 
     def __serve_build_asgi_app__(self):
         from kvrt.serving.http import build_app
 
-        return build_app(self.model, self.engine, name=self.name, max_tokens=self.max_tokens, keys=self.keys)
+        limits = {} if self.max_request_bytes is None else {"max_request_bytes": self.max_request_bytes}
+        return build_app(self.model, self.engine, name=self.name, max_tokens=self.max_tokens, keys=self.keys, **limits)
 
     def __del__(self):
         engine = getattr(self, "engine", None)
@@ -39,7 +41,7 @@ class Replica:
 
 
 def serve_replicas(model: str, backend: str, dtype, engine: dict, host: str, port: int, replicas: int,
-                   max_tokens: int, log, keys=None) -> None:
+                   max_tokens: int, log, keys=None, max_request_bytes: int | None = None) -> None:
     """Start a local Ray instance, deploy `replicas` replicas on host:port and block until Ctrl-C or SIGTERM;
     `keys` (kvrt.serving.keys.ApiKeys) guard every replica's routes."""
     try:
@@ -54,7 +56,7 @@ def serve_replicas(model: str, backend: str, dtype, engine: dict, host: str, por
         deployment = serve.deployment(name="kvrt", num_replicas=replicas, ray_actor_options={"num_cpus": 0},
                                       max_ongoing_requests=engine["max_batch"] + engine["max_queue"],
                                       graceful_shutdown_timeout_s=5, graceful_shutdown_wait_loop_s=1)
-        app = deployment(serve.ingress()(Replica)).bind(model, backend, dtype, engine, max_tokens, keys)
+        app = deployment(serve.ingress()(Replica)).bind(model, backend, dtype, engine, max_tokens, keys, max_request_bytes)
         serve.run(app, name="kvrt", route_prefix="/", blocking=False)
         log(f"serving '{model}' on http://{host}:{port}/v1 with {replicas} replicas behind Ray Serve")
         stop = threading.Event()
