@@ -57,4 +57,3 @@ class GenerationStats:
         if self.dropped_turns:
             text += f" | dropped {self.dropped_turns} oldest turns"
         return text
-

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import jinja2
@@ -99,7 +99,6 @@ class Tokenizer:
 
     def __init__(self, tok: _HFTokenizer, tok_cfg: dict, config: dict, gen_cfg: dict):
         self._tok = tok
-        self._longest: int | None = None
         self._cfg = tok_cfg
         self.chat_template = self._pick_template(tok_cfg.get("chat_template"))
         self.bos_token = _token_text(tok_cfg.get("bos_token"))
@@ -145,14 +144,12 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    @property
+    @cached_property
     def longest_token_chars(self) -> int:
         """The most characters of text one token can stand for (its vocabulary string's length, which a
         byte-level token's bytes or a piece's characters never exceed): a bound for refusing a text
         too long for the context before tokenizing it."""
-        if self._longest is None:
-            self._longest = max((len(t) for t in self._tok.get_vocab(with_added_tokens=True)), default=1)
-        return self._longest
+        return max((len(t) for t in self._tok.get_vocab(with_added_tokens=True)), default=1)
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

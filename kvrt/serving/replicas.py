@@ -19,8 +19,8 @@ from kvrt.errors import KvrtError
 class Replica:
     """One model replica: the model, its engine and its app (built after the constructor, on the replica)."""
 
-    def __init__(self, model: str, backend: str, dtype, engine: dict, max_tokens: int, keys=None,
-                 max_request_bytes: int | None = None):
+    def __init__(self, model: str, backend: str, dtype, engine: dict, max_tokens: int, keys,
+                 max_request_bytes: int):
         import kvrt
         from kvrt.serving.engine import Engine
 
@@ -31,8 +31,8 @@ class Replica:
     def __serve_build_asgi_app__(self):
         from kvrt.serving.http import build_app
 
-        limits = {} if self.max_request_bytes is None else {"max_request_bytes": self.max_request_bytes}
-        return build_app(self.model, self.engine, name=self.name, max_tokens=self.max_tokens, keys=self.keys, **limits)
+        return build_app(self.model, self.engine, name=self.name, max_tokens=self.max_tokens, keys=self.keys,
+                         max_request_bytes=self.max_request_bytes)
 
     def __del__(self):
         engine = getattr(self, "engine", None)
@@ -41,7 +41,7 @@ class Replica:
 
 
 def serve_replicas(model: str, backend: str, dtype, engine: dict, host: str, port: int, replicas: int,
-                   max_tokens: int, log, keys=None, max_request_bytes: int | None = None) -> None:
+                   max_tokens: int, log, keys, max_request_bytes: int) -> None:
     """Start a local Ray instance, deploy `replicas` replicas on host:port and block until Ctrl-C or SIGTERM;
     `keys` (kvrt.serving.keys.ApiKeys) guard every replica's routes."""
     try:
