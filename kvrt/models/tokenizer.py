@@ -156,7 +156,9 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Text to ids; with special tokens, BOS is prepended when the model wants it."""
-        ids = self._tok.encode(checked_text(text), add_special_tokens=add_special_tokens).ids
+        # encode_batch lets go of the interpreter while it works (encode does not), so a long text
+        # being tokenized on one thread never stalls the others (a server's requests)
+        ids = self._tok.encode_batch([checked_text(text)], add_special_tokens=add_special_tokens)[0].ids
         # tokenizer.json's post-processor may already add BOS; never add it twice.
         if add_special_tokens and self.add_bos_token and (not ids or ids[0] != self.bos_token_id):
             ids = [self.bos_token_id] + ids

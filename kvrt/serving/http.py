@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import anyio
@@ -41,6 +42,7 @@ REPLICA = f"{socket.gethostname()}:{os.getpid()}".encode()
 MAX_REQUEST_BYTES = 8 * 2**20  # --max-request-bytes' default: a context of token ids or text is far less
 STALLED_SECONDS = 120.0  # /health fails when one engine step (a prefill chunk and a decode step) runs longer
 POLL_SECONDS = 0.25  # how often a waiting request checks for its client and the engine
+LONG_TEXT_CHARS = 2**16  # texts longer than this (~16k tokens of prose) are tokenized one at a time
 
 
 # --- errors ----------------------------------------------------------------------------------
@@ -280,6 +282,7 @@ class Server:
         self.created = int(time.time())
         # one worker thread per request waiting on the engine; a request beyond these waits for a thread
         self.threads = anyio.CapacityLimiter(engine.max_batch + engine.max_queue + 8)
+        self.long_texts = ThreadPoolExecutor(1, thread_name_prefix="kvrt-long-text")  # see Server.tokenize
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.name:
@@ -319,15 +322,24 @@ class Server:
     def completion_ids(self, body: CompletionRequest) -> list[int]:
         if isinstance(body.prompt, str):
             self.check_length(len(body.prompt), "prompt")
-            return self.model.encode_prompt(body.prompt, chat_template=False)
+            return self.tokenize(len(body.prompt), self.model.encode_prompt, body.prompt, chat_template=False)
         check_token_ids(body.prompt, self.model.tokenizer.vocab_size)
         return body.prompt
 
     def chat_ids(self, body: ChatRequest) -> list[int]:
         roles = {"developer": "system"}  # OpenAI's newer name for the system role
         messages = [{"role": roles.get(m.role, m.role), "content": m.content or ""} for m in body.messages]
-        self.check_length(sum(len(m["content"]) for m in messages), "messages")
-        return self.model.tokenizer.encode_chat(messages, add_generation_prompt=True)
+        chars = sum(len(m["content"]) for m in messages)
+        self.check_length(chars, "messages")
+        return self.tokenize(chars, self.model.tokenizer.encode_chat, messages, add_generation_prompt=True)
+
+    def tokenize(self, chars: int, encode, *args, **kwargs) -> list[int]:
+        """Tokenize a text of `chars` characters: a short one here, a long one on the one thread for long
+        texts. The tokenizer holds some 400 bytes a character at its peak, so long texts go one at a
+        time, and always on that thread, whose memory the next one reuses (memory: README, Serving)."""
+        if chars <= LONG_TEXT_CHARS:
+            return encode(*args, **kwargs)
+        return self.long_texts.submit(encode, *args, **kwargs).result()
 
     async def start(self, body: Sampling, encode, max_tokens: int | None):
         """Tokenize and submit in a worker thread; encoding errors are the client's (400)."""

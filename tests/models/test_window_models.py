@@ -8,7 +8,7 @@ import pytest
 import kvrt
 from kvrt.cache.admission import kv_bytes_needed
 from kvrt.cache.spec import CacheSpec
-from test_batch import TINY_SPECS, lone_tokens, staggered_tokens
+from generation.test_batch import TINY_SPECS, lone_tokens, staggered_tokens
 
 WINDOW = 16
 
