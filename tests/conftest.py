@@ -33,6 +33,16 @@ def tiny_model_dir(tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="module", params=["torch", "mlx"])
+def tiny_qwen2(request, tiny_model_dir):
+    """The tiny random qwen2 model loaded on each backend (MLX where it imports)."""
+    if request.param == "mlx":
+        pytest.importorskip("mlx.core")
+    import kvrt
+
+    return kvrt.load(str(tiny_model_dir("qwen2")), backend=request.param)
+
+
 def _test_home() -> Path:
     return Path(os.environ.get("KVRT_TEST_HOME", REPO / ".cache-test"))
 

@@ -220,12 +220,17 @@ class LayerCache:
             newest.append(rest_k, rest_v)
         self.newest_start = self.newest_start + drop
 
-    def trim(self, n: int) -> int:
-        """Forget the newest n tokens (chat rewinds to a shared prefix); returns how many went.
-        Only tokens still in the newest tier can go: compressed ones cannot be un-fed."""
-        if self.window is not None and self.newest_start:  # the window of the rewound position must be whole
+    def trimmable(self) -> int:
+        """How many of the newest tokens `trim` can forget: only those still in the newest tier, since
+        compressed ones cannot be un-fed (and a local layer keeps the window of the rewound position whole)."""
+        n = self.newest.length
+        if self.window is not None and self.newest_start:
             n = min(n, max(0, self.offset - self.window + 1 - self.newest_start))
-        n = self.newest.trim(n)
+        return n
+
+    def trim(self, n: int) -> int:
+        """Forget the newest n tokens (chat rewinds to a shared prefix), as many as it can; returns how many went."""
+        n = self.newest.trim(min(n, self.trimmable()))
         self.offset = self.offset - n
         if self.token_state is not None:
             self.token_state.drop_back(n)
@@ -466,6 +471,20 @@ class KVCache:
         for layer in self.layers:
             layer.trim(max(layer.offset - length, 0))
         return all(layer.offset == length for layer in self.layers)
+
+    def can_rewind_to(self, length: int) -> bool:
+        """Whether rewind_to(length) would succeed (this cache is left as it is)."""
+        return all(layer.offset - layer.trimmable() <= length <= layer.offset for layer in self.layers)
+
+    def prefix(self, length: int) -> "KVCache | None":
+        """A one-row cache of this one's first `length` tokens (None where compressed tokens stand in the
+        way). It shares this cache's arrays but never writes into them: its buffers are cut to their
+        lengths, so what it is fed goes into new ones, and this cache may go on growing in place."""
+        if self.rows != 1 or not self.can_rewind_to(length):
+            return None
+        out = self.take([0])
+        out.rewind_to(length)
+        return out.take([0])
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)

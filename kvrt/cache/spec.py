@@ -57,6 +57,11 @@ class CacheSpec:
     def __str__(self) -> str:
         return "+".join(str(p) for p in (self.method, *self.modifiers))
 
+    @property
+    def compresses(self) -> bool:
+        """Whether its cache compresses what it is fed (evicts, calibrates or quantizes); `full` does not."""
+        return any(part is not None for part in self.build())
+
     def eviction(self):
         """The configured eviction method object, or None."""
         cls = EVICTION_METHODS.get(self.method.name)

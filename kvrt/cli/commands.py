@@ -336,14 +336,19 @@ def models():
 @click.option("--metrics-public", is_flag=True, help="Serve /metrics without a key.")
 @click.option("--max-request-bytes", default="8MiB", show_default=True,
               help="The largest request body; a larger one gets HTTP 413 before it is read whole.")
+@click.option("--prompt-cache", "prompt_cache", default="1GiB", show_default=True,
+              help="Bytes of finished requests' KV caches kept for later requests that start the same way "
+                   "(chat turns); counted in --kv-memory; 0: off.")
 def serve(model, backend, dtype, cache_spec, host, port, max_batch, kv_memory, max_queue, prefill_chunk, max_tokens,
-          replicas, api_keys, metrics_public, max_request_bytes):
+          replicas, api_keys, metrics_public, max_request_bytes, prompt_cache):
     """Serve the model over an OpenAI-compatible HTTP API, with continuous batching."""
     from kvrt.serving.keys import ApiKeys, exposure_warning
 
     budget = parse_size(kv_memory, "--kv-memory") if kv_memory is not None else None
     keys = ApiKeys(api_keys, metrics_public)
     body_limit = parse_size(max_request_bytes, "--max-request-bytes")
+    engine = dict(cache=cache_spec, max_batch=max_batch, kv_memory=budget, max_queue=max_queue,
+                  prefill_chunk=prefill_chunk, prompt_cache=cache_bytes(prompt_cache))
     warning = exposure_warning(host, keys)
     if warning:
         log(warning)
@@ -352,8 +357,6 @@ def serve(model, backend, dtype, cache_spec, host, port, max_batch, kv_memory, m
         from kvrt.cache.spec import CacheSpec
 
         CacheSpec.parse(cache_spec)  # a bad spec is one line here, not an error in every replica
-        engine = dict(cache=cache_spec, max_batch=max_batch, kv_memory=budget, max_queue=max_queue,
-                      prefill_chunk=prefill_chunk)
         serve_replicas(model, backend, dtype, engine, host, port, replicas, max_tokens, log, keys, body_limit)
         log("stopped")
         return
@@ -366,17 +369,18 @@ def serve(model, backend, dtype, cache_spec, host, port, max_batch, kv_memory, m
     sock = bind(host, port)
     try:
         m = load_model(model, backend, dtype)
-        engine = Engine(m, cache=cache_spec, max_batch=max_batch, kv_memory=budget, max_queue=max_queue,
-                        prefill_chunk=prefill_chunk).start()
+        running = Engine(m, **engine).start()
     except BaseException:
         sock.close()
         raise
-    app = build_app(m, engine, name=model, max_tokens=max_tokens, keys=keys, max_request_bytes=body_limit)
+    app = build_app(m, running, name=model, max_tokens=max_tokens, keys=keys, max_request_bytes=body_limit)
     bound_host, bound_port = sock.getsockname()[:2]
     kv = "no KV memory limit" if budget is None else f"KV memory {human_size(budget)}"
     log(f"serving '{model}' ({m.backend}, cache {cache_spec}) on http://{bound_host}:{bound_port}/v1; "
-        f"{kv}, max batch {max_batch}, queue {max_queue}" + (f", {len(api_keys)} API key(s)" if keys else ""))
-    run_server(app, sock, engine)
+        f"{kv}, max batch {max_batch}, queue {max_queue}, prompt cache "
+        f"{human_size(engine['prompt_cache']) if engine['prompt_cache'] else 'off'}"
+        + (f", {len(api_keys)} API key(s)" if keys else ""))
+    run_server(app, sock, running)
     log("stopped")
 
 
@@ -395,6 +399,11 @@ def parse_size(text: str, what: str = "size") -> int:
         raise InvalidValue(f"{what} takes a positive size in bytes or with a unit (512MiB, 2GiB, 1.5GB, 300M), "
                            f"got '{text}'")
     return int(float(match.group(1)) * unit)
+
+
+def cache_bytes(text: str) -> int:
+    """--prompt-cache: a size, or 0 / off for none."""
+    return 0 if text.strip().lower() in ("0", "off") else parse_size(text, "--prompt-cache")
 
 
 def human_size(n: int) -> str:

@@ -13,6 +13,7 @@ from typing import Callable, Protocol, Sequence
 
 from kvrt.cache.admission import prompt_chunks
 from kvrt.cache.spec import CacheSpec
+from kvrt.generation.logprobs import TokenLogprob, score, score_rows
 from kvrt.generation.sampling import Sampler, SamplingParams
 from kvrt.generation.stats import GenerationStats
 from kvrt.generation.stops import StopMatcher
@@ -33,14 +34,23 @@ class Request:
     """A prompt (`ids`, the tokens after what `cache` already holds) and what it has become: the
     tokens sampled (`tokens`, an end-of-sequence one included), the text pieces emitted (`pieces`),
     its stats once it has closed. `cache`: a fresh one of `spec` unless given (a chat turn's); the
-    request leaves it holding the prompt and every sampled token but the last."""
+    request leaves it holding the prompt and every sampled token but the last. `logprobs`: score each
+    token of text it samples, with that many alternatives (kvrt.generation.logprobs); `prompt_logprobs`:
+    score the prompt's own tokens too (all but the first). `max_tokens` 0 only prefills (scoring)."""
 
     def __init__(self, model, ids: Sequence[int], spec: CacheSpec, params: SamplingParams, max_tokens: int,
                  stop: Sequence[str] = (), *, cache=None, listener: Listener | None = None,
-                 progress: Callable[[int, int], None] | None = None):
+                 progress: Callable[[int, int], None] | None = None, logprobs: int | None = None,
+                 prompt_logprobs: bool = False):
         self.runtime, self.tokenizer = model.runtime, model.tokenizer
         self.ids, self.spec, self.params, self.max_tokens = list(ids), spec, params, max_tokens
+        self.prompt_ids = self.ids  # the whole prompt, of which `ids` are the tokens still to feed
+        self.keep: Callable[["Request"], None] | None = None  # handed the cache of a request that ends well
+        self.reuse = False  # whether a server may start it from its prompt cache
         self.listener, self.progress = listener, progress
+        self.logprobs, self.prompt_logprobs = logprobs, prompt_logprobs
+        self.scores: list[TokenLogprob] = []  # per token of text sampled, with `logprobs`
+        self.prompt_scores: list[TokenLogprob] = []  # per prompt token after the first, with `prompt_logprobs`
         self.cache = cache if cache is not None else self.runtime.new_cache(spec)
         self.need = 0  # KV bytes a server reserves for it (kvrt.cache.admission)
         self.fed = 0  # prompt tokens prefilled so far
@@ -60,6 +70,10 @@ class Request:
         self._prefill_seconds = 0.0
         self._t_first = self._t_last = 0.0
 
+    def resume(self, cache, held: int) -> None:
+        """Start from a cache that already holds the prompt's first `held` tokens: only the rest is fed."""
+        self.cache, self.ids = cache, self.prompt_ids[held:]
+
     @property
     def text(self) -> str:
         return "".join(self.pieces)
@@ -78,13 +92,19 @@ class Request:
             self.chunks = prompt_chunks(len(self.ids), chunk, self.cache.last_chunk_min)
         end = self.fed + self.chunks.pop(0)
         self.cache.hold(end < len(self.ids))
-        self.logits = self.runtime.forward(self.ids[self.fed : end], self.cache, progress=self.progress)
+        self.logits = self.runtime.forward(self.ids[self.fed : end], self.cache, all_logits=self.prompt_logprobs,
+                                           progress=self.progress)
+        if self.prompt_logprobs:  # each position scores the prompt token after it
+            rows = self.runtime.ops.to_numpy(self.logits)
+            self.prompt_scores += score_rows(rows, self.ids[self.fed + 1 : end + 1], self.logprobs or 0)
         self.fed = end
         self._prefill_seconds += time.perf_counter() - start
         return end == len(self.ids)
 
     def start(self) -> bool:
         """Sample the first token from the prompt's logits; True when that already finished the request."""
+        if self.max_tokens == 0:
+            return self.finish("length")
         return self.accept(self.logits[-1])
 
     def batch_key(self) -> tuple:
@@ -106,6 +126,8 @@ class Request:
         self.tokens.append(token)
         if token in self.tokenizer.eos_token_ids:
             return self.finish("eos")
+        if self.logprobs is not None:
+            self.scores.append(score(self.runtime.ops.to_numpy(logits), token, self.logprobs))
         self.generated += 1
         self.last = token
         self.emit(self.matcher.push(self.detok.add_token(token)))
@@ -142,6 +164,8 @@ class Request:
             stats.kv_bytes, stats.kv_host_bytes = self.cache.nbytes(), self.cache.host_nbytes()
             stats.cache = self.cache.stats()
         stats.peak_memory_bytes = self.runtime.peak_memory_bytes()
+        if self.keep is not None and self.cache is not None and self.finish_reason in ("eos", "stop", "length"):
+            self.keep(self)
         self.cache = None
         if self.listener is not None:
             self.listener.finished(self)
@@ -151,6 +175,10 @@ class Request:
         self.error, self.cache, self.finish_reason = exc, None, "error"
         if self.listener is not None:
             self.listener.failed(exc)
+
+    def held_ids(self) -> list[int]:
+        """The tokens its cache holds, in order: the prompt and every sampled token fed back."""
+        return (self.prompt_ids + self.tokens)[: self.cache.offset]
 
     @property
     def first_token_at(self) -> float | None:

@@ -8,7 +8,8 @@ cancels its request, which frees its KV cache at the engine's next step.
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health,
 GET /metrics (Prometheus text). A request may pick its own cache spec with the extension
-field `"kvrt": {"cache": "snapkv:budget=1024+ott:bits=2"}`.
+field `"kvrt": {"cache": "snapkv:budget=1024+ott:bits=2"}`, and keep out of the prompt cache
+(kvrt.serving.prompt_cache) with `"kvrt": {"prompt_cache": false}`.
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ UNSUPPORTED = {"n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (False,
 class KvrtOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     cache: str | None = None  # a cache spec for this request; the server's --cache when absent
+    prompt_cache: bool = True  # false: neither start from the prompt cache nor leave the cache there
 
 
 class StreamOptions(BaseModel):
@@ -292,6 +294,7 @@ class Server:
     def submit(self, ids: list[int], body: Sampling, max_tokens: int | None):
         """Queue the request on the engine (in a worker thread: tokenizing and checks take a while)."""
         cache = body.kvrt.cache if body.kvrt else None
+        prompt_cache = body.kvrt.prompt_cache if body.kvrt else True
         try:
             if cache is not None:
                 CacheSpec.parse(cache)
@@ -305,7 +308,8 @@ class Server:
             room = (self.model.context_length or 0) - len(ids)
             max_tokens = min(self.max_tokens, room) if room > 0 else self.max_tokens
         try:
-            return self.engine.submit(ids, max_tokens=max_tokens, params=params, cache=cache, stop=body.stop)
+            return self.engine.submit(ids, max_tokens=max_tokens, params=params, cache=cache, stop=body.stop,
+                                      prompt_cache=prompt_cache)
         except QueueFull as exc:
             raise ApiError(429, str(exc), code="queue_full", kind="rate_limit_error") from None
         except KvrtError as exc:
@@ -420,14 +424,15 @@ class Reply:
     @staticmethod
     def usage(handle) -> dict:
         return {"prompt_tokens": handle.prompt_tokens, "completion_tokens": handle.completion_tokens,
-                "total_tokens": handle.prompt_tokens + handle.completion_tokens}
+                "total_tokens": handle.prompt_tokens + handle.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": handle.cached_tokens}}
 
-    def whole(self, text: str, handle) -> dict:
+    def whole(self, text: str, handle, logprobs: dict | None = None) -> dict:
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                       "finish_reason": handle.finish_reason}
             return {**self.envelope("chat.completion", [choice]), "usage": self.usage(handle)}
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": handle.finish_reason}
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": handle.finish_reason}
         return {**self.envelope("text_completion", [choice]), "usage": self.usage(handle)}
 
     def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False) -> str:
@@ -474,6 +479,16 @@ METRICS = {
     "prompt_tokens_per_second": ("kvrt_prompt_tokens_per_second", "gauge", "Prefill throughput over the last 10 s."),
     "generation_tokens_per_second": ("kvrt_generation_tokens_per_second", "gauge",
                                      "Generation throughput over the last 10 s."),
+    "prompt_cache_hits_total": ("kvrt_prompt_cache_hits_total", "counter",
+                                "Requests that started from the prompt cache."),
+    "prompt_cache_misses_total": ("kvrt_prompt_cache_misses_total", "counter",
+                                  "Requests that found nothing to reuse in the prompt cache."),
+    "prompt_cache_tokens_reused_total": ("kvrt_prompt_cache_tokens_reused_total", "counter",
+                                         "Prompt tokens taken from the prompt cache instead of prefilled."),
+    "prompt_cache_bytes": ("kvrt_prompt_cache_bytes", "gauge", "Bytes the prompt cache's entries hold."),
+    "prompt_cache_budget_bytes": ("kvrt_prompt_cache_budget_bytes", "gauge",
+                                  "The prompt cache's bound (--prompt-cache; 0: off)."),
+    "prompt_cache_entries": ("kvrt_prompt_cache_entries", "gauge", "Caches the prompt cache holds."),
 }
 
 
