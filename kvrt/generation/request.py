@@ -35,7 +35,7 @@ class Request:
     tokens sampled (`tokens`, an end-of-sequence one included), the text pieces emitted (`pieces`),
     its stats once it has closed. `cache`: a fresh one of `spec` unless given (a chat turn's); the
     request leaves it holding the prompt and every sampled token but the last. `logprobs`: score each
-    token of text it samples, with that many alternatives (kvrt.generation.logprobs); `prompt_logprobs`:
+    token it samples, with that many alternatives (kvrt.generation.logprobs); `prompt_logprobs`:
     score the prompt's own tokens too (all but the first). `max_tokens` 0 only prefills (scoring)."""
 
     def __init__(self, model, ids: Sequence[int], spec: CacheSpec, params: SamplingParams, max_tokens: int,
@@ -49,7 +49,7 @@ class Request:
         self.reuse = False  # whether a server may start it from its prompt cache
         self.listener, self.progress = listener, progress
         self.logprobs, self.prompt_logprobs = logprobs, prompt_logprobs
-        self.scores: list[TokenLogprob] = []  # per token of text sampled, with `logprobs`
+        self.scores: list[TokenLogprob] = []  # per token sampled (an end-of-sequence one too), with `logprobs`
         self.prompt_scores: list[TokenLogprob] = []  # per prompt token after the first, with `prompt_logprobs`
         self.cache = cache if cache is not None else self.runtime.new_cache(spec)
         self.need = 0  # KV bytes a server reserves for it (kvrt.cache.admission)
@@ -124,10 +124,10 @@ class Request:
         self._t_first = self._t_first or self._t_last
         self.history.append(token)
         self.tokens.append(token)
-        if token in self.tokenizer.eos_token_ids:
-            return self.finish("eos")
         if self.logprobs is not None:
             self.scores.append(score(self.runtime.ops.to_numpy(logits), token, self.logprobs))
+        if token in self.tokenizer.eos_token_ids:
+            return self.finish("eos")
         self.generated += 1
         self.last = token
         self.emit(self.matcher.push(self.detok.add_token(token)))

@@ -52,7 +52,7 @@ class Handle:
     kv_bytes: int = 0  # what the request's cache held at its end
     cached_tokens: int = 0  # prompt tokens the prompt cache held already (not prefilled again)
     tokens: list[int] = field(default_factory=list)  # the ids sampled, once finished (an end-of-sequence one too)
-    scores: list = field(default_factory=list)  # with logprobs: per token of text, a generation.logprobs.TokenLogprob
+    scores: list = field(default_factory=list)  # with logprobs: per token sampled, a generation.logprobs.TokenLogprob
     prompt_scores: list = field(default_factory=list)  # with prompt logprobs: per prompt token after the first
     submitted: float = field(default_factory=time.perf_counter)  # perf_counter times: latency, time to first token
     first_token_at: float | None = None

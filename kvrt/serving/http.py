@@ -7,7 +7,8 @@ Every bad request is an OpenAI-style JSON error with a 4xx status; a client that
 cancels its request, which frees its KV cache at the engine's next step.
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health,
-GET /metrics (Prometheus text). A request may pick its own cache spec with the extension
+GET /metrics (Prometheus text), and vLLM's tokenizer routes POST /tokenize, POST /detokenize and
+GET /tokenizer_info (lm-eval-harness's local-completions tokenizes through them). A request may pick its own cache spec with the extension
 field `"kvrt": {"cache": "snapkv:budget=1024+ott:bits=2"}`, and keep out of the prompt cache
 (kvrt.serving.prompt_cache) with `"kvrt": {"prompt_cache": false}`.
 """
@@ -29,13 +30,15 @@ from typing import Any, Literal
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.exceptions import HTTPException
 
 from kvrt.serving.engine import Engine, QueueFull
 from kvrt.serving.keys import ApiKeys
 from kvrt.errors import InvalidValue, KvrtError
+from kvrt.generation.logprobs import MAX_TOP
 from kvrt.models.runtime import check_token_ids
+from kvrt.serving.logprob_json import chat_logprobs, completion_logprobs
 from kvrt.generation.sampling import SamplingParams
 from kvrt.cache.spec import CacheSpec
 
@@ -122,9 +125,8 @@ class RequireKey:
 
 
 # --- requests ----------------------------------------------------------------------------------
-# fields that change what OpenAI replies (more choices, logprobs, tool calls): refused unless at their default
-UNSUPPORTED = {"n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (False,), "top_logprobs": (0,),
-               "suffix": ("",), "tools": ([],)}
+# fields that change what OpenAI replies (more choices, tool calls): refused unless at their default
+UNSUPPORTED = {"n": (1,), "best_of": (1,), "suffix": ("",), "tools": ([],)}
 
 
 class KvrtOptions(BaseModel):
@@ -159,6 +161,11 @@ class Sampling(BaseModel):
             return value
         raise ValueError("must be a string or a list of strings")
 
+    def scoring(self) -> tuple[int | None, bool]:
+        """(alternatives per sampled token when logprobs are asked for, else None; whether the prompt's
+        own tokens are scored too)."""
+        return None, False
+
     def params(self) -> SamplingParams:
         return SamplingParams(temp=1.0 if self.temperature is None else self.temperature,
                               top_p=1.0 if self.top_p is None else self.top_p, seed=self.seed)
@@ -166,6 +173,12 @@ class Sampling(BaseModel):
 
 class CompletionRequest(Sampling):
     prompt: str | list[int]
+    max_tokens: int | None = Field(None, ge=0)  # 0 with echo: score the prompt only (lm-eval-harness)
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP)  # score each token, with this many alternatives
+    echo: bool = False  # the reply's text (and logprobs) start with the prompt's
+
+    def scoring(self) -> tuple[int | None, bool]:
+        return self.logprobs, self.echo and self.logprobs is not None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -178,6 +191,15 @@ class CompletionRequest(Sampling):
         if isinstance(value, list) and len(value) > 1 and all(isinstance(p, (str, list)) for p in value):
             raise ValueError("one prompt per request: send several prompts as several requests")
         raise ValueError("must be a string or a non-empty list of token ids")
+
+
+class TokenizeRequest(BaseModel):
+    prompt: str
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    tokens: list[int]
 
 
 class Message(BaseModel):
@@ -203,6 +225,17 @@ class Message(BaseModel):
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP)
+
+    @model_validator(mode="after")
+    def top_needs_logprobs(self) -> "ChatRequest":
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def scoring(self) -> tuple[int | None, bool]:
+        return (self.top_logprobs or 0) if self.logprobs else None, False
 
 
 def field_path(loc) -> str:
@@ -307,9 +340,10 @@ class Server:
         if max_tokens is None:  # the server's default, within what the context leaves
             room = (self.model.context_length or 0) - len(ids)
             max_tokens = min(self.max_tokens, room) if room > 0 else self.max_tokens
+        logprobs, prompt_logprobs = body.scoring()
         try:
             return self.engine.submit(ids, max_tokens=max_tokens, params=params, cache=cache, stop=body.stop,
-                                      prompt_cache=prompt_cache)
+                                      prompt_cache=prompt_cache, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         except QueueFull as exc:
             raise ApiError(429, str(exc), code="queue_full", kind="rate_limit_error") from None
         except KvrtError as exc:
@@ -354,7 +388,7 @@ class Server:
                 ids = encode(body)
             except KvrtError as exc:
                 raise ApiError(400, str(exc), param="messages" if isinstance(body, ChatRequest) else "prompt")
-            return self.submit(ids, body, max_tokens)
+            return ids, self.submit(ids, body, max_tokens)
 
         return await anyio.to_thread.run_sync(run, limiter=self.threads)
 
@@ -377,7 +411,10 @@ class Server:
                 handle.cancel()
 
     async def completion(self, request: Request, body: Sampling, encode, max_tokens: int | None, chat: bool):
-        handle = await self.start(body, encode, max_tokens)
+        echo = getattr(body, "echo", False)
+        if body.stream and (echo or body.scoring()[0] is not None):
+            raise ApiError(400, "logprobs and echo are not supported with stream: true", param="stream")
+        ids, handle = await self.start(body, encode, max_tokens)
         reply = Reply(self.name, chat, body.stream_options.include_usage if body.stream_options else False)
         if body.stream:
             return StreamingResponse(reply.events(self.pieces(request, handle), handle),
@@ -388,7 +425,18 @@ class Server:
                 text.append(piece)
         except KvrtError as exc:
             raise failure(exc) from None
-        return JSONResponse(reply.whole("".join(text), handle))
+        if echo:
+            text.insert(0, body.prompt if isinstance(body.prompt, str) else self.model.tokenizer.decode(ids))
+        return JSONResponse(reply.whole("".join(text), handle, self.logprobs(body, handle, ids if echo else None)))
+
+    def logprobs(self, body: Sampling, handle, echoed: list[int] | None) -> dict | None:
+        """The reply's `logprobs` object, when the request asked for them."""
+        if body.scoring()[0] is None:
+            return None
+        tokenizer = self.model.tokenizer
+        if isinstance(body, ChatRequest):  # a chat reply's end-of-turn token is no part of its content
+            return chat_logprobs(tokenizer, [s for s in handle.scores if s.token not in tokenizer.eos_token_ids])
+        return completion_logprobs(tokenizer, handle.scores, echoed, handle.prompt_scores)
 
 
 def failure(exc: KvrtError) -> ApiError:
@@ -534,6 +582,31 @@ def build_app(model, engine: Engine, name: str = "default", max_tokens: int = 25
         body = await parsed(request, ChatRequest, server.max_request_bytes)
         max_tokens = body.max_completion_tokens or body.max_tokens
         return await server.completion(request, body, server.chat_ids, max_tokens, chat=True)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        tokenizer = model.tokenizer
+        return {"eos_token": tokenizer.eos_token, "bos_token": tokenizer.bos_token, "pad_token": None,
+                "chat_template": tokenizer.chat_template, "model_max_length": model.context_length}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        body = await parsed(request, TokenizeRequest, server.max_request_bytes)
+        server.check_length(len(body.prompt), "prompt")
+        encode = model.tokenizer.encode
+        ids = await anyio.to_thread.run_sync(lambda: server.tokenize(len(body.prompt), encode, body.prompt,
+                                                                     body.add_special_tokens), limiter=server.threads)
+        return {"tokens": ids, "count": len(ids), "max_model_len": model.context_length}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        body = await parsed(request, DetokenizeRequest, server.max_request_bytes)
+        try:
+            if body.tokens:
+                check_token_ids(body.tokens, model.tokenizer.vocab_size)
+        except KvrtError as exc:
+            raise ApiError(400, str(exc), param="tokens") from None
+        return {"prompt": model.tokenizer.decode(body.tokens)}
 
     @app.get("/health")
     async def health():

@@ -1,4 +1,5 @@
-"""API keys for `kvrt serve`: a bearer key on every /v1 route (and /metrics unless it is public).
+"""API keys for `kvrt serve`: a bearer key on every /v1 route and the tokenizer's routes (and
+/metrics unless it is public).
 
 As vLLM's and llama.cpp's `--api-key`: a client sends `Authorization: Bearer KEY`. Keys are compared
 as SHA-256 digests in constant time, every key each time, so a reply's timing tells nothing of a
@@ -11,6 +12,8 @@ import hashlib
 import hmac
 import ipaddress
 from typing import Sequence
+
+TOKENIZER_PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")  # vLLM's, which lm-eval-harness calls
 
 
 def _digest(text: str) -> bytes:
@@ -31,7 +34,9 @@ class ApiKeys:
         """Whether a request for `path` must carry a key."""
         if not self.digests:
             return False
-        return path == "/v1" or path.startswith("/v1/") or (path == "/metrics" and not self.metrics_public)
+        if path == "/metrics":
+            return not self.metrics_public
+        return path == "/v1" or path.startswith("/v1/") or path in TOKENIZER_PATHS
 
     def allows(self, authorization: str | None) -> bool:
         """Whether an Authorization header carries one of the keys (scheme Bearer, any case)."""

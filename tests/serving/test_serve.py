@@ -202,6 +202,124 @@ def test_a_request_picks_its_own_cache_spec(client):
 
 @pytest.mark.model
 @pytest.mark.slow
+def test_a_chat_turn_reuses_the_conversation_so_far_unless_told_not_to(server, client):
+    """The prompt cache: usage says how many prompt tokens were cached, /metrics counts them."""
+    messages = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "Name a color."}]
+    first = client.chat.completions.create(model="default", messages=messages, max_tokens=8, temperature=0)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "Another one."}]
+    before = server.metrics()
+    again = client.chat.completions.create(model="default", messages=messages, max_tokens=8, temperature=0)
+    fresh = client.chat.completions.create(model="default", messages=messages, max_tokens=8, temperature=0,
+                                           extra_body={"kvrt": {"prompt_cache": False}})
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens < cached < again.usage.prompt_tokens
+    assert fresh.usage.prompt_tokens_details.cached_tokens == 0
+    assert fresh.choices[0].message.content == again.choices[0].message.content  # full: the cache changes nothing
+    after = server.metrics()
+    assert after["kvrt_prompt_cache_tokens_reused_total"] - before["kvrt_prompt_cache_tokens_reused_total"] == cached
+    assert after["kvrt_prompt_cache_hits_total"] > before["kvrt_prompt_cache_hits_total"]
+    assert 0 < after["kvrt_prompt_cache_bytes"] <= after["kvrt_prompt_cache_budget_bytes"] == 2**30
+
+
+@pytest.fixture(scope="module")
+def in_process(default_model_dir):
+    """The same model loaded in the test process, to compute logprobs independently of the server."""
+    import kvrt
+
+    return kvrt.load(str(default_model_dir), backend="torch")
+
+
+def log_softmax_rows(model, ids: list[int]):
+    from kvrt.generation.logprobs import log_softmax
+
+    logits = model.runtime.forward(ids, model.runtime.new_cache("full"), all_logits=True)
+    return [log_softmax(row) for row in model.runtime.ops.to_numpy(logits)]
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_echo_scores_the_prompt_with_the_models_own_log_softmax(client, in_process):
+    """lm-eval-harness's loglikelihood request: echo, logprobs and max_tokens 0."""
+    prompt = "The capital of France is Paris, and the capital of Italy is Rome."
+    out = client.completions.create(model="default", prompt=prompt, max_tokens=0, echo=True, logprobs=3)
+    ids = in_process.encode_prompt(prompt, chat_template=False)
+    expected = log_softmax_rows(in_process, ids)
+    lp = out.choices[0].logprobs
+    assert out.choices[0].text == prompt and out.usage.completion_tokens == 0
+    assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert "".join(lp.tokens) == prompt and lp.text_offset[1] == len(lp.tokens[0])
+    for i in range(1, len(ids)):
+        assert lp.token_logprobs[i] == pytest.approx(expected[i - 1][ids[i]], abs=1e-3)
+        top = sorted(lp.top_logprobs[i].values(), reverse=True)
+        assert len(top) == 3 and top[0] == pytest.approx(expected[i - 1].max(), abs=1e-3)
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_generated_tokens_carry_logprobs_in_completions_and_chat(client, in_process):
+    prompt = "One, two, three, four,"
+    out = client.completions.create(model="default", prompt=prompt, max_tokens=5, temperature=0, logprobs=2)
+    lp = out.choices[0].logprobs
+    assert "".join(lp.tokens) == out.choices[0].text and len(lp.tokens) == out.usage.completion_tokens == 5
+    from kvrt.cache.spec import CacheSpec
+    from kvrt.generation.request import Request
+    from kvrt.generation.sampling import SamplingParams
+    from kvrt.generation.stream import stream_alone
+
+    ids = in_process.encode_prompt(prompt, chat_template=False)
+    alone = Request(in_process, ids, CacheSpec.parse("full"), SamplingParams(temp=0), 5)
+    list(stream_alone(in_process, alone))
+    generated = alone.tokens
+    assert lp.tokens == [in_process.tokenizer.decode([t]) for t in generated]
+    expected = log_softmax_rows(in_process, ids + generated)
+    for j, token in enumerate(generated):
+        assert lp.token_logprobs[j] == pytest.approx(expected[len(ids) - 1 + j][token], abs=1e-3)
+        assert max(lp.top_logprobs[j].values()) == pytest.approx(lp.token_logprobs[j], abs=1e-6)  # greedy
+    chat = client.chat.completions.create(model="default", max_tokens=4, temperature=0, logprobs=True,
+                                          top_logprobs=2, messages=[{"role": "user", "content": "Say hi."}])
+    content = chat.choices[0].logprobs.content
+    assert "".join(c.token for c in content) == chat.choices[0].message.content
+    assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob >= c.logprob - 1e-6 for c in content)
+    assert all(bytes(c.bytes) == c.token.encode() for c in content)
+
+
+@pytest.mark.model
+@pytest.mark.slow
+@pytest.mark.parametrize("fields", [{"logprobs": 21}, {"logprobs": 1, "stream": True}, {"echo": True, "stream": True},
+                                    {"max_tokens": -1}])
+def test_bad_logprobs_requests_get_400(server, fields):
+    reply = httpx.post(f"{server.url}/v1/completions", json={"prompt": "hi", **fields}, timeout=30)
+    assert reply.status_code == 400 and reply.json()["error"]["message"]
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_the_tokenizer_routes_agree_with_the_tokenizer(server, tokenizer):
+    """vLLM's /tokenize, /detokenize and /tokenizer_info, which lm-eval-harness tokenizes through."""
+    text = "The capital of France is Paris."
+    ids = httpx.post(f"{server.url}/tokenize", json={"prompt": text, "add_special_tokens": False}, timeout=30).json()
+    assert ids["tokens"] == tokenizer.encode(text, add_special_tokens=False) and ids["count"] == len(ids["tokens"])
+    back = httpx.post(f"{server.url}/detokenize", json={"tokens": ids["tokens"]}, timeout=30).json()
+    assert back["prompt"] == text
+    info = httpx.get(f"{server.url}/tokenizer_info", timeout=30).json()
+    eos = httpx.post(f"{server.url}/tokenize", json={"prompt": info["eos_token"], "add_special_tokens": False},
+                     timeout=30).json()["tokens"]
+    assert len(eos) == 1 and eos[0] in tokenizer.eos_token_ids and info["model_max_length"] > 0
+    bad = httpx.post(f"{server.url}/detokenize", json={"tokens": [10**9]}, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_top_logprobs_without_logprobs_is_a_400(server):
+    reply = httpx.post(f"{server.url}/v1/chat/completions", timeout=30,
+                       json={"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2})
+    assert reply.status_code == 400 and "logprobs" in reply.json()["error"]["message"]
+
+
+@pytest.mark.model
+@pytest.mark.slow
 def test_sixteen_concurrent_streams_each_equal_their_solo_text(server, client):
     prompts = [f"The capital of {country} is" for country in COUNTRIES]
     alone = solo_texts(client, prompts, max_tokens=8)

@@ -1,4 +1,5 @@
-"""`kvrt serve --api-key`: every /v1 route and /metrics need a bearer key; /health stays open."""
+"""`kvrt serve --api-key`: every /v1 route, the tokenizer's routes and /metrics need a bearer key;
+/health stays open."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def test_a_key_is_a_bearer_token_that_matches_one_of_the_keys():
 def test_keys_guard_the_api_and_metrics_but_never_health():
     keys = ApiKeys(["k"])
     assert keys.guards("/v1/completions") and keys.guards("/v1/models") and keys.guards("/metrics")
-    assert not keys.guards("/health") and not keys.guards("/v1beta")
+    assert keys.guards("/tokenize") and keys.guards("/detokenize") and keys.guards("/tokenizer_info")
+    assert not keys.guards("/health") and not keys.guards("/v1beta") and not keys.guards("/tokenizers")
     assert not ApiKeys(["k"], metrics_public=True).guards("/metrics")
     assert not ApiKeys([]).guards("/v1/completions")  # no key: open, as before
 
@@ -72,7 +74,7 @@ def test_the_openai_client_needs_one_of_the_keys(keyed):
 @pytest.mark.model
 @pytest.mark.slow
 def test_without_a_key_the_api_and_metrics_answer_401_and_health_stays_open(keyed):
-    for path in ("/v1/models", "/metrics"):
+    for path in ("/v1/models", "/metrics", "/tokenizer_info"):
         reply = httpx.get(f"{keyed.url}{path}", timeout=30)
         assert reply.status_code == 401 and reply.headers["www-authenticate"] == "Bearer"
         assert reply.json()["error"]["type"] == "invalid_request_error"
