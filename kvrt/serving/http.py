@@ -575,6 +575,9 @@ def build_app(model, engine: Engine, name: str = "default", max_tokens: int = 25
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await parsed(request, CompletionRequest, server.max_request_bytes)
+        if body.max_tokens == 0 and not body.echo:
+            raise ApiError(400, "max_tokens 0 generates nothing: it scores the prompt, with echo and logprobs",
+                           param="max_tokens")
         return await server.completion(request, body, server.completion_ids, body.max_tokens, chat=False)
 
     @app.post("/v1/chat/completions")
