@@ -245,8 +245,13 @@ def chat_turn(session, line: str, params, max_tokens: int, stop, verbose: bool) 
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Ray workers (one model each).")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="Samples of a task decoded together (greedy predictions are the same as --batch 1's).")
+@click.option("--server", default=None,
+              help="Generate on this OpenAI-compatible server (its base URL) instead of here; --model names the "
+                   "tokenizer to build prompts with, --workers the requests in flight, and each --cache travels "
+                   "per request (kvrt serve applies it; other servers ignore it).")
+@click.option("--api-key", default=None, envvar="OPENAI_API_KEY", help="The server's key (Authorization: Bearer).")
 def eval_command(model, backend, dtype, suite, tasks, caches, lengths, limit, seed, max_length, haystack, data_dir,
-                 out, overwrite, ray_address, workers, batch):
+                 out, overwrite, ray_address, workers, batch, server, api_key):
     """Evaluate cache specs side by side on long-context tasks (resumable)."""
     from pathlib import Path
 
@@ -262,12 +267,25 @@ def eval_command(model, backend, dtype, suite, tasks, caches, lengths, limit, se
     specs = [cache_spec_from(c) for c in caches] or ["full"]
     settings = Settings(model=model, caches=specs, tasks=[t.name for t in chosen], lengths=sizes, limit=limit,
                         seed=seed, backend=backend, dtype=dtype, max_length=max_length, haystack=list(haystack),
-                        data_dir=data_dir)
-    m = load_model(model, backend, dtype)
+                        data_dir=data_dir, server=server)
+    if server and ray_address:
+        raise click.UsageError("--server and --ray are two ways to run the samples; pick one")
+    m = remote_model(model, server, api_key) if server else load_model(model, backend, dtype)
     summary = run_eval(m, settings, Path(out), overwrite=overwrite, progress=True, report=log,
                        ray_address=ray_address, workers=workers, batch=batch)
     log(f"{counted(summary['written'], 'sample')} written over {counted(summary['cells'], 'cell')} into {out}")
     report_run(out)
+
+
+def remote_model(model: str, server: str, api_key: str | None):
+    """kvrt eval --server's model: the server, with the named model's tokenizer and context to build prompts."""
+    from kvrt.eval.remote import RemoteModel
+    from kvrt.models.config import context_length, read_config
+    from kvrt.models.store import resolve_model
+    from kvrt.models.tokenizer import Tokenizer
+
+    folder = resolve_model(model, log=log)
+    return RemoteModel(server, Tokenizer.from_folder(folder), context_length(read_config(folder)), api_key)
 
 
 @cli.command()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from kvrt.errors import KvrtError
 from kvrt.eval.files import json_file
-from kvrt.eval.runner import Settings, read_predictions, spec_slug
+from kvrt.eval.runner import LATER_SETTINGS, Settings, read_predictions, spec_slug
 
 BUCKETS = [(0, 8_000, "0-8k"), (8_000, 16_000, "8-16k"), (16_000, 32_000, "16-32k"), (32_000, 64_000, "32-64k"),
            (64_000, 128_000, "64-128k"), (128_000, float("inf"), ">128k")]
@@ -34,10 +34,10 @@ def load_settings(run: Path) -> dict:
     if not path.exists():
         raise KvrtError(f"{run} is not a kvrt eval folder (no settings.json)")
     settings = json_file(path, "settings file")
-    missing = [f.name for f in fields(Settings) if f.name not in settings]
+    missing = [f.name for f in fields(Settings) if f.name not in settings and f.name not in LATER_SETTINGS]
     if missing:
         raise KvrtError(f"{path}: not kvrt eval settings (missing {', '.join(missing)})")
-    return settings
+    return {**LATER_SETTINGS, **settings}
 
 
 def load_records(run: Path) -> tuple[dict, list[dict]]:

@@ -46,12 +46,16 @@ class Settings:
     max_length: int | None = None  # LongBench truncation target; None = the model's context
     haystack: list[str] = field(default_factory=list)
     data_dir: str | None = None
+    server: str | None = None  # an OpenAI-compatible server that generates instead (kvrt.eval.remote)
 
     def as_dict(self) -> dict:
         from kvrt import __version__
 
         return {**asdict(self), "kvrt_version": __version__, "decoding": "greedy"}
 
+
+# Settings added after run folders were first written: a folder without one ran with its default
+LATER_SETTINGS = {"server": None}
 
 # What `kvrt report` reads from every record: a line without them is damaged.
 RECORD_FIELDS = ("id", "cache", "task", "length", "score", "prompt_tokens", "generation_tokens", "generation_tps",
@@ -81,6 +85,8 @@ def settings_problem(path: Path, wanted: dict) -> str | None:
         saved = json_value(data, path)
     except KvrtError as exc:
         return str(exc)
+    if isinstance(saved, dict):
+        saved = {**LATER_SETTINGS, **saved}
     return None if saved == wanted else f"{path.parent} holds a run with other settings"
 
 
@@ -269,8 +275,10 @@ def run_eval(model, settings: Settings, out: Path, overwrite: bool = False, prog
     """Run (or resume) every cell, here or sharded over Ray workers (`ray_address`: a cluster's
     address, "auto" for the running one, "local" to start one with `workers` workers); this
     process alone writes the files. `batch` > 1 decodes that many samples of a cell together
-    (kvrt.generation.scheduler; greedy predictions equal batch 1's). `progress`: True shows it on stderr, False
-    stays silent, or a factory made like `kvrt.models.progress.Progress`. Returns {"cells": n, "written": n}."""
+    (kvrt.generation.scheduler; greedy predictions equal batch 1's). With `settings.server`, `model` is a
+    kvrt.eval.remote.RemoteModel and `workers` requests are in flight at once. `progress`: True shows
+    it on stderr, False stays silent, or a factory made like `kvrt.models.progress.Progress`.
+    Returns {"cells": n, "written": n}."""
     show = progress_factory(progress)
     prepare_out(out, settings, overwrite)
     plans = plan_cells(model, settings, cells(settings, model.context_length, report), out, report, show)
@@ -278,12 +286,14 @@ def run_eval(model, settings: Settings, out: Path, overwrite: bool = False, prog
     work = [(p.cell, p.path, sample) for p in plans for sample in p.todo]
     for _, path, _ in work:
         path.parent.mkdir(parents=True, exist_ok=True)
+    jobs = [(i, cell, sample) for i, (cell, _, sample) in enumerate(work)]
     if ray_address:
         from kvrt.eval.distributed import ray_records
 
         results = ray_records(ray_address, workers, settings, [(cell, sample) for cell, _, sample in work], batch)
+    elif settings.server:
+        results = concurrent_records(model, jobs, workers)
     else:
-        jobs = [(i, cell, sample) for i, (cell, _, sample) in enumerate(work)]
         results = (pair for group in batched_jobs(jobs, batch) for pair in run_samples(model, group))
     written = 0
     with show("eval", len(work), "samples", log_every=0) as bar:
@@ -293,6 +303,19 @@ def run_eval(model, settings: Settings, out: Path, overwrite: bool = False, prog
             written += 1
             bar.advance(note=f"{cell.spec} {cell.name}: score {record['score']:.2f}")
     return {"cells": len(plans), "written": written}
+
+
+def concurrent_records(model, jobs: list[tuple], workers: int):
+    """(index, record) of each job, `workers` requests in flight at once (a server batches them), in
+    completion order; the first failure stops the rest."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    pool = ThreadPoolExecutor(workers)
+    try:
+        for future in as_completed([pool.submit(run_samples, model, [job]) for job in jobs]):
+            yield from future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def batched_jobs(jobs: list[tuple], size: int) -> list[list[tuple]]:
