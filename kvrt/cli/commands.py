@@ -228,10 +228,15 @@ def chat_turn(session, line: str, params, max_tokens: int, stop, verbose: bool) 
 
 @cli.command("eval")
 @model_options
-@click.option("--suite", default="lite", show_default=True, help="Task suite: lite, ruler, longbench.")
+@click.option("--suite", default="lite", show_default=True,
+              help="Task suite: lite, standard (a few tasks of each benchmark, 1k/2k), ruler, longbench.")
+@click.option("--benchmark", "benchmarks", default=None,
+              help="Comma-separated benchmarks instead of a suite: ruler, niah, counting_stars, babilong, "
+                   "longbench, lite (README: Evaluation).")
 @click.option("--tasks", default=None, help="Comma-separated tasks instead of a suite.")
 @click.option("--cache", "caches", multiple=True, help="Cache spec to evaluate (repeatable) [full].")
-@click.option("--lengths", default=None, help="Synthetic prompt lengths in tokens, comma-separated [512,1024].")
+@click.option("--lengths", default=None, help="Synthetic prompt lengths in tokens, comma-separated; 1k is 1024 "
+                                              "[512,1024].")
 @click.option("--limit", type=click.IntRange(min=1), default=5, show_default=True, help="Samples per task and length.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--max-length", type=click.IntRange(min=16), default=None,
@@ -242,7 +247,8 @@ def chat_turn(session, line: str, params, max_tokens: int, stop, verbose: bool) 
 @click.option("--overwrite", is_flag=True, help="Replace a run folder made with other settings.")
 @click.option("--ray", "ray_address", default=None,
               help="Shard over Ray: a cluster ADDRESS, 'auto' (the running cluster) or 'local' (start one).")
-@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Ray workers (one model each).")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Ray workers (one model each); with --server, the requests in flight.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="Samples of a task decoded together (greedy predictions are the same as --batch 1's).")
 @click.option("--server", default=None,
@@ -250,20 +256,20 @@ def chat_turn(session, line: str, params, max_tokens: int, stop, verbose: bool) 
                    "tokenizer to build prompts with, --workers the requests in flight, and each --cache travels "
                    "per request (kvrt serve applies it; other servers ignore it).")
 @click.option("--api-key", default=None, envvar="OPENAI_API_KEY", help="The server's key (Authorization: Bearer).")
-def eval_command(model, backend, dtype, suite, tasks, caches, lengths, limit, seed, max_length, haystack, data_dir,
-                 out, overwrite, ray_address, workers, batch, server, api_key):
+def eval_command(model, backend, dtype, suite, benchmarks, tasks, caches, lengths, limit, seed, max_length, haystack,
+                 data_dir, out, overwrite, ray_address, workers, batch, server, api_key):
     """Evaluate cache specs side by side on long-context tasks (resumable)."""
     from pathlib import Path
 
     from kvrt.cli.cache_flags import cache_spec_from
+    from kvrt.eval.benchmarks import benchmark_tasks, parse_lengths
     from kvrt.eval.runner import Settings, counted, run_eval
-    from kvrt.eval.tasks import LITE_LENGTHS, resolve
+    from kvrt.eval.tasks import LITE_LENGTHS, SUITE_LENGTHS, resolve
 
-    chosen = resolve(tasks, None if tasks else suite)
-    try:
-        sizes = [int(x) for x in lengths.split(",")] if lengths else LITE_LENGTHS
-    except ValueError:
-        raise click.UsageError(f"--lengths takes comma-separated integers, got '{lengths}'") from None
+    if benchmarks and tasks:
+        raise click.UsageError("--benchmark and --tasks both choose the tasks; pick one")
+    chosen = resolve(",".join(benchmark_tasks(benchmarks)) if benchmarks else tasks, None if tasks else suite)
+    sizes = parse_lengths(lengths) if lengths else SUITE_LENGTHS.get(suite, LITE_LENGTHS)
     specs = [cache_spec_from(c) for c in caches] or ["full"]
     settings = Settings(model=model, caches=specs, tasks=[t.name for t in chosen], lengths=sizes, limit=limit,
                         seed=seed, backend=backend, dtype=dtype, max_length=max_length, haystack=list(haystack),

@@ -19,6 +19,12 @@ scores the maximum over its gold answers (`score_sample`). Task scores are means
   (× 100, rounded) without python-Levenshtein.
 - RULER: string_match_all = share of golds found in the prediction (case-insensitive);
   string_match_part = 1 if any is.
+- needle_recall (Kamradt's needle, kvrt's stand-in for its GPT-4 grade): the share of the
+  answer's normalized words, with repeats, found in the prediction.
+- stars_searching, stars_reasoning: Counting-Stars' scores over the counts the reply lists
+  (kvrt/eval/counting_stars.py).
+- babilong: BABILong's rule (kvrt/eval/babilong.py): the reply's first sentence names the answer
+  and no other of the task's labels.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ import string
 from collections import Counter
 from difflib import SequenceMatcher
 from typing import Callable
+
+from kvrt.eval import babilong, counting_stars
 
 ARTICLES = re.compile(r"\b(a|an|the)\b")
 NUMBERS = re.compile(r"\d+")
@@ -66,6 +74,12 @@ def rouge_l(prediction: str, gold: str, sample: dict | None = None) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def needle_recall(prediction: str, gold: str, sample: dict | None = None) -> float:
+    """The share of the needle's answer words (normalized, with repeats) found in the prediction."""
+    pred, ref = Counter(normalize_answer(prediction).split()), Counter(normalize_answer(gold).split())
+    return sum((pred & ref).values()) / sum(ref.values()) if ref else 0.0
+
+
 def classification(prediction: str, gold: str, sample: dict | None = None) -> float:
     classes = (sample or {}).get("all_classes") or []
     named = [c for c in classes if c in prediction]
@@ -94,22 +108,24 @@ def code_sim(prediction: str, gold: str, sample: dict | None = None) -> float:
     return SequenceMatcher(None, first, gold).ratio()
 
 
-def string_match_all(prediction: str, golds: list[str]) -> float:
+def string_match_all(prediction: str, golds: list[str], sample: dict | None = None) -> float:
     text = prediction.lower()
     return sum(g.lower() in text for g in golds) / len(golds) if golds else 0.0
 
 
-def string_match_part(prediction: str, golds: list[str]) -> float:
+def string_match_part(prediction: str, golds: list[str], sample: dict | None = None) -> float:
     text = prediction.lower()
     return float(any(g.lower() in text for g in golds))
 
 
 PER_ANSWER: dict[str, Callable[[str, str, dict | None], float]] = {
     "qa_f1": qa_f1, "rouge": rouge_l, "classification": classification,
-    "retrieval": retrieval, "count": count, "code_sim": code_sim,
+    "retrieval": retrieval, "count": count, "code_sim": code_sim, "needle_recall": needle_recall,
+    "babilong": babilong.babilong_score,
 }
-WHOLE: dict[str, Callable[[str, list[str]], float]] = {
+WHOLE: dict[str, Callable[[str, list[str], dict | None], float]] = {
     "string_match_all": string_match_all, "string_match_part": string_match_part,
+    "stars_searching": counting_stars.searching_score, "stars_reasoning": counting_stars.reasoning_score,
 }
 METRICS = (*PER_ANSWER, *WHOLE)
 
@@ -117,7 +133,7 @@ METRICS = (*PER_ANSWER, *WHOLE)
 def score_sample(metric: str, prediction: str, answers: list[str], sample: dict | None = None) -> float:
     """One sample's score in [0, 1]: the max over gold answers (LongBench), or RULER's match over all."""
     if metric in WHOLE:
-        return WHOLE[metric](prediction, answers)
+        return WHOLE[metric](prediction, answers, sample)
     if metric not in PER_ANSWER:
         from kvrt.errors import KvrtError
 

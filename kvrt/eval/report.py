@@ -6,9 +6,10 @@ reports). Beside the scores, per spec: KV bytes per token held on the device at 
 generation (CaliDrop's host-memory tier apart) and decode tok/s (means over samples; timings
 are as noisy as the machine was).
 
-Writes results.json, results.csv, report.md and, with matplotlib, PNG plots: a depth ×
-length heatmap per spec for the needle tasks, score against budget per method, and score
-against KV bytes per token (a line per method over its budgets, a point per other spec).
+Writes results.json, results.csv, report.md and, with matplotlib, PNG plots: per spec a depth ×
+length heatmap of Kamradt's needle sweep (`niah`, its exact depths) and one of the other needle
+tasks (depths in five bins), score against budget per method, and score against KV bytes per
+token (a line per method over its budgets, a point per other spec).
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ def markdown(summary: dict) -> str:
         lines.append("| + host bytes / token | " + " | ".join(host(summary["cost"][c].get("host_bytes_per_token"))
                                                             for c in caches) + " |")
     lines.append("| decode tok/s | " + " | ".join(fmt(summary["cost"][c]["decode_tps"]) for c in caches) + " |")
+    lines += by_benchmark(summary, caches, fmt)
     lengths = sorted({cell["length"] for cell in summary["cells"]}, key=lambda b: (len(b), b))
     lines += ["", "## By length", "", "| task | length | " + " | ".join(f"`{c}`" for c in caches) + " |",
               "|---|---|" + "---|" * len(caches)]
@@ -124,6 +126,32 @@ def markdown(summary: dict) -> str:
             if any((c, t, b) in table for c in caches):
                 lines.append(f"| {t} | {b} | " + " | ".join(fmt(table.get((c, t, b))) for c in caches) + " |")
     return "\n".join(lines) + "\n"
+
+
+def by_benchmark(summary: dict, caches: list[str], fmt) -> list[str]:
+    """A table of scores per benchmark (kvrt.eval.benchmarks; a task counts for the first that names it),
+    each the sample-weighted mean of its tasks, when the run holds tasks of more than one."""
+    from kvrt.eval.benchmarks import BENCHMARKS
+
+    owner = {}
+    for benchmark in BENCHMARKS.values():
+        for task in benchmark.tasks:
+            owner.setdefault(task, benchmark.name)
+    groups = defaultdict(list)
+    for cell in summary["cells"]:
+        groups[owner.get(cell["task"], cell["task"])].append(cell)
+    if len(groups) < 2:
+        return []
+    lines = ["", "## By benchmark", "", "| benchmark | " + " | ".join(f"`{c}`" for c in caches) + " |",
+             "|---|" + "---|" * len(caches)]
+    for name, cells in groups.items():
+        scores = []
+        for c in caches:
+            mine = [x for x in cells if x["cache"] == c]
+            n = sum(x["n"] for x in mine)
+            scores.append(sum(x["score"] * x["n"] for x in mine) / n if n else None)
+        lines.append(f"| {name} | " + " | ".join(fmt(v) for v in scores) + " |")
+    return lines
 
 
 def budget_of(spec: str) -> tuple[str, int] | None:
@@ -148,32 +176,19 @@ def plots(summary: dict, records: list[dict], out: Path) -> list[str]:
     except ImportError:
         return []
     written = []
-    needles = [r for r in records if "depth" in r.get("meta", {})]  # the needle tasks record their depth
-    lengths = sorted({r["length"] for r in needles})
     for cache in summary["settings"]["caches"]:
-        mine = [r for r in needles if r["cache"] == cache]
-        if not mine:
-            continue
-        grid = [[float("nan")] * len(lengths) for _ in range(DEPTH_BINS)]
-        for i in range(DEPTH_BINS):
-            for j, length in enumerate(lengths):
-                cell = [r["score"] for r in mine if r["length"] == length
-                        and min(int(r["meta"]["depth"] * DEPTH_BINS), DEPTH_BINS - 1) == i]
-                grid[i][j] = 100 * mean(cell) if cell else float("nan")
-        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 3.2))
-        image = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
-        ax.set_xticks(range(len(lengths)), [str(x) for x in lengths])
-        ax.set_yticks(range(DEPTH_BINS), [f"{100 * i // DEPTH_BINS}-{100 * (i + 1) // DEPTH_BINS}%"
-                                          for i in range(DEPTH_BINS)])
-        ax.set_xlabel("prompt tokens")
-        ax.set_ylabel("needle depth")
-        ax.set_title(cache, fontsize=8)
-        fig.colorbar(image, ax=ax)
-        name = f"niah_{spec_slug(cache)}.png"
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        written.append(name)
+        mine = [r for r in records if r["cache"] == cache and "depth" in r.get("meta", {})]
+        grid = [r for r in mine if r["task"] == "niah"]  # Kamradt's sweep: its own exact depths
+        binned = [r for r in mine if r["task"] != "niah"]  # the other needles, at random depths
+        if grid:
+            depths = sorted({r["meta"]["depth"] for r in grid})
+            rows = [(f"{100 * d:.0f}%", lambda r, d=d: r["meta"]["depth"] == d) for d in depths]
+            written.append(heatmap(plt, grid, rows, cache, out / f"niah_grid_{spec_slug(cache)}.png"))
+        if binned:
+            rows = [(f"{100 * i // DEPTH_BINS}-{100 * (i + 1) // DEPTH_BINS}%",
+                     lambda r, i=i: min(int(r["meta"]["depth"] * DEPTH_BINS), DEPTH_BINS - 1) == i)
+                    for i in range(DEPTH_BINS)]
+            written.append(heatmap(plt, binned, rows, cache, out / f"niah_{spec_slug(cache)}.png"))
     curves = defaultdict(list)
     for cache, score in summary["overall"].items():
         parsed = budget_of(cache)
@@ -198,6 +213,28 @@ def plots(summary: dict, records: list[dict], out: Path) -> list[str]:
     if len(summary["overall"]) > 1:
         written.append(plot_score_vs_bytes(plt, summary, out))
     return written
+
+
+def heatmap(plt, records: list[dict], rows: list[tuple], title: str, path: Path) -> str:
+    """Score by needle depth (`rows`: a label and a test per row) and prompt length, 0-100, red to green."""
+    lengths = sorted({r["length"] for r in records})
+    grid = [[float("nan")] * len(lengths) for _ in rows]
+    for i, (_, inside) in enumerate(rows):
+        for j, length in enumerate(lengths):
+            cell = [r["score"] for r in records if r["length"] == length and inside(r)]
+            grid[i][j] = 100 * mean(cell) if cell else float("nan")
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.4 + 0.3 * len(rows)))
+    image = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(lengths)), [str(x) for x in lengths])
+    ax.set_yticks(range(len(rows)), [label for label, _ in rows])
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("needle depth")
+    ax.set_title(title, fontsize=8)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
 
 
 def plot_score_vs_bytes(plt, summary: dict, out: Path) -> str:

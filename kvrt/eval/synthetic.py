@@ -99,6 +99,11 @@ class Task:
     def sample(self, builder: Builder, rng: random.Random, seed: int, haystack: list[str] | None) -> Sample:
         raise NotImplementedError
 
+    def sample_from(self, builder: Builder, rng: random.Random, seed: int, haystack: list[str] | None,
+                    data_dir: str | None) -> Sample:
+        """A sample, from the benchmark's own files under `data_dir` where the task reads them."""
+        return self.sample(builder, rng, seed, haystack)
+
 
 class Passkey(Task):
     name, max_new_tokens = "passkey", 16
@@ -114,19 +119,30 @@ class Passkey(Task):
 
 
 class NIAH(Task):
-    """Needles "One of the special magic {kind} for {key} is: {value}." in a noise or essay haystack."""
+    """Needles "One of the special magic {kind} for {key} is: {value}." in a haystack of noise, essay
+    sentences, or other needles (RULER's multikey_2/3: every sentence a distractor with its own key)."""
 
     max_new_tokens = 128
 
     def __init__(self, name: str, haystack: str = "essay", kind: str = "numbers", keys: int = 1, values: int = 1,
-                 queries: int = 1, metric: str = "string_match_all"):
-        self.name, self.haystack, self.kind = name, haystack, kind
+                 queries: int = 1, metric: str = "string_match_all", key_kind: str = "words"):
+        self.name, self.haystack, self.kind, self.key_kind = name, haystack, kind, key_kind
         self.keys, self.values, self.queries, self.metric = keys, values, queries, metric
+
+    def key(self, rng: random.Random) -> str:
+        return magic_value(rng, "uuids") if self.key_kind == "uuids" else magic_key(rng)
+
+    def distractors(self, rng: random.Random, taken: list[str]):
+        """Endless needles of other keys: the haystack of RULER's multikey_2 and multikey_3."""
+        while True:
+            key = self.key(rng)
+            if key not in taken:
+                yield needle(self.kind, key, magic_value(rng, self.kind))
 
     def sample(self, builder, rng, seed, haystack):
         keys = []
         while len(keys) < max(self.keys, self.queries):
-            key = magic_key(rng)
+            key = self.key(rng)
             keys += [key] if key not in keys else []
         # the first key holds `values` values, the others (distractors or further queries) one each
         pairs = [(keys[0], magic_value(rng, self.kind)) for _ in range(self.values)]
@@ -135,7 +151,8 @@ class NIAH(Task):
         asked = keys[: self.queries]
         answers = [v for k, v in pairs if k in asked]
         depths = [rng.random() for _ in pairs]
-        sentences = sentence_stream(seed, haystack) if self.haystack == "essay" else iter(NOISE * 10**6)
+        sentences = {"essay": lambda: sentence_stream(seed, haystack), "noise": lambda: iter(NOISE * 10**6),
+                     "needles": lambda: self.distractors(random.Random(seed), keys)}[self.haystack]()
         asked_text = ", ".join(asked[:-1]) + (" and " if len(asked) > 1 else "") + asked[-1]
         many = len(answers) > 1
         noun = self.kind if many else self.kind[:-1]  # "numbers" -> "number"
@@ -220,6 +237,25 @@ class WordCounting(Task):
             yield from self.rare(rng, 8)
 
 
+class NeedleGrid(Task):
+    """Kamradt's needle in a haystack (github.com/gkamradt/LLMTest_NeedleInAHaystack): one fixed
+    needle at a depth of the haystack, one question, swept over lengths and depths and drawn as a
+    heatmap. Sample i of n sits at depth i/(n-1) (linear, 0% to 100%), at the sentence boundary
+    nearest it. The original asks GPT-4 to grade the reply 1-10; no judge model runs offline, so
+    kvrt scores the share of the needle's answer words the reply contains (`needle_recall`)."""
+
+    name, metric, max_new_tokens = "niah", "needle_recall", 64
+    NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
+    QUESTION = "What is the best thing to do in San Francisco?"
+    ANSWER = "eat a sandwich and sit in Dolores Park on a sunny day"
+
+    def sample_at(self, builder, depth: float, seed, haystack):
+        ids, _ = builder.build("", [self.NEEDLE], [depth],
+                               f"{self.QUESTION} Don't give information outside the document or repeat your findings.",
+                               "", sentence_stream(seed, haystack))
+        return Sample("", ids, [self.ANSWER], {"depth": depth})
+
+
 def coded_word(rng: random.Random, letters: int) -> str:
     return "".join(rng.choice(string.ascii_lowercase) for _ in range(letters))
 
@@ -229,19 +265,27 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     NIAH("niah_single_1", haystack="noise"),
     NIAH("niah_single_2", haystack="essay"),
     NIAH("niah_single_3", haystack="essay", kind="uuids"),
-    NIAH("niah_multikey", keys=4),
+    NIAH("niah_multikey", keys=4),  # RULER's niah_multikey_1
+    NIAH("niah_multikey_2", haystack="needles"),
+    NIAH("niah_multikey_3", haystack="needles", kind="uuids", key_kind="uuids"),
     NIAH("niah_multivalue", values=4),
     NIAH("niah_multiquery", keys=4, queries=4),
     VariableTracking(),
     WordCounting("cwe", zipf=False, top=10, max_new_tokens=120),
     WordCounting("fwe", zipf=True, top=3, max_new_tokens=50),
+    NeedleGrid(),
 ]}
 
 
 def make_sample(task: Task, tokenizer, length: int, index: int, seed: int, chat: bool,
-                haystack: list[str] | None = None) -> Sample:
-    """Sample `index` of a task at `length` tokens: the same ids for the same (seed, task, length, index)."""
+                haystack: list[str] | None = None, count: int = 1, data_dir: str | None = None) -> Sample:
+    """Sample `index` of `count` of a task at `length` tokens: the same ids for the same (seed, task,
+    length, index), and for the needle grid the same count (`data_dir`: see Task.sample_from)."""
     rng = random.Random(f"{seed}:{task.name}:{length}:{index}")
-    sample = task.sample(Builder(tokenizer, Frame(tokenizer, chat), length), rng, rng.randrange(2**31), haystack)
+    builder = Builder(tokenizer, Frame(tokenizer, chat), length)
+    if isinstance(task, NeedleGrid):
+        sample = task.sample_at(builder, index / max(count - 1, 1), rng.randrange(2**31), haystack)
+    else:
+        sample = task.sample_from(builder, rng, rng.randrange(2**31), haystack, data_dir)
     sample.id = f"{task.name}-{length}-{index}"
     return sample

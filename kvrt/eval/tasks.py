@@ -12,21 +12,31 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvrt.errors import KvrtError
-from kvrt.eval import longbench, synthetic
+from kvrt.eval import babilong, counting_stars, longbench, synthetic
 from kvrt.eval.sample import Sample, framed_prompt
 
 # The chat template, per task, in one place: synthetic tasks end in an answer prefix that
 # any model (base or instruct) completes; LongBench follows its own convention.
+GENERATED = {**synthetic.TASKS, **counting_stars.TASKS, **babilong.TASKS}  # made at a token length, by seed
 CHAT_TEMPLATE = {**{name: False for name in synthetic.TASKS},
+                 # these ask a chat model
+                 "niah": True, **{name: True for name in [*counting_stars.TASKS, *babilong.TASKS]},
                  **{name: ds.chat for name, ds in longbench.DATASETS.items()}}
+RULER = ["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey", "niah_multikey_2", "niah_multikey_3",
+         "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe"]
 
 SUITES = {
     # retrieval (passkey, single/multi-key/multi-value needles), multi-hop tracing, aggregation
     "lite": ["passkey", "niah_single_2", "niah_multikey", "niah_multivalue", "vt", "fwe"],
-    "ruler": [name for name in synthetic.TASKS if name != "passkey"],
+    "ruler": RULER,
     "longbench": list(longbench.DATASETS),
+    # a few tasks of each generated benchmark at sizes a laptop runs, in the spirit of LOOM-Scope's
+    # LOOMBench: retrieval, tracing, aggregation, the needle sweep, multi-evidence counting, bAbI reasoning
+    "standard": ["niah_single_2", "niah_multikey", "vt", "fwe", "niah", "counting_stars_searching",
+                 "counting_stars_reasoning", "babilong_qa1", "babilong_qa2", "babilong_qa4"],
 }
 LITE_LENGTHS = [512, 1024]
+SUITE_LENGTHS = {"standard": [1024, 2048]}  # a suite's lengths when --lengths is not given (else LITE_LENGTHS)
 
 
 @dataclass(frozen=True)
@@ -45,8 +55,9 @@ class Task:
         """The first `limit` samples: synthetic ones generated at `length` tokens, LongBench
         ones read from `data_dir` (and middle-truncated to `max_length` with the answer's room)."""
         if self.synthetic:
-            task = synthetic.TASKS[self.name]
-            return [synthetic.make_sample(task, tokenizer, length, i, seed, self.chat, haystack) for i in range(limit)]
+            task = GENERATED[self.name]
+            return [synthetic.make_sample(task, tokenizer, length, i, seed, self.chat, haystack, limit, data_dir)
+                    for i in range(limit)]
         if data_dir is None:
             raise KvrtError(f"LongBench task '{self.name}' reads local files: pass --data DIR holding {self.name}.jsonl")
         ds = longbench.dataset(self.name)
@@ -63,13 +74,13 @@ class Task:
 
 
 def get_task(name: str) -> Task:
-    if name in synthetic.TASKS:
-        t = synthetic.TASKS[name]
+    if name in GENERATED:
+        t = GENERATED[name]
         return Task(name, t.metric, t.max_new_tokens, synthetic=True)
     if name in longbench.DATASETS or name in longbench.CHINESE:
         ds = longbench.dataset(name)
         return Task(name, ds.metric, ds.max_new_tokens, synthetic=False)
-    known = ", ".join([*synthetic.TASKS, *longbench.DATASETS])
+    known = ", ".join([*GENERATED, *longbench.DATASETS])
     raise KvrtError(f"unknown task '{name}'; available: {known}")
 
 

@@ -306,7 +306,9 @@ def test_a_ray_run_equals_the_local_run(model, long_tiny, tmp_path):
 
 @pytest.mark.parametrize("extra,needle", [
     (["--suite", "bogus"], "unknown suite 'bogus'"),
-    (["--tasks", "passkey", "--lengths", "12k"], "--lengths takes comma-separated integers"),
+    (["--tasks", "passkey", "--lengths", "12kb"], "--lengths takes comma-separated token counts like 512,1k,2k"),
+    (["--benchmark", "ruler,bogus"], "unknown benchmark 'bogus'"),
+    (["--benchmark", "niah", "--tasks", "passkey"], "--benchmark and --tasks both choose the tasks"),
     (["--tasks", "hotpotqa", "--data", "DATA"], "hotpotqa.jsonl:2: not valid JSON"),
     (["--tasks", "hotpotqa"], "pass --data DIR"),
     (["--tasks", "passkey", "--cache", "snapkv"], "snapkv needs exactly one of budget"),

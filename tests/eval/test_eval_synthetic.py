@@ -76,3 +76,13 @@ def test_user_haystack_files_fill_the_text(tokenizer, tmp_path):
     assert "Otters float" in text and "the baker" not in text
     with pytest.raises(KvrtError, match="not found"):
         make_sample(TASKS["niah_single_2"], tokenizer, 800, 0, seed=0, chat=False, haystack=[str(tmp_path / "x")])
+
+
+@pytest.mark.parametrize("name", ["niah_multikey_2", "niah_multikey_3"])
+def test_a_haystack_of_needles_holds_the_asked_key_once_among_distractors(tokenizer, name):
+    sample = make_sample(TASKS[name], tokenizer, 2000, 0, seed=0, chat=False)
+    text = tokenizer.decode(sample.prompt_ids)
+    asked = re.search(r"What is the special magic \w+ for (\S+) mentioned", text)[1]
+    needles = re.findall(r"One of the special magic \w+ for (\S+) is: (\S+)\.", text)
+    assert len(needles) > 10 and [k for k, _ in needles].count(asked) == 1
+    assert dict(needles)[asked] == sample.answers[0]

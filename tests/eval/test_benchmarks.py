@@ -1,0 +1,269 @@
+"""Benchmarks by name (kvrt/eval/benchmarks.py) and Kamradt's needle sweep with its heatmap."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from kvrt.cli import cli
+from kvrt.errors import KvrtError
+from kvrt.eval.benchmarks import BENCHMARKS, benchmark_tasks, parse_lengths
+from kvrt.eval.metrics import score_sample
+from kvrt.eval.synthetic import TASKS, make_sample
+from kvrt.eval.tasks import get_task
+from kvrt.models.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return Tokenizer.from_folder(tiny_model_dir("llama"))
+
+
+def test_lengths_take_k_as_1024_tokens():
+    assert parse_lengths("512, 1k,2k,1.5k") == [512, 1024, 2048, 1536]
+    for bad in ("12kb", "", "0", "-1k"):
+        with pytest.raises(KvrtError, match="--lengths"):
+            parse_lengths(bad)
+
+
+def test_benchmarks_name_known_tasks_each_once():
+    assert benchmark_tasks("niah,ruler,niah")[0] == "niah" and len(set(benchmark_tasks("ruler,lite"))) == len(
+        benchmark_tasks("ruler,lite"))
+    for benchmark in BENCHMARKS.values():
+        assert benchmark.source and benchmark.data and benchmark.settings
+        for task in benchmark.tasks:
+            get_task(task)  # raises for an unknown one
+    assert "niah" not in BENCHMARKS["ruler"].tasks
+
+
+def test_the_needle_sweep_spreads_its_samples_over_depths_0_to_100(tokenizer):
+    count, texts = 5, []
+    for index in range(count):
+        sample = make_sample(TASKS["niah"], tokenizer, 1500, index, seed=0, chat=True, count=count)
+        assert len(sample.prompt_ids) == 1500 and sample.meta["depth"] == index / (count - 1)
+        text = tokenizer.decode(sample.prompt_ids)
+        texts.append(text)
+        haystack_end = text.rindex(TASKS["niah"].QUESTION)  # the question follows the haystack
+        where = text.index(TASKS["niah"].NEEDLE) / haystack_end
+        assert abs(where - sample.meta["depth"]) < 0.1
+    assert len(set(texts)) == count
+
+
+def test_needle_recall_is_the_share_of_the_answers_words():
+    gold = TASKS["niah"].ANSWER
+    assert score_sample("needle_recall", "Eat a sandwich and sit in Dolores Park on a sunny day.", [gold]) == 1.0
+    assert score_sample("needle_recall", "Sit in Dolores Park.", [gold]) == pytest.approx(4 / 10)
+    assert score_sample("needle_recall", "I don't know.", [gold]) == 0.0
+
+
+def test_a_niah_benchmark_run_draws_its_depth_by_length_heatmap(tiny_model_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    folder = tmp_path / "tiny"
+    shutil.copytree(tiny_model_dir("llama"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["eval", "--model", str(folder), "--backend", "torch", "--benchmark", "niah",
+                                      "--lengths", "300,0.5k", "--limit", "3", "--cache", "full",
+                                      "--cache", "streaming:budget=128", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    depths = {json.loads(line)["meta"]["depth"] for path in (out / "predictions").rglob("*.jsonl")
+              for line in path.read_text().splitlines()}
+    assert depths == {0.0, 0.5, 1.0}
+    assert (out / "niah_grid_full.png").stat().st_size > 0 and (out / "niah_grid_streaming_budget_128.png").exists()
+    assert "niah" in (out / "report.md").read_text()
+
+
+def test_a_report_of_several_benchmarks_scores_each(tmp_path):
+    from kvrt.eval.report import by_benchmark
+
+    cells = [{"cache": "full", "task": "niah", "length": "512", "n": 2, "score": 50.0},
+             {"cache": "full", "task": "vt", "length": "512", "n": 1, "score": 100.0},
+             {"cache": "full", "task": "cwe", "length": "512", "n": 3, "score": 0.0}]
+    lines = by_benchmark({"cells": cells}, ["full"], lambda v: f"{v:.1f}")
+    assert "| niah | 50.0 |" in lines and "| ruler | 25.0 |" in lines  # (100 + 0 + 0 + 0) / 4 samples
+
+
+@pytest.mark.parametrize("name", ["counting_stars_searching", "counting_stars_reasoning"])
+def test_counting_stars_spreads_its_stars_evenly_and_asks_for_them_all(tokenizer, name):
+    from kvrt.eval.tasks import GENERATED
+
+    sample = make_sample(GENERATED[name], tokenizer, 1536, 0, seed=0, chat=True)
+    text = tokenizer.decode(sample.prompt_ids)
+    m = len(sample.answers)  # one star per 128 tokens, fewer where long sentences would crowd the prompt
+    assert len(sample.prompt_ids) == 1536 and (m == 12 if name.endswith("searching") else 2 <= m < 12)
+    end = text.rindex("On this moonlit and misty night")
+    places = [text.index(f"counted {a} ★" if name.endswith("searching") else f"this time {a} ★") / end
+              for a in sample.answers]
+    assert all(abs(p - (i + 1) / m) < 0.08 for i, p in enumerate(places)), places
+    if name.endswith("reasoning"):
+        assert all(abs(int(w) - int(a)) == 1 for w, a in zip(sample.meta["wrong"], sample.answers))
+
+
+def test_star_counts_follow_the_length_and_the_sentences_size():
+    from kvrt.eval.counting_stars import star_count
+
+    assert star_count(1024, 10) == 8 and star_count(2048, 40) == 12 and star_count(128_000, 10) == 32
+    assert star_count(300, 150) == 2
+
+
+def test_counting_stars_scores_as_the_benchmarks_scorer():
+    answers, meta = ["15", "117", "42", "69"], {"wrong": ["16", "116", "43", "70"]}
+    assert score_sample("stars_searching", '{"little_penguin": [15, 117, 42, 69]}', answers) == 1.0
+    assert score_sample("stars_searching", '```json\n{"little_penguin": [15, 15, 42]}\n```', answers) == 0.5
+    assert score_sample("stars_searching", "15 and then 69", answers) == 0.5  # no list: every number
+    # a list longer than the stars is cut to them first
+    assert score_sample("stars_searching", '{"little_penguin": [1, 2, 3, 4, 15]}', answers) == 0.0
+    reply = '{"little_penguin": [15, 116, 117, 43]}'  # right only, right+wrong, wrong only, neither
+    assert score_sample("stars_reasoning", reply, answers, meta) == pytest.approx((1 + 0.5 + 0.25 + 0) / 4)
+
+
+def test_a_run_folder_from_before_server_existed_still_reports_and_resumes(tmp_path):
+    """settings.json files written before --server have no "server": they ran locally."""
+    from kvrt.eval.report import load_settings
+    from kvrt.eval.runner import Settings, settings_problem
+
+    settings = Settings(model="m", caches=["full"], tasks=["passkey"], lengths=[512], limit=1)
+    old = {k: v for k, v in settings.as_dict().items() if k != "server"}
+    (tmp_path / "settings.json").write_text(json.dumps(old))
+    assert load_settings(tmp_path)["server"] is None
+    assert settings_problem(tmp_path / "settings.json", settings.as_dict()) is None
+    elsewhere = Settings(**{**settings.__dict__, "server": "http://127.0.0.1:8080"}).as_dict()
+    assert settings_problem(tmp_path / "settings.json", elsewhere) is not None
+
+
+def replay(facts: list[str]) -> tuple[dict, dict, list]:
+    """An independent reading of a bAbI-style story: where people are, where objects are, the gifts."""
+    import re
+
+    person_at, object_at, holder, trail, gifts = {}, {}, {}, {}, []
+    for fact in facts:
+        if m := re.fullmatch(r"(\w+) (?:went to|journeyed to|travelled to|moved to|went back to) the (\w+)\.", fact):
+            person_at[m[1]] = m[2]
+        elif m := re.fullmatch(r"(\w+) (?:picked up|grabbed|got|took) the (\w+) there\.", fact):
+            holder[m[2]] = m[1]
+        elif m := re.fullmatch(r"(\w+) (?:dropped|discarded|put down|left) the (\w+)\.", fact):
+            holder.pop(m[2])
+        elif m := re.fullmatch(r"(\w+) (?:gave|handed|passed) the (\w+) to (\w+)\.", fact):
+            holder[m[2]] = m[3]
+            gifts.append((m[1], m[2], m[3]))
+        for thing, person in holder.items():
+            if person in person_at:
+                object_at[thing] = person_at[person]
+                if trail.get(thing, [None])[-1] != object_at[thing]:
+                    trail.setdefault(thing, []).append(object_at[thing])
+    return person_at, object_at, trail, gifts
+
+
+@pytest.mark.parametrize("task", ["qa1", "qa2", "qa3", "qa4", "qa5"])
+def test_babilong_stories_answer_what_their_facts_say(task):
+    import random
+    import re
+
+    from kvrt.eval.babilong import story
+
+    for seed in range(200):
+        facts, question, answer = story(task, random.Random(seed))
+        person_at, object_at, trail, gifts = replay(facts)
+        if task == "qa1":
+            assert answer == person_at[re.fullmatch(r"Where is (\w+)\?", question)[1]]
+        elif task == "qa2":
+            assert answer == object_at[re.fullmatch(r"Where is the (\w+)\?", question)[1]]
+        elif task == "qa3":
+            thing, now = re.fullmatch(r"Where was the (\w+) before the (\w+)\?", question).groups()
+            assert trail[thing][-1] == now and trail[thing].count(now) == 1 and answer == trail[thing][-2]
+        elif task == "qa4":
+            said = {(m[1], m[2], m[3]) for m in (re.fullmatch(r"The (\w+) is (\w+) of the (\w+)\.", f) for f in facts)}
+            opposite = {"north": "south", "south": "north", "east": "west", "west": "east"}
+            said |= {(c, opposite[d], a) for a, d, c in said}  # a relation read the other way round
+            if m := re.fullmatch(r"What is (\w+) of the (\w+)\?", question):
+                assert [a for a, d, c in said if (d, c) == (m[1], m[2])] == [answer]
+            else:
+                m = re.fullmatch(r"What is the (\w+) (\w+) of\?", question)
+                assert [c for a, d, c in said if (a, d) == (m[1], m[2])] == [answer]
+        else:
+            giver, thing, taker = gifts[-1]  # questions ask about the last gift
+            asks = {f"Who gave the {thing}?": giver, f"Who received the {thing}?": taker,
+                    f"What did {giver} give to {taker}?": thing, f"Who did {giver} give the {thing} to?": taker}
+            assert asks[question] == answer
+
+
+def test_a_babilong_prompt_is_the_published_one_around_the_facts(tokenizer):
+    from kvrt.eval.babilong_prompts import PROMPTS
+    from kvrt.eval.tasks import GENERATED
+
+    sample = make_sample(GENERATED["babilong_qa2"], tokenizer, 1800, 0, seed=0, chat=True)
+    text = tokenizer.decode(sample.prompt_ids)
+    assert len(sample.prompt_ids) == 1800
+    for part in ("instruction", "examples", "post_prompt"):
+        assert PROMPTS["qa2"][part] in text
+    context = text[text.index("<context>\n") : text.index("</context>\n\nQuestion: Where is the ")]
+    assert sample.meta["question"] in text and len(context) > 1000
+
+
+def test_babilong_scores_its_way():
+    meta = {"task": "qa1", "question": "Where is Mary?"}
+    assert score_sample("babilong", "The most recent location of Mary is kitchen.", ["kitchen"], meta) == 1.0
+    assert score_sample("babilong", "Kitchen or garden.", ["kitchen"], meta) == 0.0  # two places named
+    assert score_sample("babilong", "Mary is in the garden. Earlier: kitchen.", ["kitchen"], meta) == 0.0
+    asked = {"task": "qa3", "question": "Where was the apple before the kitchen?"}
+    assert score_sample("babilong", "Before the kitchen the apple was in the office.", ["office"], asked) == 1.0
+
+
+def test_the_standard_suite_holds_a_few_tasks_of_each_generated_benchmark():
+    from kvrt.eval.tasks import SUITE_LENGTHS, SUITES, resolve
+
+    names = [t.name for t in resolve(None, "standard")]
+    owners = {b.name for b in BENCHMARKS.values() if set(b.tasks) & set(names) and b.name != "lite"}
+    assert owners == {"ruler", "niah", "counting_stars", "babilong"} and SUITE_LENGTHS["standard"] == [1024, 2048]
+    assert len(names) == len(set(names)) == len(SUITES["standard"])
+
+
+BABI_QA1 = """1 Mary moved to the bathroom.
+2 John went to the hallway.
+3 Where is Mary? \tbathroom\t1
+4 Daniel went back to the hallway.
+5 Sandra moved to the garden.
+6 Where is Daniel? \thallway\t4
+1 John travelled to the office.
+2 Mary journeyed to the kitchen.
+3 Where is John? \toffice\t1
+"""
+
+
+def test_babilong_reads_babi_stories_from_its_own_files(tokenizer, tmp_path):
+    """With --data, the stories are bAbI's (en-10k train, as BABILong's create_tasks.py reads them): each
+    question with its story's facts before it, earlier questions left out."""
+    from kvrt.eval.babilong import read_babi
+    from kvrt.eval.tasks import GENERATED
+
+    folder = tmp_path / "tasks_1-20_v1-2" / "en-10k"
+    folder.mkdir(parents=True)
+    (folder / "qa1_single-supporting-fact_train.txt").write_text(BABI_QA1)
+    stories = read_babi(folder / "qa1_single-supporting-fact_train.txt")
+    assert stories == [(["Mary moved to the bathroom.", "John went to the hallway."], "Where is Mary?", "bathroom"),
+                       (["Mary moved to the bathroom.", "John went to the hallway.", "Daniel went back to the hallway.",
+                         "Sandra moved to the garden."], "Where is Daniel?", "hallway"),
+                       (["John travelled to the office.", "Mary journeyed to the kitchen."], "Where is John?", "office")]
+    seen = set()
+    for index in range(6):
+        sample = make_sample(GENERATED["babilong_qa1"], tokenizer, 1500, index, seed=0, chat=True, data_dir=tmp_path)
+        facts, question, answer = next(s for s in stories if s[1] == sample.meta["question"])
+        text = tokenizer.decode(sample.prompt_ids)
+        assert sample.answers == [answer] and all(f in text for f in facts)
+        assert [text.index(f) for f in facts] == sorted(text.index(f) for f in facts)  # in order
+        seen.add(question)
+    assert len(seen) > 1
+    (folder / "qa1_single-supporting-fact_train.txt").write_text("Mary moved.\n")
+    with pytest.raises(KvrtError, match=r"qa1_single-supporting-fact_train.txt:1: not a bAbI line"):
+        read_babi(folder / "qa1_single-supporting-fact_train.txt")
+
+
+def test_babilong_without_its_files_under_data_says_where_to_put_them(tokenizer, tmp_path):
+    from kvrt.eval.tasks import GENERATED
+
+    with pytest.raises(KvrtError, match="put tasks_1-20_v1-2/en-10k/qa2_two-supporting-facts_train.txt there"):
+        make_sample(GENERATED["babilong_qa2"], tokenizer, 1500, 0, seed=0, chat=True, data_dir=tmp_path)
