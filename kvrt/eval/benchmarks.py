@@ -27,10 +27,13 @@ BENCHMARKS = {b.name: b for b in [
         "ruler", tuple(SUITES["ruler"]),
         "Hsieh et al. 2024, RULER: What's the Real Context Size of Your Long-Context Language Models? "
         "(arXiv 2404.06654; github.com/NVIDIA/RULER)",
-        "generated with the evaluated model's tokenizer at each of --lengths, deterministic by --seed",
+        "generated with the evaluated model's tokenizer at each of --lengths, deterministic by --seed; qa_1 and "
+        "qa_2 over SQuAD 2.0 dev and HotpotQA dev (distractor) from --data DIR/squad.json, DIR/hotpotqa.json "
+        "(skipped without them)",
         "plain text (no chat template) ending in an answer prefix; the haystack cut so that the prompt is "
-        "exactly the length; greedy; 128 new tokens for the needles, 30 for vt, 120 for cwe, 50 for fwe; "
-        "string_match_all (share of gold strings in the reply)"),
+        "exactly the length (qa: documents added up to it); greedy; 128 new tokens for the needles, 30 for vt, "
+        "120 for cwe, 50 for fwe, 32 for qa; string_match_all (share of gold strings in the reply), qa "
+        "string_match_part (any)"),
     Benchmark(
         "niah", ("niah",),
         "Kamradt 2023, Needle In A Haystack (github.com/gkamradt/LLMTest_NeedleInAHaystack)",

@@ -201,10 +201,21 @@ class Cell:
 
 def cells(settings: Settings, context_length: int, report: Callable[[str], None]) -> list[Cell]:
     """Every (spec, task, length) to run; synthetic lengths the model cannot reach (with the
-    answer's room) are reported and skipped."""
+    answer's room) are reported and skipped, and so are generated tasks that read the benchmark's
+    files (RULER's qa) when there is no --data; a run left with no cell at all is an error."""
+    from kvrt.eval.tasks import GENERATED
+
+    wanting = [n for n in settings.tasks if n in GENERATED and GENERATED[n].needs_data and not settings.data_dir]
+    if wanting:
+        files = ", ".join(f"{n} (DIR/{GENERATED[n].data_file})" for n in wanting)
+        if len(wanting) == len(settings.tasks):
+            raise KvrtError(f"{files} read the benchmark's files: pass --data DIR")
+        report(f"skipped {files}: they read the benchmark's files, and no --data DIR was given")
     out, skipped = [], 0
     for spec in settings.caches:
         for name in settings.tasks:
+            if name in wanting:
+                continue
             task = get_task(name)
             if not task.synthetic:
                 out.append(Cell(spec, task, None))

@@ -95,6 +95,7 @@ class Task:
     name = "?"
     metric = "string_match_all"
     max_new_tokens = 128
+    needs_data = False  # True: it reads the benchmark's files under --data and cannot run without them
 
     def sample(self, builder: Builder, rng: random.Random, seed: int, haystack: list[str] | None) -> Sample:
         raise NotImplementedError

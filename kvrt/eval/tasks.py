@@ -12,18 +12,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvrt.errors import KvrtError
-from kvrt.eval import babilong, counting_stars, longbench, synthetic
+from kvrt.eval import babilong, counting_stars, longbench, ruler_qa, synthetic
 from kvrt.eval.sample import Sample, framed_prompt
 
 # The chat template, per task, in one place: synthetic tasks end in an answer prefix that
 # any model (base or instruct) completes; LongBench follows its own convention.
-GENERATED = {**synthetic.TASKS, **counting_stars.TASKS, **babilong.TASKS}  # made at a token length, by seed
-CHAT_TEMPLATE = {**{name: False for name in synthetic.TASKS},
+# made at a token length, by seed
+GENERATED = {**synthetic.TASKS, **ruler_qa.TASKS, **counting_stars.TASKS, **babilong.TASKS}
+CHAT_TEMPLATE = {**{name: False for name in [*synthetic.TASKS, *ruler_qa.TASKS]},
                  # these ask a chat model
                  "niah": True, **{name: True for name in [*counting_stars.TASKS, *babilong.TASKS]},
                  **{name: ds.chat for name, ds in longbench.DATASETS.items()}}
 RULER = ["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey", "niah_multikey_2", "niah_multikey_3",
-         "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe"]
+         "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa_1", "qa_2"]
 
 SUITES = {
     # retrieval (passkey, single/multi-key/multi-value needles), multi-hop tracing, aggregation

@@ -267,3 +267,66 @@ def test_babilong_without_its_files_under_data_says_where_to_put_them(tokenizer,
 
     with pytest.raises(KvrtError, match="put tasks_1-20_v1-2/en-10k/qa2_two-supporting-facts_train.txt there"):
         make_sample(GENERATED["babilong_qa2"], tokenizer, 1500, 0, seed=0, chat=True, data_dir=tmp_path)
+
+
+SQUAD = {"version": "v2.0", "data": [
+    {"title": "Rivers", "paragraphs": [
+        {"context": "The Loire is the longest river in France, flowing for 1,006 kilometres.",
+         "qas": [{"question": "Which is the longest river in France?", "id": "a1", "is_impossible": False,
+                  "answers": [{"text": "The Loire", "answer_start": 0}]},
+                 {"question": "Which river is the shortest?", "id": "a2", "is_impossible": True, "answers": [],
+                  "plausible_answers": []}]},
+        {"context": "The Seine flows through Paris before it reaches the English Channel.",
+         "qas": [{"question": "Which river flows through Paris?", "id": "a3", "is_impossible": False,
+                  "answers": [{"text": "The Seine", "answer_start": 0}, {"text": "Seine", "answer_start": 4}]}]}]},
+    {"title": "Mountains", "paragraphs": [
+        {"context": f"Mountain fact number {i}: the ridge is covered in snow for much of the year.", "qas": []}
+        for i in range(40)]},
+]}
+HOTPOTQA = [{"_id": "h1", "question": "Which city hosts the museum that holds the Mona Lisa?", "answer": "Paris",
+             "type": "bridge", "level": "easy", "supporting_facts": [["Louvre", 0]],
+             "context": [["Louvre", ["The Louvre is a museum in Paris. ", "It holds the Mona Lisa."]],
+                         ["Prado", ["The Prado is a museum in Madrid."]]]},
+            {"_id": "h2", "question": "Where is the Prado?", "answer": "Madrid", "type": "bridge", "level": "easy",
+             "supporting_facts": [["Prado", 0]],
+             "context": [["Prado", ["The Prado is a museum in Madrid."]], ["Filler", ["Nothing to see. "]]]}] + [
+            {"_id": f"f{q}", "question": f"Filler question {q}?", "answer": "none", "type": "bridge", "level": "easy",
+             "supporting_facts": [], "context": [[f"Filler {q}-{i}", [f"Filler paragraph {q}-{i} says little. "]]
+                                                 for i in range(10)]} for q in range(4)]
+
+
+@pytest.mark.parametrize("task,file,data", [("qa_1", "squad.json", SQUAD), ("qa_2", "hotpotqa.json", HOTPOTQA)])
+def test_ruler_qa_asks_over_documents_from_the_published_files(tokenizer, tmp_path, task, file, data):
+    from kvrt.eval.tasks import GENERATED
+
+    (tmp_path / file).write_text(json.dumps(data))
+    for index in range(4):
+        sample = make_sample(GENERATED[task], tokenizer, 1500, index, seed=0, chat=False, data_dir=tmp_path)
+        text = tokenizer.decode(sample.prompt_ids)
+        assert len(sample.prompt_ids) <= 1500 and text.rstrip().endswith("Answer:")
+        assert text.count("Answer the question based on the given documents.") == 2
+        numbers = [int(n) for n in __import__("re").findall(r"Document (\d+):\n", text)]
+        assert numbers == list(range(1, sample.meta["documents"] + 1)) and sample.meta["documents"] > 3
+        assert all(a in ("The Loire", "The Seine", "Seine", "Paris", "Madrid", "none") for a in sample.answers)
+        gold = {"The Loire": "longest river", "The Seine": "through Paris", "Paris": "in Paris", "Madrid": "in Madrid",
+                "none": "Filler paragraph"}
+        assert gold[sample.answers[0]] in text  # the document that answers it is there
+    assert "Which river is the shortest?" not in text  # unanswerable SQuAD questions are left out
+
+
+def test_ruler_without_its_qa_files_skips_qa_and_says_so(tiny_model_dir, tmp_path):
+    from kvrt.eval.runner import Settings, cells
+
+    said = []
+    chosen = Settings(model="m", caches=["full"], tasks=["vt", "qa_1", "qa_2"], lengths=[512], limit=1)
+    assert [c.task.name for c in cells(chosen, 1024, said.append)] == ["vt"]
+    assert said == ["skipped qa_1 (DIR/squad.json), qa_2 (DIR/hotpotqa.json): they read the benchmark's files, "
+                    "and no --data DIR was given"]
+    only = Settings(model="m", caches=["full"], tasks=["qa_1"], lengths=[512], limit=1)
+    with pytest.raises(KvrtError, match=r"qa_1 \(DIR/squad.json\) read the benchmark's files: pass --data DIR"):
+        cells(only, 1024, said.append)
+    (tmp_path / "squad.json").write_text('{"data": [{"title": "x"}]}')
+    from kvrt.eval.tasks import GENERATED
+    with pytest.raises(KvrtError, match="not squad's format"):
+        make_sample(GENERATED["qa_1"], Tokenizer.from_folder(tiny_model_dir("llama")), 600, 0, seed=0, chat=False,
+                    data_dir=tmp_path)
