@@ -232,7 +232,7 @@ def chat_turn(session, line: str, params, max_tokens: int, stop, verbose: bool) 
               help="Task suite: lite, standard (a few tasks of each benchmark, 1k/2k), ruler, longbench.")
 @click.option("--benchmark", "benchmarks", default=None,
               help="Comma-separated benchmarks instead of a suite: ruler, niah, counting_stars, babilong, "
-                   "longbench, lite (README: Evaluation).")
+                   "longbench, longbench_v2, lite (README: Evaluation).")
 @click.option("--tasks", default=None, help="Comma-separated tasks instead of a suite.")
 @click.option("--cache", "caches", multiple=True, help="Cache spec to evaluate (repeatable) [full].")
 @click.option("--lengths", default=None, help="Synthetic prompt lengths in tokens, comma-separated; 1k is 1024 "

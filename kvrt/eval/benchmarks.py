@@ -64,6 +64,13 @@ BENCHMARKS = {b.name: b for b in [
         "each dataset's published prompt and answer budget; the chat template except for the few-shot "
         "and code datasets; prompts cut in the middle to --max-length; the published metric per dataset"),
     Benchmark(
+        "longbench_v2", ("longbench_v2",),
+        "Bai et al. 2024, LongBench v2 (arXiv 2412.15204; github.com/THUDM/LongBench)",
+        "files: --data DIR/data.json as published (HF THUDM/LongBench-v2)",
+        "the repository's zero-shot template (prompts/0shot.txt) through the chat template; cut in the middle to "
+        "--max-length; greedy (pred.py samples at 0.1), 128 new tokens; the letter of 'The correct answer is (X)' "
+        "against the gold one; chain of thought: not yet"),
+    Benchmark(
         "lite", tuple(SUITES["lite"]), "kvrt's own quick suite (RULER's tasks plus a passkey)",
         "generated, as ruler", "as ruler; passkey: 16 new tokens"),
 ]}

@@ -25,6 +25,8 @@ scores the maximum over its gold answers (`score_sample`). Task scores are means
   (kvrt/eval/counting_stars.py).
 - babilong: BABILong's rule (kvrt/eval/babilong.py): the reply's first sentence names the answer
   and no other of the task's labels.
+- choice: LongBench v2's (kvrt/eval/longbench_v2.py): the letter in "The correct answer is (X)"
+  is the gold one.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from collections import Counter
 from difflib import SequenceMatcher
 from typing import Callable
 
-from kvrt.eval import babilong, counting_stars
+from kvrt.eval import babilong, counting_stars, longbench_v2
 
 ARTICLES = re.compile(r"\b(a|an|the)\b")
 NUMBERS = re.compile(r"\d+")
@@ -121,7 +123,7 @@ def string_match_part(prediction: str, golds: list[str], sample: dict | None = N
 PER_ANSWER: dict[str, Callable[[str, str, dict | None], float]] = {
     "qa_f1": qa_f1, "rouge": rouge_l, "classification": classification,
     "retrieval": retrieval, "count": count, "code_sim": code_sim, "needle_recall": needle_recall,
-    "babilong": babilong.babilong_score,
+    "babilong": babilong.babilong_score, "choice": longbench_v2.choice_score,
 }
 WHOLE: dict[str, Callable[[str, list[str], dict | None], float]] = {
     "string_match_all": string_match_all, "string_match_part": string_match_part,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvrt.errors import KvrtError
-from kvrt.eval import babilong, counting_stars, longbench, ruler_qa, synthetic
+from kvrt.eval import babilong, counting_stars, longbench, longbench_v2, ruler_qa, synthetic
 from kvrt.eval.sample import Sample, framed_prompt
 
 # The chat template, per task, in one place: synthetic tasks end in an answer prefix that
@@ -22,7 +22,7 @@ GENERATED = {**synthetic.TASKS, **ruler_qa.TASKS, **counting_stars.TASKS, **babi
 CHAT_TEMPLATE = {**{name: False for name in [*synthetic.TASKS, *ruler_qa.TASKS]},
                  # these ask a chat model
                  "niah": True, **{name: True for name in [*counting_stars.TASKS, *babilong.TASKS]},
-                 **{name: ds.chat for name, ds in longbench.DATASETS.items()}}
+                 **{name: ds.chat for name, ds in longbench.DATASETS.items()}, longbench_v2.NAME: True}
 RULER = ["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey", "niah_multikey_2", "niah_multikey_3",
          "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa_1", "qa_2"]
 
@@ -59,6 +59,8 @@ class Task:
             task = GENERATED[self.name]
             return [synthetic.make_sample(task, tokenizer, length, i, seed, self.chat, haystack, limit, data_dir)
                     for i in range(limit)]
+        if self.name == longbench_v2.NAME:
+            return self.v2_samples(tokenizer, limit, max_length, data_dir)
         if data_dir is None:
             raise KvrtError(f"LongBench task '{self.name}' reads local files: pass --data DIR holding {self.name}.jsonl")
         ds = longbench.dataset(self.name)
@@ -70,18 +72,33 @@ class Task:
             out.append(Sample(str(record.get("_id", len(out))), ids, [str(a) for a in record["answers"]], meta))
         return out
 
+    def v2_samples(self, tokenizer, limit: int, max_length: int, data_dir: str | None) -> list[Sample]:
+        if data_dir is None:
+            raise KvrtError(f"{self.name} reads local files: pass --data DIR holding data.json")
+        out = []
+        for item in longbench_v2.read_items(data_dir)[:limit]:
+            ids, cut = framed_prompt(tokenizer, longbench_v2.prompt_text(item), self.chat, max_length,
+                                     self.max_new_tokens)
+            meta = {k: item.get(k) for k in ("domain", "difficulty", "length")} | {"truncated": cut}
+            out.append(Sample(str(item["_id"]), ids, [item["answer"]], meta))
+        return out
+
     def scored_text(self, prediction: str) -> str:
-        return prediction if self.synthetic else longbench.first_line(longbench.dataset(self.name), prediction)
+        if self.synthetic or self.name == longbench_v2.NAME:
+            return prediction
+        return longbench.first_line(longbench.dataset(self.name), prediction)
 
 
 def get_task(name: str) -> Task:
     if name in GENERATED:
         t = GENERATED[name]
         return Task(name, t.metric, t.max_new_tokens, synthetic=True)
+    if name == longbench_v2.NAME:
+        return Task(name, "choice", longbench_v2.MAX_NEW_TOKENS, synthetic=False)
     if name in longbench.DATASETS or name in longbench.CHINESE:
         ds = longbench.dataset(name)
         return Task(name, ds.metric, ds.max_new_tokens, synthetic=False)
-    known = ", ".join([*GENERATED, *longbench.DATASETS])
+    known = ", ".join([*GENERATED, *longbench.DATASETS, longbench_v2.NAME])
     raise KvrtError(f"unknown task '{name}'; available: {known}")
 
 

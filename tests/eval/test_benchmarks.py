@@ -330,3 +330,61 @@ def test_ruler_without_its_qa_files_skips_qa_and_says_so(tiny_model_dir, tmp_pat
     with pytest.raises(KvrtError, match="not squad's format"):
         make_sample(GENERATED["qa_1"], Tokenizer.from_folder(tiny_model_dir("llama")), 600, 0, seed=0, chat=False,
                     data_dir=tmp_path)
+
+
+def longbench_v2_items(n: int = 3) -> list[dict]:
+    return [{"_id": f"v2-{i}", "domain": "Single-Document QA", "sub_domain": "Academic", "difficulty": "easy",
+             "length": "short", "question": f"Which colour is item {i}?", "choice_A": "red", "choice_B": "green",
+             "choice_C": "blue", "choice_D": "grey", "answer": "ABCD"[i % 4],
+             "context": f"Item {i} is painted {['red', 'green', 'blue', 'grey'][i % 4]}. " * (20 + 400 * i)}
+            for i in range(n)]
+
+
+def test_longbench_v2_reads_its_data_json_and_fills_the_published_template(tokenizer, tmp_path):
+    from kvrt.eval.tasks import get_task
+
+    (tmp_path / "data.json").write_text(json.dumps(longbench_v2_items()))
+    task = get_task("longbench_v2")
+    samples = task.samples(tokenizer, None, 3, 0, 2048, data_dir=str(tmp_path))
+    assert [s.id for s in samples] == ["v2-0", "v2-1", "v2-2"] and [s.answers for s in samples] == [["A"], ["B"], ["C"]]
+    text = tokenizer.decode(samples[0].prompt_ids)
+    assert "What is the correct answer to this question: Which colour is item 0?" in text
+    assert "(C) blue\n(D) grey" in text and 'The correct answer is (insert answer here)' in text
+    assert not samples[0].meta["truncated"] and samples[2].meta["truncated"]  # cut in the middle to the length
+    assert len(samples[2].prompt_ids) <= 2048 - task.max_new_tokens
+    assert "Format your response as follows" in tokenizer.decode(samples[2].prompt_ids)  # the end survives the cut
+
+
+def test_longbench_v2_scores_the_letter_it_reads():
+    assert score_sample("choice", "The correct answer is (B).", ["B"]) == 1.0
+    assert score_sample("choice", "**The correct answer is B**", ["B"]) == 1.0
+    assert score_sample("choice", "The correct answer is (C).", ["B"]) == 0.0
+    assert score_sample("choice", "B", ["B"]) == 0.0  # no sentence to read it from
+
+
+def test_longbench_v2_without_its_file_is_one_line(tmp_path):
+    from kvrt.eval.longbench_v2 import read_items
+
+    with pytest.raises(KvrtError, match="reads --data DIR/data.json"):
+        read_items(str(tmp_path))
+    (tmp_path / "data.json").write_text(json.dumps([{"_id": "x", "question": "q"}]))
+    with pytest.raises(KvrtError, match="item 1 is not a LongBench v2 question"):
+        read_items(str(tmp_path))
+
+
+def test_a_longbench_v2_run_writes_scored_records(tiny_model_dir, tmp_path):
+    folder = tmp_path / "tiny"
+    shutil.copytree(tiny_model_dir("llama"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "data.json").write_text(json.dumps(longbench_v2_items(2)))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["eval", "--model", str(folder), "--backend", "torch", "--benchmark",
+                                      "longbench_v2", "--data", str(data), "--limit", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    written = (out / "predictions" / "full" / "longbench_v2.jsonl").read_text()
+    records = [json.loads(line) for line in written.splitlines()]
+    assert sorted(r["id"] for r in records) == ["v2-0", "v2-1"] and all(r["score"] in (0.0, 1.0) for r in records)
+    assert records[0]["meta"]["difficulty"] == "easy"
