@@ -46,7 +46,6 @@ class Request:
         self.ids, self.spec, self.params, self.max_tokens = list(ids), spec, params, max_tokens
         self.prompt_ids = self.ids  # the whole prompt, of which `ids` are the tokens still to feed
         self.keep: Callable[["Request"], None] | None = None  # handed the cache of a request that ends well
-        self.reuse = False  # whether a server may start it from its prompt cache
         self.listener, self.progress = listener, progress
         self.logprobs, self.prompt_logprobs = logprobs, prompt_logprobs
         self.scores: list[TokenLogprob] = []  # per token sampled (an end-of-sequence one too), with `logprobs`

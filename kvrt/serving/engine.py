@@ -185,7 +185,6 @@ class Engine:
             request.need = need
             if prompt_cache and self.prompts is not None:
                 request.keep = self._keep
-                request.reuse = not prompt_logprobs
             self.waiting.append(request)
             self._admit()  # admitted now if it fits; else it waits, if the queue has room
             if len(self.waiting) > self.max_queue:
@@ -249,7 +248,7 @@ class Engine:
             return True
         if self.prompts is None:
             return self._reserved(request) <= self.kv_memory
-        spare = self.prompts.find(request.spec, request.prompt_ids)[0] if request.keep and request.reuse else None
+        spare = self.prompts.find(request.spec, request.prompt_ids)[0] if self._reuses(request) else None
         while self._reserved(request) + self.prompts.nbytes > self.kv_memory:
             if not self.prompts.drop_oldest(spare):
                 if spare is None:
@@ -293,10 +292,16 @@ class Engine:
         """Hand the admitted requests to the scheduler, each from its prompt cache entry if it has one
         (on the engine thread: MLX arrays belong to the thread that made them)."""
         for request in self.admitted:
-            if request.keep is not None and request.reuse:
+            if self._reuses(request):
                 request.listener.cached_tokens = self.prompts.attach(request)
             self.scheduler.add(request)
         self.admitted.clear()
+
+    @staticmethod
+    def _reuses(request: Request) -> bool:
+        """Whether a request starts from the prompt cache: one that uses it, unless it scores its prompt
+        (every prompt token must then be fed)."""
+        return request.keep is not None and not request.prompt_logprobs
 
     def _running(self) -> int:
         return len(self.scheduler) + len(self.admitted)

@@ -8,9 +8,9 @@ cancels its request, which frees its KV cache at the engine's next step.
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health,
 GET /metrics (Prometheus text), and vLLM's tokenizer routes POST /tokenize, POST /detokenize and
-GET /tokenizer_info (lm-eval-harness's local-completions tokenizes through them). A request may pick its own cache spec with the extension
-field `"kvrt": {"cache": "snapkv:budget=1024+ott:bits=2"}`, and keep out of the prompt cache
-(kvrt.serving.prompt_cache) with `"kvrt": {"prompt_cache": false}`.
+GET /tokenizer_info (lm-eval-harness's local-completions tokenizes through them). A request may
+pick its own cache spec with the extension field `"kvrt": {"cache": "snapkv:budget=1024+ott:bits=2"}`,
+and keep out of the prompt cache (kvrt.serving.prompt_cache) with `"kvrt": {"prompt_cache": false}`.
 """
 
 from __future__ import annotations
@@ -359,8 +359,7 @@ class Server:
 
     def completion_ids(self, body: CompletionRequest) -> list[int]:
         if isinstance(body.prompt, str):
-            self.check_length(len(body.prompt), "prompt")
-            return self.tokenize(len(body.prompt), self.model.encode_prompt, body.prompt, chat_template=False)
+            return self.tokenize(len(body.prompt), "prompt", self.model.encode_prompt, body.prompt, chat_template=False)
         check_token_ids(body.prompt, self.model.tokenizer.vocab_size)
         return body.prompt
 
@@ -368,13 +367,14 @@ class Server:
         roles = {"developer": "system"}  # OpenAI's newer name for the system role
         messages = [{"role": roles.get(m.role, m.role), "content": m.content or ""} for m in body.messages]
         chars = sum(len(m["content"]) for m in messages)
-        self.check_length(chars, "messages")
-        return self.tokenize(chars, self.model.tokenizer.encode_chat, messages, add_generation_prompt=True)
+        return self.tokenize(chars, "messages", self.model.tokenizer.encode_chat, messages, add_generation_prompt=True)
 
-    def tokenize(self, chars: int, encode, *args, **kwargs) -> list[int]:
-        """Tokenize a text of `chars` characters: a short one here, a long one on the one thread for long
-        texts. The tokenizer holds some 400 bytes a character at its peak, so long texts go one at a
-        time, and always on that thread, whose memory the next one reuses (memory: README, Serving)."""
+    def tokenize(self, chars: int, param: str, encode, *args, **kwargs) -> list[int]:
+        """Tokenize a text of `chars` characters (the request's field `param`), once it can fit the
+        context (check_length): a short one here, a long one on the one thread for long texts. The
+        tokenizer holds some 400 bytes a character at its peak, so long texts go one at a time, and
+        always on that thread, whose memory the next one reuses (memory: README, Serving)."""
+        self.check_length(chars, param)
         if chars <= LONG_TEXT_CHARS:
             return encode(*args, **kwargs)
         return self.long_texts.submit(encode, *args, **kwargs).result()
@@ -595,9 +595,8 @@ def build_app(model, engine: Engine, name: str = "default", max_tokens: int = 25
     @app.post("/tokenize")
     async def tokenize(request: Request):
         body = await parsed(request, TokenizeRequest, server.max_request_bytes)
-        server.check_length(len(body.prompt), "prompt")
         encode = model.tokenizer.encode
-        ids = await anyio.to_thread.run_sync(lambda: server.tokenize(len(body.prompt), encode, body.prompt,
+        ids = await anyio.to_thread.run_sync(lambda: server.tokenize(len(body.prompt), "prompt", encode, body.prompt,
                                                                      body.add_special_tokens), limiter=server.threads)
         return {"tokens": ids, "count": len(ids), "max_model_len": model.context_length}
 
@@ -617,7 +616,8 @@ def build_app(model, engine: Engine, name: str = "default", max_tokens: int = 25
             return ApiError(503, "the engine has stopped", kind="server_error").response()
         stuck = engine.turn_seconds()
         if stuck > STALLED_SECONDS:
-            return ApiError(503, f"the engine has not finished a step for {stuck:.0f} s", kind="server_error").response()
+            return ApiError(503, f"the engine has not finished a step for {stuck:.0f} s",
+                            kind="server_error").response()
         return {"status": "ok"}
 
     @app.get("/metrics")

@@ -4,8 +4,8 @@ Completions (the legacy shape lm-eval-harness reads): parallel lists `tokens`, `
 `top_logprobs` (a dict of token text to logprob per token) and `text_offset` (where each token's
 text starts in the reply's `text`); with `echo` the prompt's tokens come first, the very first
 one unscored (null). Every sampled token is listed, an end-of-sequence one too: lm-eval's
-loglikelihood request asks for one and drops it, whatever it is. Chat: `content`, one object per token with its text, logprob, UTF-8 bytes and
-`top_logprobs` as a list of the same objects.
+loglikelihood request asks for one and drops it, whatever it is. Chat: `content`, one object per
+token with its text, logprob, UTF-8 bytes and `top_logprobs` as a list of the same objects.
 """
 
 from __future__ import annotations
@@ -20,16 +20,8 @@ def token_text(tokenizer, token: int) -> str:
 def completion_logprobs(tokenizer, scores: list[TokenLogprob], echoed: list[int] | None = None,
                         prompt_scores: list[TokenLogprob] | None = None) -> dict:
     """`echoed`: the prompt's ids when its text leads the reply; `prompt_scores` score them after the first."""
-    tokens, logprobs, tops = [], [], []
-    if echoed:
-        tokens.append(echoed[0])
-        logprobs.append(None)
-        tops.append(None)
-        for s in prompt_scores or []:
-            tokens.append(s.token)
-            logprobs.append(s.logprob)
-            tops.append({token_text(tokenizer, t): lp for t, lp in s.top})
-    for s in scores:
+    tokens, logprobs, tops = ([echoed[0]], [None], [None]) if echoed else ([], [], [])
+    for s in [*(prompt_scores or []), *scores] if echoed else scores:
         tokens.append(s.token)
         logprobs.append(s.logprob)
         tops.append({token_text(tokenizer, t): lp for t, lp in s.top})
