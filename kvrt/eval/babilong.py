@@ -208,9 +208,9 @@ class BabiLong(Task):
         self.task, self.name = task, f"babilong_{task}"
 
     def sample(self, builder, rng, seed, haystack):
-        return self.sample_from(builder, rng, seed, haystack, None)
+        return self.sample_from(builder, rng, seed, haystack, None, 0.0)
 
-    def sample_from(self, builder, rng, seed, haystack, data_dir):
+    def sample_from(self, builder, rng, seed, haystack, data_dir, position):
         if data_dir is None:
             facts, question, answer = story(self.task, rng)
         else:

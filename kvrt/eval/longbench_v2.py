@@ -12,12 +12,11 @@ yet: it is two generations per question, first the reasoning, then the answer gi
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from kvrt.errors import KvrtError
-from kvrt.eval.files import read_file, utf8
+from kvrt.eval.files import json_value, read_file
 
 NAME, MAX_NEW_TOKENS = "longbench_v2", 128
 FIELDS = ("_id", "question", "choice_A", "choice_B", "choice_C", "choice_D", "answer", "context")
@@ -31,10 +30,7 @@ def read_items(data_dir: str) -> list[dict]:
     path = Path(data_dir) / "data.json"
     if not path.exists():
         raise KvrtError(f"{NAME} reads --data DIR/data.json (LongBench v2's file, from HF THUDM/LongBench-v2)")
-    try:
-        items = json.loads(utf8(read_file(path, "LongBench v2 file"), path))
-    except ValueError as exc:
-        raise KvrtError(f"{path}: not valid JSON ({exc})") from None
+    items = json_value(read_file(path, "LongBench v2 file"), path)
     for number, item in enumerate(items if isinstance(items, list) else [None], start=1):
         missing = [k for k in FIELDS if not isinstance(item, dict) or k not in item]
         if missing:

@@ -16,11 +16,10 @@ string_match_part (any gold answer in the reply). The question a sample asks is 
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 from kvrt.errors import KvrtError
-from kvrt.eval.files import read_file, utf8
+from kvrt.eval.files import json_value, read_file
 from kvrt.eval.sample import Sample
 from kvrt.eval.synthetic import Task
 
@@ -63,10 +62,10 @@ def dataset(data_dir: str, name: str) -> tuple[list[dict], list[str]]:
     if not path.exists():
         raise KvrtError(f"RULER's {'qa_1' if name == 'squad' else 'qa_2'} reads --data DIR/{FILES[name]} "
                         f"({SOURCES[name]}, as RULER's download_qa_dataset.sh saves it)")
+    data = json_value(read_file(path, "QA file"), path)
     try:
-        data = json.loads(utf8(read_file(path, "QA file"), path))
         questions, docs = (read_squad if name == "squad" else read_hotpotqa)(data)
-    except (ValueError, KeyError, TypeError) as exc:
+    except (KeyError, TypeError) as exc:
         raise KvrtError(f"{path}: not {name}'s format ({type(exc).__name__}: {exc})") from None
     if not questions:
         raise KvrtError(f"{path} holds no answerable question")
@@ -84,7 +83,7 @@ class RulerQA(Task):
     def sample(self, builder, rng, seed, haystack):
         raise KvrtError(f"{self.name} reads --data DIR/{FILES[self.source]} ({SOURCES[self.source]})")
 
-    def sample_from(self, builder, rng, seed, haystack, data_dir):
+    def sample_from(self, builder, rng, seed, haystack, data_dir, position):
         if data_dir is None:
             return self.sample(builder, rng, seed, haystack)
         questions, docs = dataset(str(data_dir), self.source)

@@ -28,7 +28,7 @@ from kvrt.errors import KvrtError
 from kvrt.eval.files import json_line, json_value, read_file
 from kvrt.eval.metrics import score_sample
 from kvrt.eval.sample import Sample
-from kvrt.eval.tasks import Task, get_task
+from kvrt.eval.tasks import GENERATED, Task, get_task
 from kvrt.models.progress import Progress
 from kvrt.generation.sampling import SamplingParams
 
@@ -203,8 +203,6 @@ def cells(settings: Settings, context_length: int, report: Callable[[str], None]
     """Every (spec, task, length) to run; synthetic lengths the model cannot reach (with the
     answer's room) are reported and skipped, and so are generated tasks that read the benchmark's
     files (RULER's qa) when there is no --data; a run left with no cell at all is an error."""
-    from kvrt.eval.tasks import GENERATED
-
     wanting = [n for n in settings.tasks if n in GENERATED and GENERATED[n].needs_data and not settings.data_dir]
     if wanting:
         files = ", ".join(f"{n} (DIR/{GENERATED[n].data_file})" for n in wanting)

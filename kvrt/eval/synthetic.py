@@ -101,8 +101,9 @@ class Task:
         raise NotImplementedError
 
     def sample_from(self, builder: Builder, rng: random.Random, seed: int, haystack: list[str] | None,
-                    data_dir: str | None) -> Sample:
-        """A sample, from the benchmark's own files under `data_dir` where the task reads them."""
+                    data_dir: str | None, position: float) -> Sample:
+        """A sample, for the tasks that use them, from the benchmark's own files under `data_dir`, or at
+        `position` (its index over the cell's last, 0 to 1: a sweep's place)."""
         return self.sample(builder, rng, seed, haystack)
 
 
@@ -250,11 +251,12 @@ class NeedleGrid(Task):
     QUESTION = "What is the best thing to do in San Francisco?"
     ANSWER = "eat a sandwich and sit in Dolores Park on a sunny day"
 
-    def sample_at(self, builder, depth: float, seed, haystack):
-        ids, _ = builder.build("", [self.NEEDLE], [depth],
+    def sample_from(self, builder, rng, seed, haystack, data_dir, position):
+        """The needle at depth `position` of the sweep."""
+        ids, _ = builder.build("", [self.NEEDLE], [position],
                                f"{self.QUESTION} Don't give information outside the document or repeat your findings.",
                                "", sentence_stream(seed, haystack))
-        return Sample("", ids, [self.ANSWER], {"depth": depth})
+        return Sample("", ids, [self.ANSWER], {"depth": position})
 
 
 def coded_word(rng: random.Random, letters: int) -> str:
@@ -284,9 +286,6 @@ def make_sample(task: Task, tokenizer, length: int, index: int, seed: int, chat:
     length, index), and for the needle grid the same count (`data_dir`: see Task.sample_from)."""
     rng = random.Random(f"{seed}:{task.name}:{length}:{index}")
     builder = Builder(tokenizer, Frame(tokenizer, chat), length)
-    if isinstance(task, NeedleGrid):
-        sample = task.sample_at(builder, index / max(count - 1, 1), rng.randrange(2**31), haystack)
-    else:
-        sample = task.sample_from(builder, rng, rng.randrange(2**31), haystack, data_dir)
+    sample = task.sample_from(builder, rng, rng.randrange(2**31), haystack, data_dir, index / max(count - 1, 1))
     sample.id = f"{task.name}-{length}-{index}"
     return sample

@@ -15,10 +15,10 @@ from kvrt.errors import KvrtError
 from kvrt.eval import babilong, counting_stars, longbench, longbench_v2, ruler_qa, synthetic
 from kvrt.eval.sample import Sample, framed_prompt
 
+GENERATED = {**synthetic.TASKS, **ruler_qa.TASKS, **counting_stars.TASKS, **babilong.TASKS}  # made at a length
+
 # The chat template, per task, in one place: synthetic tasks end in an answer prefix that
 # any model (base or instruct) completes; LongBench follows its own convention.
-# made at a token length, by seed
-GENERATED = {**synthetic.TASKS, **ruler_qa.TASKS, **counting_stars.TASKS, **babilong.TASKS}
 CHAT_TEMPLATE = {**{name: False for name in [*synthetic.TASKS, *ruler_qa.TASKS]},
                  # these ask a chat model
                  "niah": True, **{name: True for name in [*counting_stars.TASKS, *babilong.TASKS]},
