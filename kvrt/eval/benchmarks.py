@@ -61,8 +61,9 @@ BENCHMARKS = {b.name: b for b in [
         "longbench", tuple(SUITES["longbench"]),
         "Bai et al. 2023, LongBench (arXiv 2308.14508; github.com/THUDM/LongBench)",
         "files: --data DIR holding <dataset>.jsonl as published",
-        "each dataset's published prompt and answer budget; the chat template except for the few-shot "
-        "and code datasets; prompts cut in the middle to --max-length; the published metric per dataset"),
+        "each dataset's published prompt (config/dataset2prompt.json) and answer budget; the chat template except "
+        "for the few-shot and code datasets (trec, triviaqa, samsum, lcc, repobench-p), as pred.py; prompts cut in "
+        "the middle to --max-length; greedy; the published metric per dataset, the few-shot ones on the first line"),
     Benchmark(
         "longbench_v2", ("longbench_v2",),
         "Bai et al. 2024, LongBench v2 (arXiv 2412.15204; github.com/THUDM/LongBench)",

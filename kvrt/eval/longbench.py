@@ -1,9 +1,8 @@
 """LongBench-format tasks from local JSONL files (THUDM/LongBench's schema: `input, context,
 answers, all_classes, length, dataset, _id`), one file per dataset: `DIR/<dataset>.jsonl`.
 
-Each dataset keeps LongBench's metric, generation budget and first-line rule (facts of the
-benchmark); the prompt wording is kvrt's own per task family, so scores are comparable
-across kvrt's cache specs, not digit-for-digit with published LongBench tables.
+Each dataset keeps LongBench's published prompt (kvrt.eval.longbench_prompts), metric, generation
+budget, chat-template rule and first-line rule: the benchmark's standard setting (pred.py, eval.py).
 """
 
 from __future__ import annotations
@@ -13,29 +12,14 @@ from pathlib import Path
 
 from kvrt.errors import KvrtError
 from kvrt.eval.files import json_line, read_file
+from kvrt.eval.longbench_prompts import PROMPTS
 
 FIELDS = ("input", "context", "answers")
-
-# family -> prompt wording ({context}, {input})
-PROMPTS = {
-    "single_qa": "Read the text below and answer the question as briefly as you can.\n\n{context}\n\n"
-                 "Question: {input}\nAnswer:",
-    "multi_qa": "The passages below may each hold part of the answer. Answer the question briefly, "
-                "with no explanation.\n\n{context}\n\nQuestion: {input}\nAnswer:",
-    "summary": "{context}\n\n{input}\nSummary:",
-    "few_shot": "{context}\n{input}",
-    "count": "{context}\n\nHow many different paragraphs are there above, once repeats are removed? "
-             "Answer with one number.\nAnswer:",
-    "retrieval": "{context}\n\nWhich paragraph above does this summary come from?\n{input}\n"
-                 "Answer in the form \"Paragraph N\".\nAnswer:",
-    "code": "Complete the next line of code.\n{context}{input}",
-}
 
 
 @dataclass(frozen=True)
 class Dataset:
     name: str
-    family: str
     metric: str
     max_new_tokens: int
     chat: bool = True  # LongBench leaves the template off for few-shot and code completion
@@ -43,22 +27,22 @@ class Dataset:
 
 
 DATASETS = {d.name: d for d in [
-    Dataset("narrativeqa", "single_qa", "qa_f1", 128),
-    Dataset("qasper", "single_qa", "qa_f1", 128),
-    Dataset("multifieldqa_en", "single_qa", "qa_f1", 64),
-    Dataset("hotpotqa", "multi_qa", "qa_f1", 32),
-    Dataset("2wikimqa", "multi_qa", "qa_f1", 32),
-    Dataset("musique", "multi_qa", "qa_f1", 32),
-    Dataset("gov_report", "summary", "rouge", 512),
-    Dataset("qmsum", "summary", "rouge", 512),
-    Dataset("multi_news", "summary", "rouge", 512),
-    Dataset("trec", "few_shot", "classification", 64, chat=False, first_line=True),
-    Dataset("triviaqa", "few_shot", "qa_f1", 32, chat=False, first_line=True),
-    Dataset("samsum", "few_shot", "rouge", 128, chat=False, first_line=True),
-    Dataset("passage_count", "count", "count", 32),
-    Dataset("passage_retrieval_en", "retrieval", "retrieval", 32),
-    Dataset("lcc", "code", "code_sim", 64, chat=False),
-    Dataset("repobench-p", "code", "code_sim", 64, chat=False),
+    Dataset("narrativeqa", "qa_f1", 128),
+    Dataset("qasper", "qa_f1", 128),
+    Dataset("multifieldqa_en", "qa_f1", 64),
+    Dataset("hotpotqa", "qa_f1", 32),
+    Dataset("2wikimqa", "qa_f1", 32),
+    Dataset("musique", "qa_f1", 32),
+    Dataset("gov_report", "rouge", 512),
+    Dataset("qmsum", "rouge", 512),
+    Dataset("multi_news", "rouge", 512),
+    Dataset("trec", "classification", 64, chat=False, first_line=True),
+    Dataset("triviaqa", "qa_f1", 32, chat=False, first_line=True),
+    Dataset("samsum", "rouge", 128, chat=False, first_line=True),
+    Dataset("passage_count", "count", 32),
+    Dataset("passage_retrieval_en", "retrieval", 32),
+    Dataset("lcc", "code_sim", 64, chat=False),
+    Dataset("repobench-p", "code_sim", 64, chat=False),
 ]}
 CHINESE = ("multifieldqa_zh", "dureader", "vcsum", "lsht", "passage_retrieval_zh")  # need jieba-based metrics
 
@@ -87,7 +71,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def prompt_text(ds: Dataset, record: dict) -> str:
-    return PROMPTS[ds.family].format(context=record["context"], input=record["input"])
+    return PROMPTS[ds.name].format(context=record["context"], input=record["input"])
 
 
 def first_line(ds: Dataset, prediction: str) -> str:

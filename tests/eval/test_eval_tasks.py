@@ -32,12 +32,24 @@ def test_longbench_records_become_framed_truncated_samples(tokenizer, tmp_path):
         {"input": "Where?", "context": "short", "answers": ["Rome", "Roma"], "length": 1, "_id": "a2"},
     ])
     task = get_task("hotpotqa")
-    samples = task.samples(tokenizer, None, limit=5, seed=0, max_length=256, data_dir=str(tmp_path))
+    samples = task.samples(tokenizer, None, limit=5, seed=0, max_length=512, data_dir=str(tmp_path))
     assert [s.id for s in samples] == ["a1", "a2"] and samples[1].answers == ["Rome", "Roma"]
-    assert len(samples[0].prompt_ids) == 256 - task.max_new_tokens and samples[0].meta["truncated"]
+    assert len(samples[0].prompt_ids) == 512 - task.max_new_tokens and samples[0].meta["truncated"]
     text = tokenizer.decode(samples[0].prompt_ids)
-    assert "The passages below" in text and "Question: Who?" in text  # both ends survive the cut
+    assert "user\nAnswer the question based on the given passages." in text  # both ends survive the cut
+    assert "Question: Who?\nAnswer:<|im_end|>" in text
     assert not samples[1].meta["truncated"]
+
+
+def test_longbench_prompts_are_the_published_ones():
+    from kvrt.eval.longbench import DATASETS, prompt_text
+
+    record = {"context": "CTX", "input": "INP"}
+    assert prompt_text(DATASETS["lcc"], record) == "Please complete the code given below. \nCTXNext line of code:\n"
+    assert prompt_text(DATASETS["trec"], record) == (
+        "Please determine the type of the question below. Here are some examples of questions.\n\nCTX\nINP")
+    assert "Answer the question asconcisely as you can" in prompt_text(DATASETS["narrativeqa"], record)  # kept as published
+    assert prompt_text(DATASETS["passage_count"], record).endswith("The final answer is: ")
 
 
 def test_first_line_rule_only_for_the_few_shot_datasets():
