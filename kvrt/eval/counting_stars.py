@@ -76,15 +76,31 @@ def counted(prediction: str, stars: int) -> list[str]:
     return list(dict.fromkeys(listed[:stars]))
 
 
-def searching_score(prediction: str, answers: list[str], meta: dict | None = None) -> float:
+def star_scores(reasoning: bool, prediction: str, answers: list[str], wrong: list[str]) -> list[float]:
+    """Each star's points, in depth order: searching finds its count or not; reasoning's partial credit."""
     found = set(counted(prediction, len(answers)))
-    return sum(a in found for a in answers) / len(answers) if answers else 0.0
+    if not reasoning:
+        return [float(a in found) for a in answers]
+    points = {(True, False): 1.0, (True, True): 0.5, (False, True): 0.25, (False, False): 0.0}
+    return [points[a in found, w in found] for a, w in zip(answers, wrong)]
+
+
+def searching_score(prediction: str, answers: list[str], meta: dict | None = None) -> float:
+    return sum(star_scores(False, prediction, answers, [])) / len(answers) if answers else 0.0
 
 
 def reasoning_score(prediction: str, answers: list[str], meta: dict | None = None) -> float:
-    found, wrong = set(counted(prediction, len(answers))), (meta or {}).get("wrong", [])
-    points = {(True, False): 1.0, (True, True): 0.5, (False, True): 0.25, (False, False): 0.0}
-    return sum(points[a in found, w in found] for a, w in zip(answers, wrong)) / len(answers) if answers else 0.0
+    scores = star_scores(True, prediction, answers, (meta or {}).get("wrong", []))
+    return sum(scores) / len(answers) if answers else 0.0
+
+
+def star_records(record: dict) -> list[dict]:
+    """A sample's record as one per star (its length, depth i/m and points), for the star x length heatmap."""
+    answers = record["answers"]
+    scores = star_scores(TASKS[record["task"]].reasoning, record["prediction"], answers,
+                         record["meta"].get("wrong", []))
+    return [{"length": record["length"], "score": score, "meta": {"depth": (i + 1) / len(answers)}}
+            for i, score in enumerate(scores)]
 
 
 TASKS = {t.name: t for t in [CountingStars("counting_stars_searching", reasoning=False),

@@ -21,6 +21,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from kvrt.errors import KvrtError
+from kvrt.eval import counting_stars
 from kvrt.eval.files import json_file
 from kvrt.eval.runner import LATER_SETTINGS, Settings, read_predictions, spec_slug
 
@@ -185,10 +186,12 @@ def plots(summary: dict, records: list[dict], out: Path) -> list[str]:
             rows = [(f"{100 * d:.0f}%", lambda r, d=d: r["meta"]["depth"] == d) for d in depths]
             written.append(heatmap(plt, grid, rows, cache, out / f"niah_grid_{spec_slug(cache)}.png"))
         if binned:
-            rows = [(f"{100 * i // DEPTH_BINS}-{100 * (i + 1) // DEPTH_BINS}%",
-                     lambda r, i=i: min(int(r["meta"]["depth"] * DEPTH_BINS), DEPTH_BINS - 1) == i)
-                    for i in range(DEPTH_BINS)]
-            written.append(heatmap(plt, binned, rows, cache, out / f"niah_{spec_slug(cache)}.png"))
+            written.append(heatmap(plt, binned, depth_bins(), cache, out / f"niah_{spec_slug(cache)}.png"))
+        stars = [star for r in records if r["cache"] == cache and r["task"] in counting_stars.TASKS
+                 for star in counting_stars.star_records(r)]
+        if stars:  # Counting-Stars' own figure: each star's points by its depth and the prompt's length
+            written.append(heatmap(plt, stars, depth_bins(), cache, out / f"counting_stars_{spec_slug(cache)}.png",
+                                   "star depth"))
     curves = defaultdict(list)
     for cache, score in summary["overall"].items():
         parsed = budget_of(cache)
@@ -215,8 +218,15 @@ def plots(summary: dict, records: list[dict], out: Path) -> list[str]:
     return written
 
 
-def heatmap(plt, records: list[dict], rows: list[tuple], title: str, path: Path) -> str:
-    """Score by needle depth (`rows`: a label and a test per row) and prompt length, 0-100, red to green."""
+def depth_bins() -> list[tuple]:
+    """Heatmap rows for depths anywhere in 0-1: DEPTH_BINS equal bins (the last one holds 1.0)."""
+    return [(f"{100 * i // DEPTH_BINS}-{100 * (i + 1) // DEPTH_BINS}%",
+             lambda r, i=i: min(int(r["meta"]["depth"] * DEPTH_BINS), DEPTH_BINS - 1) == i)
+            for i in range(DEPTH_BINS)]
+
+
+def heatmap(plt, records: list[dict], rows: list[tuple], title: str, path: Path, ylabel: str = "needle depth") -> str:
+    """Score by depth (`rows`: a label and a test per row) and prompt length, 0-100, red to green."""
     lengths = sorted({r["length"] for r in records})
     grid = [[float("nan")] * len(lengths) for _ in rows]
     for i, (_, inside) in enumerate(rows):
@@ -228,7 +238,7 @@ def heatmap(plt, records: list[dict], rows: list[tuple], title: str, path: Path)
     ax.set_xticks(range(len(lengths)), [str(x) for x in lengths])
     ax.set_yticks(range(len(rows)), [label for label, _ in rows])
     ax.set_xlabel("prompt tokens")
-    ax.set_ylabel("needle depth")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=8)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()

@@ -121,6 +121,22 @@ def test_counting_stars_scores_as_the_benchmarks_scorer():
     assert score_sample("stars_reasoning", reply, answers, meta) == pytest.approx((1 + 0.5 + 0.25 + 0) / 4)
 
 
+def test_counting_stars_report_draws_each_star_by_depth_and_length(tmp_path):
+    pytest.importorskip("matplotlib")
+    from kvrt.eval.counting_stars import star_records
+    from kvrt.eval.report import plots
+
+    record = {"cache": "full", "task": "counting_stars_reasoning", "length": 1024, "answers": ["15", "117", "42", "69"],
+              "prediction": '{"little_penguin": [15, 116, 117, 43]}', "meta": {"wrong": ["16", "116", "43", "70"]}}
+    stars = star_records(record)
+    assert [s["meta"]["depth"] for s in stars] == [0.25, 0.5, 0.75, 1.0]
+    assert [s["score"] for s in stars] == [1.0, 0.5, 0.25, 0.0] and {s["length"] for s in stars} == {1024}
+    searching = {**record, "task": "counting_stars_searching", "length": 2048}
+    assert [s["score"] for s in star_records(searching)] == [1.0, 1.0, 0.0, 0.0]
+    written = plots({"settings": {"caches": ["full"]}, "overall": {"full": 40.0}}, [record, searching], tmp_path)
+    assert "counting_stars_full.png" in written and (tmp_path / "counting_stars_full.png").stat().st_size > 0
+
+
 def test_a_run_folder_from_before_server_existed_still_reports_and_resumes(tmp_path):
     """settings.json files written before --server have no "server": they ran locally."""
     from kvrt.eval.report import load_settings
