@@ -33,6 +33,18 @@ def tiny_model_dir(tmp_path_factory):
     return make
 
 
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch) -> Path:
+    """The Hugging Face hub offline, with an empty cache of the test's own (returned): what a run without
+    --data finds there is only what the test puts in it."""
+    import huggingface_hub.constants as constants
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
+
+
 @pytest.fixture(scope="module", params=["torch", "mlx"])
 def tiny_qwen2(request, tiny_model_dir):
     """The tiny random qwen2 model loaded on each backend (MLX where it imports)."""

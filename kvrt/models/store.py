@@ -291,7 +291,7 @@ def _bytes_under(folder: Path) -> int:
     return total
 
 
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
@@ -307,7 +307,7 @@ def _from_hub(repo_id: str, log) -> Path:
                         "pass a local folder or .gguf file") from None
     try:
         # Offline mode may still find a cached snapshot; the env is read here, not at import.
-        path = Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS, local_files_only=_hub_offline()))
+        path = Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS, local_files_only=hub_offline()))
     except HFValidationError:
         raise KvrtError(f"not a model name, folder or .gguf file: {repo_id!r}") from None
     except GatedRepoError:  # subclass of RepositoryNotFoundError, so caught first
