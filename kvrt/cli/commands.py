@@ -229,10 +229,11 @@ def chat_turn(session, line: str, params, max_tokens: int, stop, verbose: bool) 
 @cli.command("eval")
 @model_options
 @click.option("--suite", default="lite", show_default=True,
-              help="Task suite: lite, standard (a few tasks of each benchmark, 1k/2k), ruler, longbench.")
+              help="Task suite: lite, standard (a few tasks of each benchmark, 1k/2k), ruler, longbench, "
+                   "infinitebench.")
 @click.option("--benchmark", "benchmarks", default=None,
               help="Comma-separated benchmarks instead of a suite: ruler, niah, counting_stars, babilong, "
-                   "longbench, longbench_v2, lite (README: Evaluation).")
+                   "longbench, longbench_v2, infinitebench, lite (README: Evaluation).")
 @click.option("--tasks", default=None, help="Comma-separated tasks instead of a suite.")
 @click.option("--cache", "caches", multiple=True, help="Cache spec to evaluate (repeatable) [full].")
 @click.option("--lengths", default=None, help="Synthetic prompt lengths in tokens, comma-separated; 1k is 1024 "
@@ -242,7 +243,9 @@ def chat_turn(session, line: str, params, max_tokens: int, stop, verbose: bool) 
 @click.option("--max-length", type=click.IntRange(min=16), default=None,
               help="LongBench prompts are cut in the middle to this, answer included [model context].")
 @click.option("--haystack", multiple=True, help="Text file(s) to build haystacks from (default: kvrt's sentences).")
-@click.option("--data", "data_dir", default=None, help="Folder of LongBench JSONL files (<dataset>.jsonl).")
+@click.option("--data", "data_dir", default=None,
+              help="Folder of the benchmarks' own files by their published names (e.g. hotpotqa.jsonl, data.json); "
+                   "without it LongBench, LongBench v2 and InfiniteBench come from the Hugging Face hub (cached).")
 @click.option("--out", required=True, help="Run folder; rerunning the same command resumes it.")
 @click.option("--overwrite", is_flag=True, help="Replace a run folder made with other settings.")
 @click.option("--ray", "ray_address", default=None,

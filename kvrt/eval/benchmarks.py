@@ -60,17 +60,27 @@ BENCHMARKS = {b.name: b for b in [
     Benchmark(
         "longbench", tuple(SUITES["longbench"]),
         "Bai et al. 2023, LongBench (arXiv 2308.14508; github.com/THUDM/LongBench)",
-        "files: --data DIR holding <dataset>.jsonl as published",
+        "files: --data DIR holding <dataset>.jsonl as published, else data.zip of HF THUDM/LongBench",
         "each dataset's published prompt (config/dataset2prompt.json) and answer budget; the chat template except "
         "for the few-shot and code datasets (trec, triviaqa, samsum, lcc, repobench-p), as pred.py; prompts cut in "
         "the middle to --max-length; greedy; the published metric per dataset, the few-shot ones on the first line"),
     Benchmark(
-        "longbench_v2", ("longbench_v2",),
+        "longbench_v2", ("longbench_v2", "longbench_v2_cot"),
         "Bai et al. 2024, LongBench v2 (arXiv 2412.15204; github.com/THUDM/LongBench)",
-        "files: --data DIR/data.json as published (HF THUDM/LongBench-v2)",
-        "the repository's zero-shot template (prompts/0shot.txt) through the chat template; cut in the middle to "
-        "--max-length; greedy (pred.py samples at 0.1), 128 new tokens; the letter of 'The correct answer is (X)' "
-        "against the gold one; chain of thought: not yet"),
+        "files: --data DIR/data.json as published, else HF THUDM/LongBench-v2",
+        "the repository's templates through the chat template, cut in the middle to --max-length; greedy (pred.py "
+        "samples at 0.1); zero-shot (prompts/0shot.txt): 128 new tokens; chain of thought (0shot_cot.txt, then "
+        "0shot_cot_ans.txt with the reasoning and without the text): 1024 new tokens, then 128; the letter of "
+        "'The correct answer is (X)' against the gold one"),
+    Benchmark(
+        "infinitebench", tuple(SUITES["infinitebench"]),
+        "Zhang et al. 2024, InfiniteBench (arXiv 2402.13718; github.com/OpenBMB/InfiniteBench), English tasks",
+        "files: --data DIR/<task>.jsonl as published (passkey.jsonl, longbook_qa_eng.jsonl, ...), else HF "
+        "xinrongzhang2022/InfiniteBench",
+        "the templates its open-model scripts use (src/prompt.py, yarn_mistral_templates) as plain text; cut in the "
+        "middle to --max-length; greedy; its budgets (passkey 6, number_string 12, kv_retrieval 50, En.QA/En.MC 40, "
+        "En.Sum 1200, Code.Debug 5, Math.Find 3 new tokens) and its scorers (src/compute_scores.py; En.Sum: "
+        "ROUGE-Lsum)"),
     Benchmark(
         "lite", tuple(SUITES["lite"]), "kvrt's own quick suite (RULER's tasks plus a passkey)",
         "generated, as ruler", "as ruler; passkey: 16 new tokens"),

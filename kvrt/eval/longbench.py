@@ -1,5 +1,6 @@
 """LongBench-format tasks from local JSONL files (THUDM/LongBench's schema: `input, context,
-answers, all_classes, length, dataset, _id`), one file per dataset: `DIR/<dataset>.jsonl`.
+answers, all_classes, length, dataset, _id`), one file per dataset: `DIR/<dataset>.jsonl`, or
+the hub's data.zip.
 
 Each dataset keeps LongBench's published prompt (kvrt.eval.longbench_prompts), metric, generation
 budget, chat-template rule and first-line rule: the benchmark's standard setting (pred.py, eval.py).
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from kvrt.errors import KvrtError
 from kvrt.eval.files import json_line, read_file
+from kvrt.eval.hub import HubFile
 from kvrt.eval.longbench_prompts import PROMPTS
 
 FIELDS = ("input", "context", "answers")
@@ -45,6 +47,11 @@ DATASETS = {d.name: d for d in [
     Dataset("repobench-p", "code_sim", 64, chat=False),
 ]}
 CHINESE = ("multifieldqa_zh", "dureader", "vcsum", "lsht", "passage_retrieval_zh")  # need jieba-based metrics
+
+
+def hub_file(name: str) -> HubFile:
+    """Where the hub keeps a dataset's file: inside the data.zip of HF THUDM/LongBench."""
+    return HubFile("THUDM/LongBench", "data.zip", f"data/{name}.jsonl")
 
 
 def dataset(name: str) -> Dataset:

@@ -57,6 +57,8 @@ class Settings:
 # Settings added after run folders were first written: a folder without one ran with its default
 LATER_SETTINGS = {"server": None}
 
+# Sample meta that builds or scores a sample but is not worth a line in every record
+UNRECORDED = ("all_classes", "answer_template")
 # What `kvrt report` reads from every record: a line without them is damaged.
 RECORD_FIELDS = ("id", "cache", "task", "length", "score", "prompt_tokens", "generation_tokens", "generation_tps",
                  "kv_bytes")
@@ -344,28 +346,46 @@ def run_samples(model, jobs: list[tuple]) -> list[tuple[int, dict]]:
     if len(jobs) == 1:
         index, cell, sample = jobs[0]
         return [(index, run_sample(model, cell, sample))]
-    cell = jobs[0][1]
-    gens = model.generate_ids_batch([sample.prompt_ids for _, _, sample in jobs], max_tokens=cell.task.max_new_tokens,
-                                    cache=cell.spec, params=SamplingParams(), max_batch=len(jobs))
-    return [(index, sample_record(cell, sample, gen)) for (index, _, sample), gen in zip(jobs, gens)]
+    return list(zip([index for index, _, _ in jobs], cell_records(model, jobs[0][1], [s for _, _, s in jobs])))
 
 
 def run_sample(model, cell: Cell, sample) -> dict:
-    gen = model.generate_ids(sample.prompt_ids, max_tokens=cell.task.max_new_tokens, cache=cell.spec,
-                             params=SamplingParams())
-    return sample_record(cell, sample, gen)
+    return cell_records(model, cell, [sample])[0]
 
 
-def sample_record(cell: Cell, sample, gen) -> dict:
+def cell_records(model, cell: Cell, samples: list) -> list[dict]:
+    """The records of samples of one cell, generated together."""
+    gens = generated(model, [s.prompt_ids for s in samples], cell.task.max_new_tokens, cell.spec)
+    if not cell.task.answer_tokens:
+        return [sample_record(cell, sample, gen) for sample, gen in zip(samples, gens)]
+    # chain of thought: a second turn answers from the first's reasoning
+    turns = [cell.task.answer_prompt(model.tokenizer, s, gen.text, model.context_length) for s, gen in zip(samples, gens)]
+    answers = generated(model, turns, cell.task.answer_tokens, cell.spec)
+    return [sample_record(cell, sample, answer, reasoning=gen) for sample, gen, answer in zip(samples, gens, answers)]
+
+
+def generated(model, prompts: list[list[int]], max_tokens: int, spec: str) -> list:
+    """Greedy generations of the prompts: one alone, several decoded as one batch."""
+    if len(prompts) == 1:
+        return [model.generate_ids(prompts[0], max_tokens=max_tokens, cache=spec, params=SamplingParams())]
+    return model.generate_ids_batch(prompts, max_tokens=max_tokens, cache=spec, params=SamplingParams(),
+                                    max_batch=len(prompts))
+
+
+def sample_record(cell: Cell, sample, gen, reasoning=None) -> dict:
+    """The scored record of a sample. With a reasoning turn, `gen` is the answer's; the costs are the reasoning's,
+    which read the long prompt, and the new tokens are both turns'."""
     prediction = gen.text
     score = score_sample(cell.task.metric, cell.task.scored_text(prediction), sample.answers, sample.meta)
-    s = gen.stats
+    s = (reasoning or gen).stats
+    extra = {"reasoning": reasoning.text} if reasoning else {}
     return {
         "id": sample.id, "cache": cell.spec, "task": cell.task.name, "synthetic": cell.task.synthetic,
         "length": cell.length or len(sample.prompt_ids),
-        "prediction": prediction, "answers": sample.answers, "score": score,
-        "prompt_tokens": s.prompt_tokens, "generation_tokens": s.generation_tokens,
+        "prediction": prediction, **extra, "answers": sample.answers, "score": score,
+        "prompt_tokens": s.prompt_tokens, "generation_tokens": s.generation_tokens + (gen.stats.generation_tokens
+                                                                                       if reasoning else 0),
         "prompt_tps": s.prompt_tps, "generation_tps": s.generation_tps, "kv_bytes": s.kv_bytes,
         "kv_host_bytes": s.kv_host_bytes,
-        "meta": {k: v for k, v in sample.meta.items() if k != "all_classes"}, "time": time.time(),
+        "meta": {k: v for k, v in sample.meta.items() if k not in UNRECORDED}, "time": time.time(),
     }

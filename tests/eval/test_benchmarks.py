@@ -371,6 +371,39 @@ def test_longbench_v2_reads_its_data_json_and_fills_the_published_template(token
     assert "Format your response as follows" in tokenizer.decode(samples[2].prompt_ids)  # the end survives the cut
 
 
+def test_longbench_v2_cot_answers_in_a_second_turn_from_its_reasoning(tokenizer, tmp_path):
+    """pred.py --cot: the reasoning turn reads the text; the answer turn holds the question and the reasoning,
+    not the text, and is what is scored. Batched samples get the same two turns."""
+    from types import SimpleNamespace
+
+    from kvrt.eval.runner import Cell, cell_records
+    from kvrt.eval.tasks import get_task
+    from kvrt.generation.stats import GenerationStats
+
+    (tmp_path / "data.json").write_text(json.dumps(longbench_v2_items(2)))
+    task = get_task("longbench_v2_cot")
+    samples = task.samples(tokenizer, None, 2, 0, 4096, data_dir=str(tmp_path))
+    asked = []
+
+    def generate_ids(ids, *, max_tokens, cache, params):
+        text = tokenizer.decode(ids)
+        asked.append((text, max_tokens))
+        reply = "The correct answer is (B)." if "$COT$" not in text and "omitted" in text else "Item 1 is green."
+        return SimpleNamespace(text=reply, stats=GenerationStats(prompt_tokens=len(ids), generation_tokens=5))
+
+    model = SimpleNamespace(tokenizer=tokenizer, context_length=4096, generate_ids=generate_ids,
+                            generate_ids_batch=lambda prompts, max_batch, **kw: [generate_ids(p, **kw) for p in prompts])
+    records = cell_records(model, Cell("full", task, None), samples)
+    (first, budget1), (second, budget2) = asked[0], asked[2]
+    assert budget1 == 1024 and "Item 0 is painted red." in first and "think step by step:<|im_end|>" in first
+    assert budget2 == 128 and "The text is too long and omitted here." in second and "painted" not in second
+    assert "Let’s think step by step: Item 1 is green.\n\nBased on the above" in second
+    assert "Which colour is item 0?" in second
+    assert [r["prediction"] for r in records] == ["The correct answer is (B)."] * 2
+    assert [r["score"] for r in records] == [0.0, 1.0] and records[0]["reasoning"] == "Item 1 is green."
+    assert records[0]["prompt_tokens"] == len(samples[0].prompt_ids) and records[0]["generation_tokens"] == 10
+
+
 def test_longbench_v2_scores_the_letter_it_reads():
     assert score_sample("choice", "The correct answer is (B).", ["B"]) == 1.0
     assert score_sample("choice", "**The correct answer is B**", ["B"]) == 1.0
@@ -378,21 +411,24 @@ def test_longbench_v2_scores_the_letter_it_reads():
     assert score_sample("choice", "B", ["B"]) == 0.0  # no sentence to read it from
 
 
-def test_longbench_v2_without_its_file_is_one_line(tmp_path):
-    from kvrt.eval.longbench_v2 import read_items
+def test_longbench_v2_without_its_file_is_one_line(tmp_path, offline_hub):
+    from kvrt.eval.tasks import get_task
 
-    with pytest.raises(KvrtError, match="reads --data DIR/data.json"):
-        read_items(str(tmp_path))
+    task = get_task("longbench_v2")
+    with pytest.raises(KvrtError, match="longbench_v2 reads --data DIR/data.json, which is missing"):
+        task.samples(None, None, 1, 0, 512, data_dir=str(tmp_path))
+    with pytest.raises(KvrtError, match="THUDM/LongBench-v2.* could not be fetched .*put it at DIR/data.json"):
+        task.samples(None, None, 1, 0, 512, data_dir=None)
     (tmp_path / "data.json").write_text(json.dumps([{"_id": "x", "question": "q"}]))
     with pytest.raises(KvrtError, match="item 1 is not a LongBench v2 question"):
-        read_items(str(tmp_path))
+        task.samples(None, None, 1, 0, 512, data_dir=str(tmp_path))
 
 
 def test_a_longbench_v2_run_writes_scored_records(tiny_model_dir, tmp_path):
     folder = tmp_path / "tiny"
     shutil.copytree(tiny_model_dir("llama"), folder)
     config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 2048}))
     data = tmp_path / "data"
     data.mkdir()
     (data / "data.json").write_text(json.dumps(longbench_v2_items(2)))
@@ -404,3 +440,6 @@ def test_a_longbench_v2_run_writes_scored_records(tiny_model_dir, tmp_path):
     records = [json.loads(line) for line in written.splitlines()]
     assert sorted(r["id"] for r in records) == ["v2-0", "v2-1"] and all(r["score"] in (0.0, 1.0) for r in records)
     assert records[0]["meta"]["difficulty"] == "easy"
+    cot = [json.loads(line) for line in (out / "predictions" / "full" / "longbench_v2_cot.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in cot) == ["v2-0", "v2-1"] and all(r["reasoning"] for r in cot)
+    assert all(r["score"] in (0.0, 1.0) and "answer_template" not in r["meta"] for r in cot)

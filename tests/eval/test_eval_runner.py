@@ -310,14 +310,14 @@ def test_a_ray_run_equals_the_local_run(model, long_tiny, tmp_path):
     (["--benchmark", "ruler,bogus"], "unknown benchmark 'bogus'"),
     (["--benchmark", "niah", "--tasks", "passkey"], "--benchmark and --tasks both choose the tasks"),
     (["--tasks", "hotpotqa", "--data", "DATA"], "hotpotqa.jsonl:2: not valid JSON"),
-    (["--tasks", "hotpotqa"], "pass --data DIR"),
+    (["--tasks", "hotpotqa"], "put it at DIR/hotpotqa.jsonl and pass --data DIR"),  # the hub is offline here
     (["--tasks", "passkey", "--cache", "snapkv"], "snapkv needs exactly one of budget"),
     (["--tasks", "qasper", "--data", "DATA"],
      "qasper.jsonl:2: not valid UTF-8 (byte 0xff at column 12: invalid start byte)"),
     (["--tasks", "musique", "--data", "DATA"], "musique.jsonl is a folder, not a file"),
     (["--tasks", "passkey", "--lengths", "350", "--haystack", "DATA/story.txt"], "story.txt:1: not valid UTF-8"),
 ])
-def test_bad_eval_input_is_one_line(long_tiny, tmp_path, extra, needle):
+def test_bad_eval_input_is_one_line(long_tiny, tmp_path, offline_hub, extra, needle):
     data = tmp_path / "data"
     data.mkdir()
     good = '{"input": "q", "context": "c", "answers": ["a"]}\n'
