@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvrt.errors import KvrtError
+from kvrt.eval import counting_stars
 from kvrt.eval.tasks import SUITES
 
 
@@ -42,10 +43,12 @@ BENCHMARKS = {b.name: b for b in [
         "the question after the text; greedy, 64 new tokens; needle_recall (share of the answer's words, "
         "in place of the original GPT-4 grade); a length x depth heatmap per spec"),
     Benchmark(
-        "counting_stars", ("counting_stars_searching", "counting_stars_reasoning"),
+        "counting_stars", ("counting_stars_searching", "counting_stars_reasoning", *counting_stars.FILES),
         "Song et al. 2024, Counting-Stars (arXiv 2403.11802; github.com/nick7nlp/Counting-Stars), English version",
         "generated: star sentences in --haystack files (the benchmark's are Paul Graham's essays) or kvrt's "
-        "sentences, one per 128 tokens (4-32; the published files hold 32), the i-th of m at depth i/m",
+        "sentences, one per 128 tokens (2-32), the i-th of m at depth i/m; the published English files (32 stars, "
+        "3,200-102,400 words) as counting_stars_en_searching/reasoning from --data DIR under their names "
+        "(skipped without it)",
         "the chat template; the benchmark's question asking for a JSON list; greedy, 128 new tokens; the share of "
         "counts found (searching) and its partial credit for wrong counts (reasoning)"),
     Benchmark(

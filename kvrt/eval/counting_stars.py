@@ -13,13 +13,23 @@ first, as the benchmark's scorer does. The published files put 32 stars in up to
 kvrt generates them at any length: one star per 128 tokens, 32 at most, and never more than fill a
 quarter of the prompt (reasoning's sentences are long), 2 at least; counts drawn at random (1-128)
 by the seed.
+
+The published English files (test_data/, made by gen_test_data.ipynb) run as two more tasks,
+counting_stars_en_searching and counting_stars_en_reasoning, from --data DIR under their published
+names: one record per context size (3,200 to 102,400 words, 32 stars), its "question" the whole
+prompt (the text with its stars, then the question), "reference_counting_results" the right counts.
+A reasoning record's wrong counts are read back from its star sentences, in order. Its prompt goes
+through the chat template, cut in the middle to --max-length, as LOOM-Scope cuts it.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
+from kvrt.errors import KvrtError
+from kvrt.eval.files import json_line, read_file
 from kvrt.eval.haystack import sentence_stream
 from kvrt.eval.sample import Sample
 from kvrt.eval.synthetic import Task
@@ -97,7 +107,7 @@ def reasoning_score(prediction: str, answers: list[str], meta: dict | None = Non
 def star_records(record: dict) -> list[dict]:
     """A sample's record as one per star (its length, depth i/m and points), for the star x length heatmap."""
     answers = record["answers"]
-    scores = star_scores(TASKS[record["task"]].reasoning, record["prediction"], answers,
+    scores = star_scores(record["task"].endswith("reasoning"), record["prediction"], answers,
                          record["meta"].get("wrong", []))
     return [{"length": record["length"], "score": score, "meta": {"depth": (i + 1) / len(answers)}}
             for i, score in enumerate(scores)]
@@ -105,3 +115,33 @@ def star_records(record: dict) -> list[dict]:
 
 TASKS = {t.name: t for t in [CountingStars("counting_stars_searching", reasoning=False),
                              CountingStars("counting_stars_reasoning", reasoning=True)]}
+
+
+# the published files by task (test_data/ in the repository; not on the Hugging Face hub)
+FILES = {"counting_stars_en_searching": "Counting_Stars_EN_multi-evidence-retrieval-searching_128000_32_32.jsonl",
+         "counting_stars_en_reasoning": "Counting_Stars_EN_multi-evidence-retrieval-reasoning_128000_32_32.jsonl"}
+FILE_FIELDS = ("question", "context_size", "reference_counting_results")
+ALL_TASKS = (*TASKS, *FILES)  # generated and published: one heatmap of their stars
+WRONG_COUNT = re.compile(r"counted (\d+) ★, but found that a mistake")
+
+
+def read_file_records(data_dir: str | None, name: str) -> list[dict]:
+    """The records of task `name`'s published file under `data_dir`; a missing file or a record not in its
+    format is one error naming it."""
+    if data_dir is None or not (Path(data_dir) / FILES[name]).exists():
+        raise KvrtError(f"{name} reads --data DIR/{FILES[name]} (github.com/nick7nlp/Counting-Stars, test_data/)")
+    path, records = Path(data_dir) / FILES[name], []
+    for number, line in enumerate(read_file(path, "Counting-Stars file").split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        record = json_line(line, path, number)
+        counts = record.get("reference_counting_results")
+        missing = [k for k in FILE_FIELDS if k not in record]
+        if missing or not isinstance(record["question"], str) or not isinstance(counts, list) or not counts:
+            what = f"missing {', '.join(missing)}" if missing else "a question and a list of counts"
+            raise KvrtError(f"{path}:{number}: not a Counting-Stars record ({what})")
+        wrong = WRONG_COUNT.findall(record["question"])
+        if name.endswith("reasoning") and len(wrong) != len(counts):
+            raise KvrtError(f"{path}:{number}: {len(counts)} counts but {len(wrong)} star sentences with a wrong count")
+        records.append({**record, "wrong": wrong})
+    return records

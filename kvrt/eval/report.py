@@ -187,7 +187,7 @@ def plots(summary: dict, records: list[dict], out: Path) -> list[str]:
             written.append(heatmap(plt, grid, rows, cache, out / f"niah_grid_{spec_slug(cache)}.png"))
         if binned:
             written.append(heatmap(plt, binned, depth_bins(), cache, out / f"niah_{spec_slug(cache)}.png"))
-        stars = [star for r in records if r["cache"] == cache and r["task"] in counting_stars.TASKS
+        stars = [star for r in records if r["cache"] == cache and r["task"] in counting_stars.ALL_TASKS
                  for star in counting_stars.star_records(r)]
         if stars:  # Counting-Stars' own figure: each star's points by its depth and the prompt's length
             written.append(heatmap(plt, stars, depth_bins(), cache, out / f"counting_stars_{spec_slug(cache)}.png",

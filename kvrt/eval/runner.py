@@ -28,7 +28,7 @@ from kvrt.errors import KvrtError
 from kvrt.eval.files import json_line, json_value, read_file
 from kvrt.eval.metrics import score_sample
 from kvrt.eval.sample import Sample
-from kvrt.eval.tasks import GENERATED, Task, get_task
+from kvrt.eval.tasks import Task, data_only_file, get_task
 from kvrt.models.progress import Progress
 from kvrt.generation.sampling import SamplingParams
 
@@ -203,14 +203,16 @@ class Cell:
 
 def cells(settings: Settings, context_length: int, report: Callable[[str], None]) -> list[Cell]:
     """Every (spec, task, length) to run; synthetic lengths the model cannot reach (with the
-    answer's room) are reported and skipped, and so are generated tasks that read the benchmark's
-    files (RULER's qa) when there is no --data; a run left with no cell at all is an error."""
-    wanting = [n for n in settings.tasks if n in GENERATED and GENERATED[n].needs_data and not settings.data_dir]
+    answer's room) are reported and skipped, and so are tasks that read files only --data gives
+    (RULER's qa, Counting-Stars' published files) when there is none; a run left with no cell at all is an error."""
+    held = Path(settings.data_dir) if settings.data_dir else None
+    wanting = [n for n in settings.tasks if data_only_file(n) and not (held and (held / data_only_file(n)).exists())]
     if wanting:
-        files = ", ".join(f"{n} (DIR/{GENERATED[n].data_file})" for n in wanting)
+        files = ", ".join(f"{n} (DIR/{data_only_file(n)})" for n in wanting)
         if len(wanting) == len(settings.tasks):
-            raise KvrtError(f"{files} read the benchmark's files: pass --data DIR")
-        report(f"skipped {files}: they read the benchmark's files, and no --data DIR was given")
+            raise KvrtError(f"{files} read the benchmark's files: pass --data DIR holding them")
+        why = f"{held} does not hold them" if held else "no --data DIR was given"
+        report(f"skipped {files}: they read the benchmark's files, and {why}")
     out, skipped = [], 0
     for spec in settings.caches:
         for name in settings.tasks:

@@ -24,7 +24,7 @@ CHAT_TEMPLATE = {**{name: False for name in [*synthetic.TASKS, *ruler_qa.TASKS]}
                  # these ask a chat model
                  "niah": True, **{name: True for name in [*counting_stars.TASKS, *babilong.TASKS]},
                  **{name: ds.chat for name, ds in longbench.DATASETS.items()}, longbench_v2.NAME: True,
-                 longbench_v2.COT_NAME: True,
+                 longbench_v2.COT_NAME: True, **{name: True for name in counting_stars.FILES},
                  **{name: infinitebench.CHAT for name in infinitebench.TASKS}}
 RULER = ["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey", "niah_multikey_2", "niah_multikey_3",
          "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa_1", "qa_2"]
@@ -77,6 +77,8 @@ class Task:
             return self.v2_samples(tokenizer, limit, max_length, data_dir)
         if self.name in infinitebench.TASKS:
             return self.infinitebench_samples(tokenizer, limit, max_length, data_dir)
+        if self.name in counting_stars.FILES:
+            return self.stars_samples(tokenizer, limit, max_length, data_dir)
         ds = longbench.dataset(self.name)
         path = data_file(data_dir, f"{self.name}.jsonl", longbench.hub_file(self.name), self.name)
         out = []
@@ -112,10 +114,26 @@ class Task:
             out.append(Sample(str(item["id"]), ids, infinitebench.golds(spec.name, item), meta))
         return out
 
+    def stars_samples(self, tokenizer, limit: int, max_length: int, data_dir: str | None) -> list[Sample]:
+        out = []
+        for number, record in enumerate(counting_stars.read_file_records(data_dir, self.name)[:limit]):
+            ids, cut = self.framed(tokenizer, record["question"], max_length)
+            meta = {"context_words": record["context_size"], "wrong": record["wrong"], "truncated": cut}
+            out.append(Sample(str(number), ids, [str(n) for n in record["reference_counting_results"]], meta))
+        return out
+
     def scored_text(self, prediction: str) -> str:
-        if self.synthetic or self.name in (longbench_v2.NAME, longbench_v2.COT_NAME, *infinitebench.TASKS):
+        if self.synthetic or self.name in (longbench_v2.NAME, longbench_v2.COT_NAME, *infinitebench.TASKS,
+                                           *counting_stars.FILES):
             return prediction
         return longbench.first_line(longbench.dataset(self.name), prediction)
+
+
+def data_only_file(name: str) -> str | None:
+    """The file a task reads from --data alone (no hub serves it; a run without --data skips the task), or None."""
+    if name in GENERATED and GENERATED[name].needs_data:
+        return GENERATED[name].data_file
+    return counting_stars.FILES.get(name)
 
 
 def get_task(name: str) -> Task:
@@ -126,6 +144,9 @@ def get_task(name: str) -> Task:
         return Task(name, "choice", longbench_v2.MAX_NEW_TOKENS, synthetic=False)
     if name == longbench_v2.COT_NAME:  # the reasoning's budget; the answer turn's is answer_tokens
         return Task(name, "choice", longbench_v2.COT_NEW_TOKENS, synthetic=False)
+    if name in counting_stars.FILES:
+        task = GENERATED[name.replace("_en_", "_")]  # the generated task's budget and scorer
+        return Task(name, task.metric, task.max_new_tokens, synthetic=False)
     if name in infinitebench.TASKS:
         spec = infinitebench.TASKS[name]
         return Task(name, spec.metric, spec.max_new_tokens, synthetic=False)
@@ -133,7 +154,7 @@ def get_task(name: str) -> Task:
         ds = longbench.dataset(name)
         return Task(name, ds.metric, ds.max_new_tokens, synthetic=False)
     known = ", ".join([*GENERATED, *longbench.DATASETS, longbench_v2.NAME, longbench_v2.COT_NAME,
-                       *infinitebench.TASKS])
+                       *infinitebench.TASKS, *counting_stars.FILES])
     raise KvrtError(f"unknown task '{name}'; available: {known}")
 
 

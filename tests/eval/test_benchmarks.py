@@ -121,6 +121,94 @@ def test_counting_stars_scores_as_the_benchmarks_scorer():
     assert score_sample("stars_reasoning", reply, answers, meta) == pytest.approx((1 + 0.5 + 0.25 + 0) / 4)
 
 
+def write_counting_stars_files(folder, sizes=(60, 120)):
+    """The published English files' format (gen_test_data.ipynb): a record per context size whose question is
+    the essay text with its star sentences, four newlines, then the question; the right counts listed."""
+    from kvrt.eval.counting_stars import FILES, QUESTION
+
+    right, wrong = [15, 117, 42, 69], [16, 116, 43, 70]
+    words = ("It was a quiet evening and the essays went on about startups and taste. " * 40).split(" ")
+    folder.mkdir(exist_ok=True)
+    for name, path in FILES.items():
+        reasoning = name.endswith("reasoning")
+        what = ("correct number", "correctly counted") if reasoning else ("number", "counted")
+        question = "\n\n\n\n" + QUESTION.format(what=what[0], counted=what[1])
+        lines = []
+        for size in sizes:
+            text = words[:size]
+            for i in reversed(range(len(right))):  # the i-th star after (i + 1) / 4 of the words
+                star = (f"\nThe little penguin counted {wrong[i]} ★, but found that a mistake had been made, so the "
+                        f"counting was done again, and this time {right[i]} ★ was counted correctly.\n" if reasoning
+                        else f"\nThe little penguin counted {right[i]} ★\n")
+                cut = (i + 1) * size // 4
+                text = text[:cut] + [star] + text[cut:]
+            lines.append(json.dumps({"question": " ".join(text) + question, "context_size": size,
+                                     "retrieval_question": question, "reference_counting_results": right,
+                                     "parameters": {"temperature": 0.0}}))
+        (folder / path).write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_counting_stars_published_files_become_samples(tokenizer, tmp_path):
+    from kvrt.eval.tasks import get_task
+
+    data = write_counting_stars_files(tmp_path / "data")
+    task = get_task("counting_stars_en_reasoning")
+    assert task.chat and task.metric == "stars_reasoning" and task.max_new_tokens == 128
+    samples = task.samples(tokenizer, None, 5, 0, 4096, data_dir=str(data))
+    assert [s.answers for s in samples] == [["15", "117", "42", "69"]] * 2
+    assert samples[0].meta["wrong"] == ["16", "116", "43", "70"] and samples[1].meta["context_words"] == 120
+    text = tokenizer.decode(samples[0].prompt_ids)
+    assert "this time 117 ★ was counted correctly" in text and "correctly counted number of ★" in text
+    assert score_sample(task.metric, '{"little_penguin": [15, 117, 42, 70]}', samples[0].answers,
+                        samples[0].meta) == pytest.approx((1 + 1 + 1 + 0.25) / 4)
+    cut = task.samples(tokenizer, None, 1, 0, 300, data_dir=str(data))[0]  # cut in the middle: the question stays
+    assert cut.meta["truncated"] and "Only output the results in JSON format" in tokenizer.decode(cut.prompt_ids)
+
+
+def test_counting_stars_published_files_are_checked_and_skipped_without_data(tmp_path):
+    from kvrt.eval.counting_stars import FILES, read_file_records
+    from kvrt.eval.runner import Settings, cells
+
+    said = []
+    chosen = Settings(model="m", caches=["full"], tasks=["counting_stars_searching", "counting_stars_en_searching"],
+                      lengths=[512], limit=1)
+    assert [c.task.name for c in cells(chosen, 1024, said.append)] == ["counting_stars_searching"]
+    assert said == [f"skipped counting_stars_en_searching (DIR/{FILES['counting_stars_en_searching']}): they read "
+                    "the benchmark's files, and no --data DIR was given"]
+    data = write_counting_stars_files(tmp_path / "data")
+    with_data = Settings(model="m", caches=["full"], tasks=chosen.tasks, lengths=[512], limit=1, data_dir=str(data))
+    assert [c.task.name for c in cells(with_data, 1024, said.append)] == ["counting_stars_searching",
+                                                                           "counting_stars_en_searching"]
+    elsewhere = Settings(model="m", caches=["full"], tasks=chosen.tasks, lengths=[512], limit=1,
+                         data_dir=str(tmp_path))
+    assert [c.task.name for c in cells(elsewhere, 1024, said.append)] == ["counting_stars_searching"]
+    assert said[-1].endswith(f"they read the benchmark's files, and {tmp_path} does not hold them")
+    with pytest.raises(KvrtError, match="counting_stars_en_reasoning reads --data DIR/Counting_Stars_EN_multi"):
+        read_file_records(str(tmp_path), "counting_stars_en_reasoning")
+    path = data / FILES["counting_stars_en_reasoning"]
+    path.write_text(path.read_text().replace("but found that a mistake", "and then", 1))
+    with pytest.raises(KvrtError, match=r":1: 4 counts but 3 star sentences with a wrong count"):
+        read_file_records(str(data), "counting_stars_en_reasoning")
+    path.write_text('{"question": "q", "context_size": 1}\n')
+    with pytest.raises(KvrtError, match=r":1: not a Counting-Stars record \(missing reference_counting_results\)"):
+        read_file_records(str(data), "counting_stars_en_reasoning")
+
+
+def test_a_run_of_the_published_counting_stars_files_draws_their_stars(tiny_model_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    data = write_counting_stars_files(tmp_path / "data")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["eval", "--model", str(tiny_model_dir("llama")), "--backend", "torch",
+                                      "--tasks", "counting_stars_en_searching,counting_stars_en_reasoning",
+                                      "--data", str(data), "--limit", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for path in (out / "predictions" / "full").glob("*.jsonl")
+               for line in path.read_text().splitlines()]
+    assert len(records) == 4 and all(r["answers"] == ["15", "117", "42", "69"] for r in records)
+    assert (out / "counting_stars_full.png").stat().st_size > 0
+
+
 def test_counting_stars_report_draws_each_star_by_depth_and_length(tmp_path):
     pytest.importorskip("matplotlib")
     from kvrt.eval.counting_stars import star_records
