@@ -241,7 +241,8 @@ def chat_turn(session, line: str, params, max_tokens: int, stop, verbose: bool) 
 @click.option("--limit", type=click.IntRange(min=1), default=5, show_default=True, help="Samples per task and length.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--max-length", type=click.IntRange(min=16), default=None,
-              help="LongBench prompts are cut in the middle to this, answer included [model context].")
+              help="Prompts read from files (LongBench, InfiniteBench, ...) are cut in the middle to this, "
+                   "answer included [model context].")
 @click.option("--haystack", multiple=True, help="Text file(s) to build haystacks from (default: kvrt's sentences).")
 @click.option("--data", "data_dir", default=None,
               help="Folder of the benchmarks' own files by their published names (e.g. hotpotqa.jsonl, data.json); "

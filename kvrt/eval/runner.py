@@ -380,13 +380,13 @@ def sample_record(cell: Cell, sample, gen, reasoning=None) -> dict:
     prediction = gen.text
     score = score_sample(cell.task.metric, cell.task.scored_text(prediction), sample.answers, sample.meta)
     s = (reasoning or gen).stats
+    new_tokens = gen.stats.generation_tokens + (reasoning.stats.generation_tokens if reasoning else 0)
     extra = {"reasoning": reasoning.text} if reasoning else {}
     return {
         "id": sample.id, "cache": cell.spec, "task": cell.task.name, "synthetic": cell.task.synthetic,
         "length": cell.length or len(sample.prompt_ids),
         "prediction": prediction, **extra, "answers": sample.answers, "score": score,
-        "prompt_tokens": s.prompt_tokens, "generation_tokens": s.generation_tokens + (gen.stats.generation_tokens
-                                                                                       if reasoning else 0),
+        "prompt_tokens": s.prompt_tokens, "generation_tokens": new_tokens,
         "prompt_tps": s.prompt_tps, "generation_tps": s.generation_tps, "kv_bytes": s.kv_bytes,
         "kv_host_bytes": s.kv_host_bytes,
         "meta": {k: v for k, v in sample.meta.items() if k not in UNRECORDED}, "time": time.time(),

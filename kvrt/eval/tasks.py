@@ -22,9 +22,9 @@ GENERATED = {**synthetic.TASKS, **ruler_qa.TASKS, **counting_stars.TASKS, **babi
 # open-model templates are plain text, most ending in an answer prefix (kvrt/eval/infinitebench.py).
 CHAT_TEMPLATE = {**{name: False for name in [*synthetic.TASKS, *ruler_qa.TASKS]},
                  # these ask a chat model
-                 "niah": True, **{name: True for name in [*counting_stars.TASKS, *babilong.TASKS]},
-                 **{name: ds.chat for name, ds in longbench.DATASETS.items()}, longbench_v2.NAME: True,
-                 longbench_v2.COT_NAME: True, **{name: True for name in counting_stars.FILES},
+                 **{name: True for name in ["niah", *counting_stars.ALL_TASKS, *babilong.TASKS, longbench_v2.NAME,
+                                            longbench_v2.COT_NAME]},
+                 **{name: ds.chat for name, ds in longbench.DATASETS.items()},
                  **{name: infinitebench.CHAT for name in infinitebench.TASKS}}
 RULER = ["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey", "niah_multikey_2", "niah_multikey_3",
          "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa_1", "qa_2"]
