@@ -72,3 +72,22 @@ def test_a_zip_without_the_file_is_one_line_and_leaves_nothing(hub_cache, tmp_pa
     with pytest.raises(KvrtError, match="does not hold data/hotpotqa.jsonl"):
         data_file(None, "hotpotqa.jsonl", V1, "hotpotqa")
     assert not any((tmp_path / "kvrt" / "datasets").rglob("*hotpotqa*"))
+
+
+def test_an_unreachable_hub_is_one_line_without_its_retry_warnings(monkeypatch):
+    import logging
+
+    import huggingface_hub
+
+    warned = []
+
+    def unreachable(*args, **kwargs):  # what hf_hub_download does without a network: warn per retry, then raise
+        warned.append(logging.getLogger("huggingface_hub.utils._http").isEnabledFor(logging.WARNING))
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    before = logging.getLogger("huggingface_hub").level
+    with pytest.raises(KvrtError, match="could not be fetched"):
+        data_file(None, "data.json", V2, "longbench_v2")
+    assert warned == [False]  # its retry warnings would print a dozen lines above kvrt's one
+    assert logging.getLogger("huggingface_hub").level == before  # restored
