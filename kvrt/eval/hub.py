@@ -6,14 +6,13 @@ missing file is one line that says which file to put where.
 
 from __future__ import annotations
 
-import logging
 import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from kvrt.errors import KvrtError
-from kvrt.models.store import hub_offline, kvrt_home
+from kvrt.models.store import hub_offline, hub_quiet, kvrt_home
 
 
 @dataclass(frozen=True)
@@ -48,16 +47,12 @@ def _fetched(hub: HubFile, name: str, what: str, log) -> Path:
         from huggingface_hub import hf_hub_download
     except ImportError:
         raise KvrtError(f"huggingface_hub is not installed: {where}") from None
-    hub_log = logging.getLogger("huggingface_hub")
-    level = hub_log.level
-    hub_log.setLevel(logging.ERROR)  # its retry warnings would bury the one line below
     try:
         # local_files_only when offline: a cached copy still serves; the env is read here, not at import
-        path = Path(hf_hub_download(hub.repo, hub.filename, repo_type="dataset", local_files_only=hub_offline()))
+        with hub_quiet():
+            path = Path(hf_hub_download(hub.repo, hub.filename, repo_type="dataset", local_files_only=hub_offline()))
     except Exception:  # no connection, offline mode, a removed repository: all mean "can't get it"
         raise KvrtError(where) from None
-    finally:
-        hub_log.setLevel(level)
     return _extracted(path, hub, name, log) if hub.member else path
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -291,6 +293,19 @@ def _bytes_under(folder: Path) -> int:
     return total
 
 
+@contextmanager
+def hub_quiet():
+    """huggingface_hub's warnings off for a download: an unreachable hub's retries print a dozen lines
+    above the one error kvrt then gives."""
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub_log.setLevel(level)
+
+
 def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
@@ -307,7 +322,8 @@ def _from_hub(repo_id: str, log) -> Path:
                         "pass a local folder or .gguf file") from None
     try:
         # Offline mode may still find a cached snapshot; the env is read here, not at import.
-        path = Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS, local_files_only=hub_offline()))
+        with hub_quiet():
+            path = Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS, local_files_only=hub_offline()))
     except HFValidationError:
         raise KvrtError(f"not a model name, folder or .gguf file: {repo_id!r}") from None
     except GatedRepoError:  # subclass of RepositoryNotFoundError, so caught first
