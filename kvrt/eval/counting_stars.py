@@ -29,7 +29,7 @@ import re
 from pathlib import Path
 
 from kvrt.errors import KvrtError
-from kvrt.eval.files import json_line, read_file
+from kvrt.eval.files import jsonl_objects
 from kvrt.eval.haystack import sentence_stream
 from kvrt.eval.sample import Sample
 from kvrt.eval.synthetic import Task
@@ -131,10 +131,7 @@ def read_file_records(data_dir: str | None, name: str) -> list[dict]:
     if data_dir is None or not (Path(data_dir) / FILES[name]).exists():
         raise KvrtError(f"{name} reads --data DIR/{FILES[name]} (github.com/nick7nlp/Counting-Stars, test_data/)")
     path, records = Path(data_dir) / FILES[name], []
-    for number, line in enumerate(read_file(path, "Counting-Stars file").split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        record = json_line(line, path, number)
+    for number, record in jsonl_objects(path, "Counting-Stars file"):
         counts = record.get("reference_counting_results")
         missing = [k for k in FILE_FIELDS if k not in record]
         if missing or not isinstance(record["question"], str) or not isinstance(counts, list) or not counts:

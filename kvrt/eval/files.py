@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterator
 
 from kvrt.errors import KvrtError
 
@@ -44,6 +45,19 @@ def json_line(line: bytes, path: Path, number: int) -> dict:
     if not isinstance(value, dict):
         raise KvrtError(f"{path}:{number}: not a JSON object")
     return value
+
+
+def jsonl_objects(path: Path, what: str) -> Iterator[tuple[int, dict]]:
+    """(line number, JSON object) of each non-blank line of a JSONL file, one at a time: a benchmark's
+    file may run to hundreds of MB where a run reads its first few records."""
+    data = read_file(path, what)
+    start, number = 0, 1
+    while start < len(data):
+        end = data.find(b"\n", start)
+        end = len(data) if end == -1 else end
+        if data[start:end].strip():
+            yield number, json_line(data[start:end], path, number)
+        start, number = end + 1, number + 1
 
 
 def json_value(data: bytes, path: Path) -> object:

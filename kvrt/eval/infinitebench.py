@@ -36,10 +36,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 from kvrt.errors import KvrtError
-from kvrt.eval.files import json_line, read_file
+from kvrt.eval.files import jsonl_objects
 from kvrt.eval.hub import HubFile
 from kvrt.eval.infinitebench_prompts import TEMPLATES
 
@@ -79,29 +80,14 @@ def read_items(path: Path, name: str, limit: int | None = None) -> list[dict]:
     """The first `limit` records of task `name`'s file (all without one), each with an "id"; a record that is not
     the task's is one error naming the file and line."""
     items: list[dict] = []
-    for number, line in lines(read_file(path, "InfiniteBench file")):
-        if limit is not None and len(items) >= limit:
-            break
-        if not line.strip():  # compute_scores.py skips blank lines too
-            continue
-        item = json_line(line, path, number)
+    # blank lines are skipped, as compute_scores.py does; a line past the limit is never parsed
+    for number, item in islice(jsonl_objects(path, "InfiniteBench file"), limit):
         problem = record_problem(name, item)
         if problem:
             raise KvrtError(f"{path}:{number}: not an InfiniteBench {name} record ({problem})")
         item.setdefault("id", len(items))
         items.append(item)
     return items
-
-
-def lines(data: bytes):
-    """(line number, line) of a file's bytes, one at a time: the files run to hundreds of MB and a run
-    reads the first few records."""
-    start, number = 0, 1
-    while start < len(data):
-        end = data.find(b"\n", start)
-        end = len(data) if end == -1 else end
-        yield number, data[start:end]
-        start, number = end + 1, number + 1
 
 
 def record_problem(name: str, item: dict) -> str | None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvrt.errors import KvrtError
-from kvrt.eval.files import json_line, read_file
+from kvrt.eval.files import jsonl_objects
 from kvrt.eval.hub import HubFile
 from kvrt.eval.longbench_prompts import PROMPTS
 
@@ -65,10 +65,7 @@ def dataset(name: str) -> Dataset:
 def read_jsonl(path: Path) -> list[dict]:
     """Every record of a LongBench JSONL file; a bad line is one error naming file and line."""
     records = []
-    for number, line in enumerate(read_file(path, "LongBench file").split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        record = json_line(line, path, number)
+    for number, record in jsonl_objects(path, "LongBench file"):
         missing = [k for k in FIELDS if k not in record]
         if missing or not isinstance(record.get("answers"), list):
             what = f"missing {', '.join(missing)}" if missing else "answers must be a list"
