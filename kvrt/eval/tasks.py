@@ -123,10 +123,10 @@ class Task:
         return out
 
     def scored_text(self, prediction: str) -> str:
-        if self.synthetic or self.name in (longbench_v2.NAME, longbench_v2.COT_NAME, *infinitebench.TASKS,
-                                           *counting_stars.FILES):
-            return prediction
-        return longbench.first_line(longbench.dataset(self.name), prediction)
+        """What is scored: LongBench's first-line rule applies to its datasets; the others score the reply."""
+        if self.name in longbench.DATASETS:
+            return longbench.first_line(longbench.DATASETS[self.name], prediction)
+        return prediction
 
 
 def data_only_file(name: str) -> str | None:
